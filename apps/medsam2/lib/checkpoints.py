@@ -1,0 +1,221 @@
+"""Checkpoint names, official download URLs, model configs, and the strict loader.
+
+No MONAI Label imports: this module is used by the app, the trainer, the tests and bench/.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import sam2
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+logger = logging.getLogger(__name__)
+
+APP_MODEL_DIR = Path(__file__).resolve().parents[1] / "model"
+MEDSAM2_CONFIG = APP_MODEL_DIR / "configs" / "sam2.1_hiera_t512.yaml"
+_SAM2_CONFIGS = Path(sam2.__file__).resolve().parent / "configs" / "sam2.1"
+
+_MEDSAM2_HUB = "https://huggingface.co/wanglab/MedSAM2/resolve/main/"
+_SAM21_HUB = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+
+RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """A known checkpoint: its file name, official URL and the model config it needs."""
+
+    name: str
+    filename: str
+    url: str
+    config: Path
+
+
+KNOWN_CHECKPOINTS: dict[str, CheckpointSpec] = {
+    **{
+        name: CheckpointSpec(name, f"{name}.pt", f"{_MEDSAM2_HUB}{name}.pt", MEDSAM2_CONFIG)
+        for name in (
+            "MedSAM2_latest",
+            "MedSAM2_2411",
+            "MedSAM2_CTLesion",
+            "MedSAM2_MRI_LiverLesion",
+            "MedSAM2_US_Heart",
+        )
+    },
+    **{
+        f"sam2.1_hiera_{size}": CheckpointSpec(
+            f"sam2.1_hiera_{size}",
+            f"sam2.1_hiera_{size}.pt",
+            f"{_SAM21_HUB}sam2.1_hiera_{size}.pt",
+            _SAM2_CONFIGS / f"sam2.1_hiera_{cfg}.yaml",
+        )
+        for size, cfg in (("tiny", "t"), ("small", "s"), ("base_plus", "b+"), ("large", "l"))
+    },
+}
+DEFAULT_CHECKPOINT = "MedSAM2_latest"
+
+# The same post-processing switches that sam2.build_sam.build_sam2_video_predictor applies.
+VIDEO_PREDICTOR_OVERRIDES = [
+    "model._target_=sam2.sam2_video_predictor.SAM2VideoPredictor",
+    "model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",
+    "model.sam_mask_decoder_extra_args.dynamic_multimask_stability_delta=0.05",
+    "model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh=0.98",
+    "model.binarize_mask_from_pts_for_mem_enc=true",
+    "model.fill_hole_area=8",
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be found, downloaded or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """Where the weights come from (``path`` is None for random weights) and which config builds the model."""
+
+    name: str
+    config: Path
+    path: Path | None
+    url: str | None = None
+
+    @property
+    def is_random(self) -> bool:
+        return self.path is None
+
+
+def resolve_checkpoint(
+    spec: str, model_dir: Path = APP_MODEL_DIR, config: str | Path | None = None
+) -> ResolvedCheckpoint:
+    """Map ``--conf checkpoint`` (a known name, ``random``, a file path or a URL) to a config and a file.
+
+    Nothing is downloaded here; see :func:`ensure_checkpoint_file`.
+    ``config`` overrides the model config (a YAML path); otherwise known names use their own config and
+    unknown files/URLs use the MedSAM2 (hiera-t 512) config.
+    """
+    spec = (spec or DEFAULT_CHECKPOINT).strip()
+    cfg_override = Path(config) if config else None
+    if spec == RANDOM:
+        return ResolvedCheckpoint(RANDOM, cfg_override or MEDSAM2_CONFIG, None)
+    key = spec[:-3] if spec.endswith(".pt") and spec[:-3] in KNOWN_CHECKPOINTS else spec
+    if key in KNOWN_CHECKPOINTS:
+        known = KNOWN_CHECKPOINTS[key]
+        return ResolvedCheckpoint(known.name, cfg_override or known.config, model_dir / known.filename, known.url)
+    if spec.startswith(("http://", "https://")):
+        filename = os.path.basename(spec.split("?")[0]) or "checkpoint.pt"
+        return ResolvedCheckpoint(filename, cfg_override or MEDSAM2_CONFIG, model_dir / filename, spec)
+    path = Path(spec).expanduser()
+    if not path.is_absolute() and not path.exists() and (model_dir / path).exists():
+        path = model_dir / path
+    if not path.exists():
+        raise CheckpointError(
+            f"Checkpoint '{spec}' is neither a known name ({', '.join(KNOWN_CHECKPOINTS)}, {RANDOM}), "
+            f"a URL, nor an existing file."
+        )
+    return ResolvedCheckpoint(path.stem, cfg_override or MEDSAM2_CONFIG, path.resolve())
+
+
+def download_file(url: str, dest: Path, timeout: float = 30.0) -> None:
+    """Download ``url`` to ``dest`` with a progress bar, through a temporary file renamed into place."""
+    from tqdm import tqdm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {dest.name}") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(tmp_name, dest)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def ensure_checkpoint_file(resolved: ResolvedCheckpoint, timeout: float = 30.0) -> None:
+    """Download a named/URL checkpoint once; raise :class:`CheckpointError` naming the file to place by hand."""
+    if resolved.path is None or resolved.path.exists():
+        return
+    if not resolved.url:
+        raise CheckpointError(f"Checkpoint file {resolved.path} does not exist.")
+    logger.info("Downloading checkpoint %s from %s", resolved.name, resolved.url)
+    try:
+        download_file(resolved.url, resolved.path, timeout=timeout)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise CheckpointError(
+            f"Could not download checkpoint '{resolved.name}' ({e}). If this machine is offline, download "
+            f"{resolved.url} elsewhere and place it at {resolved.path} , then start the server again "
+            f"(or pass --conf checkpoint /path/to/file.pt)."
+        ) from e
+
+
+def build_model(
+    config: Path, device: str | torch.device = "cpu", extra_overrides: list[str] | None = None
+) -> torch.nn.Module:
+    """Instantiate a SAM2 video model (random weights) from a config YAML file."""
+    cfg = OmegaConf.load(config)
+    overrides = OmegaConf.from_dotlist(VIDEO_PREDICTOR_OVERRIDES + list(extra_overrides or []))
+    cfg = OmegaConf.merge(cfg, overrides)
+    OmegaConf.resolve(cfg)
+    model = instantiate(cfg.model, _recursive_=True)
+    return model.to(device)
+
+
+def load_state_dict_strict(model: torch.nn.Module, path: Path) -> None:
+    """Load ``{"model": state_dict}`` from ``path`` strictly; raise :class:`CheckpointError` on any mismatch."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or non-torch file
+        raise CheckpointError(f"Checkpoint {path} cannot be read ({type(e).__name__}: {e}).") from e
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise CheckpointError(f"Checkpoint {path} is not in the SAM2 format {{'model': state_dict}}.")
+    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"Checkpoint {path} does not match the model config: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). "
+            f"Check that --conf checkpoint and --conf model_config belong together."
+        )
+
+
+def save_checkpoint(model: torch.nn.Module, path: Path, extra: dict | None = None) -> None:
+    """Write ``{"model": state_dict}`` atomically (temporary file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save({"model": state, **(extra or {})}, tmp_name)
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def load_model(resolved: ResolvedCheckpoint, device: str | torch.device = "cpu", seed: int = 0) -> torch.nn.Module:
+    """Build the model for ``resolved`` and load its weights strictly (random weights: seeded init)."""
+    if resolved.is_random:
+        logger.warning(
+            "\n%s\n!!! MedSAM2: using RANDOM WEIGHTS (--conf checkpoint random). Masks are meaningless. !!!\n"
+            "!!! Use this for development and CI only.                                             !!!\n%s",
+            "!" * 90,
+            "!" * 90,
+        )
+        torch.manual_seed(seed)
+        model = build_model(resolved.config, "cpu")
+    else:
+        ensure_checkpoint_file(resolved)
+        model = build_model(resolved.config, "cpu")
+        load_state_dict_strict(model, resolved.path)  # type: ignore[arg-type]
+    return model.to(device).eval()
+

@@ -1,0 +1,80 @@
+"""Reading images and writing labels with the image's exact geometry (SimpleITK does both)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .prompts import PromptError
+
+
+@dataclass
+class LoadedImage:
+    """Voxels in (k, j, i) order plus a geometry-only reference image for writing labels."""
+
+    array: np.ndarray
+    reference: sitk.Image
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        return tuple(self.reference.GetSpacing())
+
+
+def _read(path: Path) -> sitk.Image:
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        series = reader.GetGDCMSeriesIDs(str(path))
+        if not series:
+            raise PromptError(f"The folder {path.name} holds no DICOM series.", status=415)
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+        return reader.Execute()
+    return sitk.ReadImage(str(path))
+
+
+def load_image(path: str | os.PathLike, max_voxels: int | None = None) -> LoadedImage:
+    """Read a NIfTI/NRRD/MHA file or a DICOM series folder; raise :class:`PromptError` (4xx) if unreadable."""
+    p = Path(path)
+    if not str(path) or not p.exists():
+        raise PromptError("The image was not found in the datastore. Check the image id.", status=404)
+    if max_voxels is not None and p.is_file():
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(p))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            raise PromptError(f"The image file {p.name} cannot be read as a medical image.", status=415) from None
+        voxels = int(np.prod(reader.GetSize()))
+        if voxels > max_voxels:
+            raise PromptError(
+                f"The image has {voxels:,} voxels, over this server's limit of {max_voxels:,} "
+                f"(--conf max_voxels). Crop or resample the image, or raise the limit.",
+                status=413,
+            )
+    try:
+        image = _read(p)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PromptError(f"The image {p.name} cannot be read as a medical image ({first[:200]}).", status=415) from None
+    if image.GetNumberOfComponentsPerPixel() > 1:  # colour: use the first channel
+        image = sitk.VectorIndexSelectionCast(image, 0)
+    if image.GetDimension() == 2:
+        image = sitk.JoinSeries(image)
+    if image.GetDimension() != 3:
+        raise PromptError(f"Only 2D and 3D images are supported; this one has {image.GetDimension()} dimensions.", 415)
+    array = sitk.GetArrayFromImage(image)
+    if max_voxels is not None and array.size > max_voxels:
+        raise PromptError(f"The image has {array.size:,} voxels, over the limit of {max_voxels:,}.", status=413)
+    reference = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    reference.CopyInformation(image)
+    return LoadedImage(array, reference)
+
+
+def write_label(label_kji: np.ndarray, reference: sitk.Image, path: str | os.PathLike) -> None:
+    """Write a uint8 label volume with the reference image's origin, spacing and direction."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(label_kji.astype(np.uint8)))
+    image.CopyInformation(reference)
+    sitk.WriteImage(image, str(path), useCompression=True)

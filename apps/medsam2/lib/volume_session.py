@@ -1,0 +1,195 @@
+"""A volume prepared for SAM2 (uint8 frames along one axis) with its lazily computed, cached slice
+features, and an LRU cache of such sessions bounded in count and in bytes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Hashable, Sequence
+
+import numpy as np
+import torch
+
+from .preprocessing import frames_to_model_input
+from .prompts import KeySlicePrompt
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype | None):
+    """bf16/fp16 autocast on CUDA when asked for; a no-op otherwise (entered and exited per call)."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
+def frames_along_axis(volume_u8_kji: np.ndarray, axis: int) -> np.ndarray:
+    """(k, j, i) uint8 volume -> frames (n, rows, cols) cut along IJK ``axis`` (a view when possible)."""
+    if axis == 2:
+        return volume_u8_kji
+    if axis == 1:
+        return np.ascontiguousarray(volume_u8_kji.transpose(1, 0, 2))
+    return np.ascontiguousarray(volume_u8_kji.transpose(2, 0, 1))
+
+
+def frames_to_volume(frames: np.ndarray, axis: int) -> np.ndarray:
+    """Inverse of :func:`frames_along_axis`."""
+    if axis == 2:
+        return frames
+    if axis == 1:
+        return np.ascontiguousarray(frames.transpose(1, 0, 2))
+    return np.ascontiguousarray(frames.transpose(1, 2, 0))
+
+
+@dataclass
+class SliceFeatures:
+    """Backbone features of a batch of slices in the layout ``SAM2Base.track_step`` takes."""
+
+    vision_feats: list[torch.Tensor]  # per level (HW, B, C)
+    vision_pos_embeds: list[torch.Tensor]
+    feat_sizes: list[tuple[int, int]]
+
+
+class VolumeSession:
+    """One image's frames along an axis, its encoded slices, and the prompts given so far.
+
+    Thread safety: callers hold ``lock`` while encoding or propagating.
+    """
+
+    def __init__(
+        self,
+        frames: np.ndarray,
+        model: torch.nn.Module,
+        device: torch.device | str = "cpu",
+        compute_dtype: torch.dtype | None = None,
+        feature_dtype: torch.dtype = torch.float32,
+        encode_batch: int = 8,
+    ):
+        if frames.dtype != np.uint8 or frames.ndim != 3:
+            raise ValueError("frames must be a uint8 array (n, rows, cols)")
+        self.frames = frames
+        self.model = model
+        self.device = torch.device(device)
+        self.compute_dtype = compute_dtype
+        self.feature_dtype = feature_dtype
+        self.encode_batch = max(1, int(encode_batch))
+        self.lock = threading.RLock()
+        self._features: dict[int, list[torch.Tensor]] = {}
+        self._pos_enc: list[torch.Tensor] | None = None
+        self._feat_sizes: list[tuple[int, int]] | None = None
+        self.prompts: dict[tuple[str, int], KeySlicePrompt] = {}
+        self.slices_encoded = 0
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.image_size)
+
+    def nbytes(self) -> int:
+        """Bytes held: frames plus cached features."""
+        feats = sum(t.element_size() * t.nelement() for ts in self._features.values() for t in ts)
+        return int(self.frames.nbytes) + feats
+
+    def is_encoded(self, index: int) -> bool:
+        return index in self._features
+
+    @torch.inference_mode()
+    def encode(self, indices: Sequence[int]) -> None:
+        """Run the image encoder on the slices not cached yet, in batches."""
+        todo = sorted({int(i) for i in indices if int(i) not in self._features})
+        for start in range(0, len(todo), self.encode_batch):
+            chunk = todo[start : start + self.encode_batch]
+            images = frames_to_model_input(self.frames[chunk], self.image_size, self.device)
+            with autocast_for(self.device, self.compute_dtype):
+                backbone_out = self.model.forward_image(images)
+            _, _, pos, sizes = self.model._prepare_backbone_features(backbone_out)
+            levels = backbone_out["backbone_fpn"][-self.model.num_feature_levels :]
+            if self._pos_enc is None:
+                self._pos_enc = [p[:1].to(self.feature_dtype) for p in backbone_out["vision_pos_enc"][-len(levels) :]]
+                self._feat_sizes = sizes
+            for b, index in enumerate(chunk):
+                self._features[index] = [lvl[b].to(self.feature_dtype) for lvl in levels]
+            self.slices_encoded += len(chunk)
+
+    def features(self, indices: Sequence[int], dtype: torch.dtype = torch.float32) -> SliceFeatures:
+        """Features of the given slices stacked as one batch (encoding any missing ones first)."""
+        self.encode(indices)
+        assert self._pos_enc is not None and self._feat_sizes is not None
+        batch = len(indices)
+        feats = []
+        for level in range(len(self._pos_enc)):
+            stacked = torch.stack([self._features[int(i)][level] for i in indices]).to(dtype)
+            feats.append(stacked.flatten(2).permute(2, 0, 1))
+        pos = [p.to(dtype).expand(batch, -1, -1, -1).flatten(2).permute(2, 0, 1) for p in self._pos_enc]
+        return SliceFeatures(feats, pos, list(self._feat_sizes))
+
+
+@dataclass
+class _Entry:
+    session: VolumeSession
+    nbytes: int
+
+
+class SessionCache:
+    """LRU cache of :class:`VolumeSession` keyed by (image, session id, ...), bounded in count and bytes."""
+
+    def __init__(self, max_sessions: int = 4, max_bytes: int = 8 << 30):
+        self.max_sessions = max(1, int(max_sessions))
+        self.max_bytes = int(max_bytes)
+        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+        self._key_locks: dict[Hashable, threading.Lock] = {}
+
+    def get_or_create(self, key: Hashable, factory: Callable[[], VolumeSession]) -> tuple[VolumeSession, bool]:
+        """Return (session, created). Only one thread builds a given key; others wait for it."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return entry.session, False
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    return entry.session, False
+            session = factory()
+            with self._lock:
+                self._entries[key] = _Entry(session, session.nbytes())
+                self._key_locks.pop(key, None)
+                self._evict(keep=key)
+            return session, True
+
+    def drop(self, key: Hashable) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+    def update_size(self, key: Hashable) -> None:
+        """Re-measure a session after it grew (more slices encoded) and evict others if over the cap."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.nbytes = entry.session.nbytes()
+                self._evict(keep=key)
+
+    def total_bytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _evict(self, keep: Hashable) -> None:
+        def over() -> bool:
+            return len(self._entries) > self.max_sessions or sum(e.nbytes for e in self._entries.values()) > self.max_bytes
+
+        for key in list(self._entries):
+            if not over():
+                break
+            if key != keep:
+                del self._entries[key]

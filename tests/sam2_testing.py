@@ -1,0 +1,39 @@
+"""Helpers shared by the tests: a small random-weights SAM2 model and synthetic volumes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "medsam2"
+if str(APP_DIR) not in sys.path:
+    sys.path.insert(0, str(APP_DIR))
+
+from lib.checkpoints import MEDSAM2_CONFIG, build_model  # noqa: E402
+
+# hiera-t at 256x256 input: the MedSAM2 architecture at a quarter of the pixels, for CPU speed.
+SMALL_OVERRIDES = [
+    "model.image_size=256",
+    "model.memory_attention.layer.self_attention.feat_sizes=[16,16]",
+    "model.memory_attention.layer.cross_attention.feat_sizes=[16,16]",
+]
+
+
+def small_model(seed: int = 0) -> torch.nn.Module:
+    """Random-weights SAM2 video model (hiera-t, 256 input) in eval mode on the CPU."""
+    torch.manual_seed(seed)
+    return build_model(MEDSAM2_CONFIG, "cpu", SMALL_OVERRIDES).eval()
+
+
+def blob_volume(shape=(24, 64, 80), center=None, radius=10.0, seed: int = 0) -> np.ndarray:
+    """A (k, j, i) CT-like volume in HU: a bright ellipsoid in noisy soft tissue."""
+    rng = np.random.default_rng(seed)
+    k, j, i = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+    c = center or (shape[0] / 2, shape[1] / 2, shape[2] / 2)
+    r = ((k - c[0]) / (radius * 0.8)) ** 2 + ((j - c[1]) / radius) ** 2 + ((i - c[2]) / (radius * 1.2)) ** 2
+    vol = 40.0 + rng.normal(0, 15, shape).astype(np.float32)
+    vol[r <= 1.0] += 200.0
+    return vol.astype(np.int16)
