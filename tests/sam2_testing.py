@@ -22,10 +22,17 @@ SMALL_OVERRIDES = [
 ]
 
 
+def object_present_bias(model: torch.nn.Module, bias: float = 4.0) -> torch.nn.Module:
+    """Shift the object-score head so a random model reports "object present" (else every mask is empty)."""
+    with torch.no_grad():
+        model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += bias
+    return model
+
+
 def small_model(seed: int = 0) -> torch.nn.Module:
-    """Random-weights SAM2 video model (hiera-t, 256 input) in eval mode on the CPU."""
+    """Random-weights SAM2 video model (hiera-t, 256 input) in eval mode on the CPU, objects 'present'."""
     torch.manual_seed(seed)
-    return build_model(MEDSAM2_CONFIG, "cpu", SMALL_OVERRIDES).eval()
+    return object_present_bias(build_model(MEDSAM2_CONFIG, "cpu", SMALL_OVERRIDES).eval())
 
 
 def blob_volume(shape=(24, 64, 80), center=None, radius=10.0, seed: int = 0) -> np.ndarray:

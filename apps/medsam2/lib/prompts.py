@@ -8,8 +8,9 @@ the "x" and rows the "y" pixel coordinates SAM2 uses.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 # axis name -> index of the IJK axis the propagation runs along
 AXES: dict[str, int] = {"axial": 2, "k": 2, "coronal": 1, "j": 1, "sagittal": 0, "i": 0}
@@ -42,8 +43,8 @@ class KeySlicePrompt:
             "axis": AXIS_NAMES[axis],
             "slice": self.slice_index,
             "box": list(self.box) if self.box else None,
-            "foreground": [list(p) for p, lab in zip(self.points, self.point_labels) if lab == 1],
-            "background": [list(p) for p, lab in zip(self.points, self.point_labels) if lab == 0],
+            "foreground": [list(p) for p, lab in zip(self.points, self.point_labels, strict=False) if lab == 1],
+            "background": [list(p) for p, lab in zip(self.points, self.point_labels, strict=False) if lab == 0],
         }
 
 

@@ -16,8 +16,8 @@ Overlaps between labels: a voxel goes to the label with the highest mask logit a
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,6 @@ from .volume_session import VolumeSession, autocast_for
 
 try:  # SAM2's optional CUDA extension, used for its small-hole filling post-processing
     from sam2 import _C  # noqa: F401
-
     from sam2.utils.misc import fill_holes_in_mask_scores
 
     _HAS_SAM2_EXT = True
@@ -92,7 +91,7 @@ def _cat(outs: Sequence[dict]) -> dict:
         if isinstance(values[0], torch.Tensor):
             cat[key] = torch.cat(values)
         elif isinstance(values[0], list):
-            cat[key] = [torch.cat(parts) for parts in zip(*values)]
+            cat[key] = [torch.cat(parts) for parts in zip(*values, strict=False)]
         else:
             cat[key] = values[0]
     return cat
@@ -333,7 +332,7 @@ def propagate_volume(
         if per:
             frames = sorted(per)
             values = torch.stack([per[f] for f in frames]).float().cpu().tolist()
-            scores[name] = dict(zip(frames, values))
+            scores[name] = dict(zip(frames, values, strict=False))
     _sync(device)
     t_track = time.perf_counter()
     return PropagationResult(

@@ -58,7 +58,8 @@ def load_image(path: str | os.PathLike, max_voxels: int | None = None) -> Loaded
         image = _read(p)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PromptError(f"The image {p.name} cannot be read as a medical image ({first[:200]}).", status=415) from None
+        message = f"The image {p.name} cannot be read as a medical image ({first[:200]})."
+        raise PromptError(message, status=415) from None
     if image.GetNumberOfComponentsPerPixel() > 1:  # colour: use the first channel
         image = sitk.VectorIndexSelectionCast(image, 0)
     if image.GetDimension() == 2:

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Hashable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from .preprocessing import frames_to_model_input
-from .prompts import KeySlicePrompt
 
 
 def autocast_for(device: torch.device, dtype: torch.dtype | None):
@@ -78,7 +78,6 @@ class VolumeSession:
         self._features: dict[int, list[torch.Tensor]] = {}
         self._pos_enc: list[torch.Tensor] | None = None
         self._feat_sizes: list[tuple[int, int]] | None = None
-        self.prompts: dict[tuple[str, int], KeySlicePrompt] = {}
         self.slices_encoded = 0
 
     @property
@@ -130,12 +129,12 @@ class VolumeSession:
 
 @dataclass
 class _Entry:
-    session: VolumeSession
+    session: Any  # anything with nbytes()
     nbytes: int
 
 
 class SessionCache:
-    """LRU cache of :class:`VolumeSession` keyed by (image, session id, ...), bounded in count and bytes."""
+    """LRU cache of sessions (objects with ``nbytes()``) keyed by (image, user, ...), bounded in count and bytes."""
 
     def __init__(self, max_sessions: int = 4, max_bytes: int = 8 << 30):
         self.max_sessions = max(1, int(max_sessions))
@@ -144,7 +143,7 @@ class SessionCache:
         self._lock = threading.Lock()
         self._key_locks: dict[Hashable, threading.Lock] = {}
 
-    def get_or_create(self, key: Hashable, factory: Callable[[], VolumeSession]) -> tuple[VolumeSession, bool]:
+    def get_or_create(self, key: Hashable, factory: Callable[[], Any]) -> tuple[Any, bool]:
         """Return (session, created). Only one thread builds a given key; others wait for it."""
         with self._lock:
             entry = self._entries.get(key)
@@ -186,7 +185,8 @@ class SessionCache:
 
     def _evict(self, keep: Hashable) -> None:
         def over() -> bool:
-            return len(self._entries) > self.max_sessions or sum(e.nbytes for e in self._entries.values()) > self.max_bytes
+            total = sum(e.nbytes for e in self._entries.values())
+            return len(self._entries) > self.max_sessions or total > self.max_bytes
 
         for key in list(self._entries):
             if not over():

@@ -1,0 +1,85 @@
+"""Wiring for the MedSAM2 model: checkpoint, settings, the shared model and session cache, its tasks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+from lib.checkpoints import DEFAULT_CHECKPOINT, ResolvedCheckpoint, ensure_checkpoint_file, resolve_checkpoint
+from lib.infers.medsam2 import MedSAM2Infer
+from lib.model_provider import ModelProvider, pick_device
+from lib.preprocessing import parse_window
+from lib.prompts import LabelMap
+from lib.segmenter import MedSAM2Segmenter, SegmenterSettings
+from lib.volume_session import SessionCache
+
+from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LABELS = {"lesion": 1, "organ": 2, "vessel": 3, "other": 4}
+
+
+def _conf_int(conf: dict[str, str], key: str, default: int) -> int:
+    try:
+        return int(float(conf.get(key, default)))
+    except (TypeError, ValueError):
+        raise SystemExit(f"--conf {key} must be a number, got {conf.get(key)!r}") from None
+
+
+class MedSAM2(TaskConfig):
+    """``--conf checkpoint``, ``window``, ``labels``, ``device``, ``max_sessions``, ``max_session_gb``,
+    ``max_voxels``, ``encode_batch``, ``model_config``."""
+
+    def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        try:
+            self.labels = json.loads(conf.get("labels", "")) if conf.get("labels") else dict(DEFAULT_LABELS)
+            LabelMap(self.labels)
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f'--conf labels must be a JSON object like {{"lesion": 1}}: {e}') from None
+        try:
+            self.window = parse_window(conf.get("window", "auto"))
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        self.checkpoint: ResolvedCheckpoint = resolve_checkpoint(
+            conf.get("checkpoint", DEFAULT_CHECKPOINT), model_dir=_path(model_dir), config=conf.get("model_config")
+        )
+        # Downloads once (cheap afterwards); an offline host fails here with the file to place by hand.
+        ensure_checkpoint_file(self.checkpoint)
+        self.path = str(self.checkpoint.path) if self.checkpoint.path else None
+        device = pick_device(conf.get("device"))
+        dtype = torch.bfloat16 if device.type == "cuda" else None
+        self.provider = ModelProvider(self.checkpoint, device, dtype)
+        cache = SessionCache(
+            max_sessions=_conf_int(conf, "max_sessions", 4),
+            max_bytes=int(float(conf.get("max_session_gb", 6)) * (1 << 30)),
+        )
+        settings = SegmenterSettings(
+            window=self.window,
+            labels=LabelMap(self.labels),
+            max_voxels=_conf_int(conf, "max_voxels", 512 * 512 * 1200),
+            encode_batch=_conf_int(conf, "encode_batch", 16 if device.type == "cuda" else 4),
+            feature_dtype=torch.float16 if device.type == "cuda" else torch.float32,
+        )
+        self.segmenter = MedSAM2Segmenter(self.provider, settings, cache)
+
+    def infer(self) -> InferTask | dict[str, InferTask]:
+        info = {"checkpoint": self.checkpoint.name, "random_weights": self.checkpoint.is_random}
+        return {
+            f"{self.name}_2d": MedSAM2Infer(self.segmenter, 2, self.labels, info),
+            f"{self.name}_3d": MedSAM2Infer(self.segmenter, 3, self.labels, info),
+        }
+
+    def trainer(self):
+        return None
+
+
+def _path(p: str):
+    from pathlib import Path
+
+    return Path(os.path.abspath(p))

@@ -1,0 +1,44 @@
+"""Thin MONAI Label inference tasks over :class:`lib.segmenter.MedSAM2Segmenter`."""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+from lib.segmenter import MedSAM2Segmenter
+from lib.volume_io import write_label
+
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+
+class MedSAM2Infer(InferTask):
+    """2D: a box/clicks on one slice. 3D: key-slice prompts propagated through the volume."""
+
+    def __init__(self, segmenter: MedSAM2Segmenter, dimension: int, labels: dict[str, int], model_info: dict):
+        what = "one slice from a box and clicks" if dimension == 2 else "3D propagation from key-slice prompts"
+        random_note = " [RANDOM WEIGHTS: development only]" if model_info.get("random_weights") else ""
+        super().__init__(
+            type=InferType.DEEPGROW,
+            labels=labels,
+            dimension=dimension,
+            description=f"MedSAM2 ({model_info.get('checkpoint')}): {what}{random_note}",
+            config={"reset_state": False} if dimension == 3 else {},
+        )
+        self.segmenter = segmenter
+        self.model_info = model_info
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()
+        info["checkpoint"] = dict(self.model_info)
+        return info
+
+    def is_valid(self) -> bool:
+        return True
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        run = self.segmenter.segment_2d if self.dimension == 2 else self.segmenter.segment_3d
+        label, result, reference = run(str(request.get("image") or ""), request)
+        with tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False) as f:
+            path = f.name
+        write_label(label, reference, path)
+        return path, result

@@ -1,0 +1,128 @@
+"""Fixtures: a random-weights checkpoint in the official format, a studies folder, a real MONAI Label server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+import torch
+from sam2_testing import APP_DIR, blob_volume, object_present_bias
+
+from lib.checkpoints import MEDSAM2_CONFIG, build_model, save_checkpoint
+
+REPO = APP_DIR.parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory) -> Path:
+    """A MedSAM2-shaped (hiera-t 512) model with random weights, saved as {"model": state_dict}."""
+    torch.manual_seed(0)
+    model = object_present_bias(build_model(MEDSAM2_CONFIG))
+    path = tmp_path_factory.mktemp("ckpt") / "random_medsam2.pt"
+    save_checkpoint(model, path)
+    return path
+
+
+def write_image(array_kji: np.ndarray, path: Path, spacing, origin, direction) -> sitk.Image:
+    image = sitk.GetImageFromArray(array_kji)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    sitk.WriteImage(image, str(path))
+    return image
+
+
+@pytest.fixture(scope="session")
+def studies(tmp_path_factory) -> Path:
+    """A local datastore: a CT-like volume with flipped axes, a 2D image, and a file that is not an image."""
+    root = tmp_path_factory.mktemp("studies")
+    write_image(
+        blob_volume((16, 80, 96), radius=12.0),
+        root / "ct_blob.nii.gz",
+        spacing=(0.7, 0.8, 2.5),
+        origin=(-30.0, 12.5, 100.0),
+        direction=(-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0),
+    )
+    write_image(
+        blob_volume((1, 64, 64), radius=10.0)[0],
+        root / "xray_2d.nii.gz",
+        spacing=(0.5, 0.5),
+        origin=(0.0, 0.0),
+        direction=(1.0, 0.0, 0.0, 1.0),
+    )
+    (root / "broken.nii.gz").write_bytes(b"this is not a NIfTI file" * 10)
+    return root
+
+
+class Server:
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path):
+        self.url = url
+        self.proc = proc
+        self.log = log
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return requests.get(self.url + path, timeout=kw.pop("timeout", 120), **kw)
+
+    def post(self, path: str, **kw) -> requests.Response:
+        return requests.post(self.url + path, timeout=kw.pop("timeout", 300), **kw)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None and self.get("/info/").status_code == 200
+
+
+def start_server(studies: Path, conf: dict[str, str], log: Path, timeout: float = 180.0) -> Server:
+    port = free_port()
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    cmd = ["monailabel", "start_server", "--app", str(APP_DIR), "--studies", str(studies)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    for k, v in conf.items():
+        cmd += ["--conf", k, v]
+    handle = open(log, "w")
+    proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url + "/info/", timeout=2).status_code == 200:
+                return Server(url, proc, log)
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"server did not answer within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(server: Server) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(studies, random_checkpoint, tmp_path_factory):
+    """The real MONAI Label server running this app on the test studies."""
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    srv = start_server(studies, {"checkpoint": str(random_checkpoint), "window": "abdomen"}, log)
+    yield srv
+    stop_server(srv)
