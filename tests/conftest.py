@@ -14,9 +14,9 @@ import pytest
 import requests
 import SimpleITK as sitk
 import torch
-from sam2_testing import APP_DIR, blob_volume, object_present_bias
 
 from lib.checkpoints import MEDSAM2_CONFIG, build_model, save_checkpoint
+from sam2_testing import APP_DIR, blob_volume, object_present_bias
 
 REPO = APP_DIR.parents[1]
 ARTIFACTS = REPO / "test-artifacts"

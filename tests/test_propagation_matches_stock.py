@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import sam2.sam2_video_predictor as stock_module
 import torch
+
 from lib.preprocessing import frames_to_model_input, parse_window, to_uint8
 from lib.prompts import KeySlicePrompt
 from lib.propagation import propagate_volume, segment_key_slice, upsample_logits

@@ -8,13 +8,9 @@ import os
 import tempfile
 from typing import Any
 
-import lib.configs
+import monailabel
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
-from lib.checkpoints import CheckpointError
-from lib.prompts import PromptError
-
-import monailabel
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -23,6 +19,10 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.others.class_utils import get_class_names
+
+import lib.configs
+from lib.checkpoints import CheckpointError
+from lib.prompts import PromptError
 
 logger = logging.getLogger(__name__)
 

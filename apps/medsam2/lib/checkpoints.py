@@ -218,4 +218,3 @@ def load_model(resolved: ResolvedCheckpoint, device: str | torch.device = "cpu",
         model = build_model(resolved.config, "cpu")
         load_state_dict_strict(model, resolved.path)  # type: ignore[arg-type]
     return model.to(device).eval()
-

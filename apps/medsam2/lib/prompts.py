@@ -150,9 +150,7 @@ def _check_slice(index: int, n_slices: int, axis: int, what: str = "slice") -> i
     return index
 
 
-def _validate_box(
-    box: Sequence[float], rows: int, cols: int, notes: list[str]
-) -> tuple[float, float, float, float]:
+def _validate_box(box: Sequence[float], rows: int, cols: int, notes: list[str]) -> tuple[float, float, float, float]:
     x0, y0, x1, y1 = box
     x0, x1 = sorted((x0, x1))
     y0, y1 = sorted((y0, y1))

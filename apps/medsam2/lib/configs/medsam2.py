@@ -8,6 +8,9 @@ import os
 from typing import Any
 
 import torch
+from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+
 from lib.checkpoints import DEFAULT_CHECKPOINT, ResolvedCheckpoint, ensure_checkpoint_file, resolve_checkpoint
 from lib.infers.medsam2 import MedSAM2Infer
 from lib.model_provider import ModelProvider, pick_device
@@ -15,9 +18,6 @@ from lib.preprocessing import parse_window
 from lib.prompts import LabelMap
 from lib.segmenter import MedSAM2Segmenter, SegmenterSettings
 from lib.volume_session import SessionCache
-
-from monailabel.interfaces.config import TaskConfig
-from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 logger = logging.getLogger(__name__)
 

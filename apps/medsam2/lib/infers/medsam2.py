@@ -5,10 +5,10 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
 from lib.segmenter import MedSAM2Segmenter
 from lib.volume_io import write_label
-
-from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 
 class MedSAM2Infer(InferTask):

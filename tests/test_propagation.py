@@ -1,0 +1,137 @@
+"""Propagation engine: coverage, ranges, determinism, multi-label, axes, sessions and the cache."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from lib.preprocessing import parse_window, to_uint8
+from lib.prompts import KeySlicePrompt, LabelMap
+from lib.propagation import propagate_volume
+from lib.segmenter import MedSAM2Segmenter, SegmenterSettings
+from lib.volume_session import SessionCache, VolumeSession, frames_along_axis, frames_to_volume
+from sam2_testing import blob_volume, small_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_model(seed=2)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return to_uint8(blob_volume((12, 40, 48), radius=8.0, seed=3), parse_window("abdomen"))
+
+
+def lesion(slice_index, box=(10.0, 8.0, 36.0, 30.0), label="lesion", value=1):
+    return KeySlicePrompt(label, value, slice_index, box=box)
+
+
+def test_covers_exactly_the_requested_slices(model, frames):
+    session = VolumeSession(frames, model)
+    full = propagate_volume(session, [lesion(5)])
+    assert sorted(full.logits["lesion"]) == list(range(12))
+    part = propagate_volume(session, [lesion(5)], slice_range=(3, 8))
+    assert sorted(part.logits["lesion"]) == list(range(3, 9))
+    labels = part.label_frames()
+    assert not labels[:3].any() and not labels[9:].any() and labels[3:9].any()
+    assert session.slices_encoded == 12  # the second request encoded nothing new
+
+
+def test_deterministic(model, frames):
+    a = propagate_volume(VolumeSession(frames, model), [lesion(4)]).label_frames()
+    b = propagate_volume(VolumeSession(frames, model), [lesion(4)]).label_frames()
+    assert np.array_equal(a, b)
+
+
+def test_multilabel_one_pass_and_overlap_rule(model, frames):
+    session = VolumeSession(frames, model)
+    prompts = [lesion(6), lesion(6, box=(2.0, 2.0, 20.0, 20.0), label="organ", value=2)]
+    result = propagate_volume(session, prompts)
+    # both labels and both directions share batched steps: one step per slice distance, not per label
+    assert result.steps == max(6, 11 - 6)
+    out = result.label_frames()
+    assert set(np.unique(out).tolist()) <= {0, 1, 2}
+    m1, m2 = result.binary_mask("lesion"), result.binary_mask("organ")
+    assert not ((out == 1) & ~m1).any() and not ((out == 2) & ~m2).any()  # a label only where its mask is
+    assert ((out > 0) == (m1 | m2)).all()  # every voxel in any mask is labelled
+
+
+def test_several_key_slices_for_one_label(model, frames):
+    session = VolumeSession(frames, model)
+    result = propagate_volume(session, [lesion(3), lesion(8, box=(12.0, 10.0, 30.0, 28.0))])
+    assert sorted(result.logits["lesion"]) == list(range(12))
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_axes_round_trip(frames, axis):
+    cut = frames_along_axis(frames, axis)
+    assert np.array_equal(frames_to_volume(cut, axis), frames)
+
+
+def test_session_cache_lru_and_byte_cap(model, frames):
+    cache = SessionCache(max_sessions=2, max_bytes=10 << 30)
+    made = []
+    for key in ("a", "b", "c"):
+        cache.get_or_create(key, lambda: made.append(1) or VolumeSession(frames, model))
+    assert len(cache) == 2 and len(made) == 3
+    _, created = cache.get_or_create("a", lambda: VolumeSession(frames, model))
+    assert created  # "a" was evicted first
+    small = SessionCache(max_sessions=10, max_bytes=frames.nbytes * 2 + 10)
+    for key in range(5):
+        small.get_or_create(key, lambda: VolumeSession(frames, model))
+    assert small.total_bytes() <= frames.nbytes * 2 + 10
+
+
+def test_segmenter_sessions_are_isolated_between_users_and_images(model, frames, tmp_path):
+    import SimpleITK as sitk
+
+    class Provider:
+        checkpoint = type("C", (), {"name": "random", "is_random": True})()
+        device = torch.device("cpu")
+        compute_dtype = None
+
+        def get(self):
+            return model, 1
+
+    for name in ("one", "two"):
+        sitk.WriteImage(
+            sitk.GetImageFromArray(blob_volume((12, 40, 48), radius=8.0, seed=3)), str(tmp_path / f"{name}.nii.gz")
+        )
+    seg = MedSAM2Segmenter(
+        Provider(), SegmenterSettings(parse_window("abdomen"), LabelMap({"lesion": 1, "organ": 2})), SessionCache(8)
+    )
+    one, two = str(tmp_path / "one.nii.gz"), str(tmp_path / "two.nii.gz")
+    req_a = {"client_id": "alice", "label": "lesion", "roi": [8, 36, 8, 30, 5, 5]}
+    alone, res_alone, _ = seg.segment_3d(one, dict(req_a))
+    # bob adds a second label on the same image: alice's state must not change
+    seg.segment_3d(one, {"client_id": "bob", "label": "organ", "roi": [2, 20, 2, 20, 5, 5]})
+    again, res_again, _ = seg.segment_3d(one, dict(req_a))
+    assert np.array_equal(alone, again) and res_again["session"]["reused"]
+    assert [p["label"] for p in res_again["prompts_in_session"]] == ["lesion"]
+    # alice adds a label: one pass returns both, without re-encoding
+    both, res_both, _ = seg.segment_3d(one, {"client_id": "alice", "label": "organ", "roi": [2, 20, 2, 20, 5, 5]})
+    assert (
+        set(np.unique(both).tolist()) <= {0, 1, 2}
+        and res_both["latencies"]["encode"] < res_alone["latencies"]["encode"]
+    )
+    assert sorted(res_both["coverage"]) == ["lesion", "organ"]
+    # reset_state starts over
+    reset, res_reset, _ = seg.segment_3d(one, dict(req_a, reset_state=True))
+    assert [p["label"] for p in res_reset["prompts_in_session"]] == ["lesion"] and np.array_equal(reset, alone)
+    # another image: separate session
+    _, res_two, _ = seg.segment_3d(two, dict(req_a))
+    assert not res_two["session"]["reused"]
+
+    # concurrent requests on one session are serialised and give the same answer
+    outs = []
+    threads = [
+        threading.Thread(target=lambda: outs.append(seg.segment_3d(one, dict(req_a, reset_state=True))[0]))
+        for _ in range(3)
+    ]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert all(np.array_equal(o, alone) for o in outs)
