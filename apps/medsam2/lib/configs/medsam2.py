@@ -17,7 +17,7 @@ from lib.model_provider import ModelProvider, pick_device
 from lib.preprocessing import parse_window
 from lib.prompts import LabelMap
 from lib.segmenter import MedSAM2Segmenter, SegmenterSettings
-from lib.volume_session import SessionCache
+from lib.volume_session import SessionCache, compute_dtype_for
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +32,8 @@ def _conf_int(conf: dict[str, str], key: str, default: int) -> int:
 
 
 class MedSAM2(TaskConfig):
-    """``--conf checkpoint``, ``window``, ``labels``, ``device``, ``max_sessions``, ``max_session_gb``,
-    ``max_voxels``, ``encode_batch``, ``model_config``."""
+    """``--conf checkpoint``, ``window``, ``labels``, ``device``, ``precision``, ``max_sessions``,
+    ``max_session_gb``, ``max_voxels``, ``encode_batch``, ``model_config``."""
 
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
@@ -53,7 +53,10 @@ class MedSAM2(TaskConfig):
         ensure_checkpoint_file(self.checkpoint)
         self.path = str(self.checkpoint.path) if self.checkpoint.path else None
         device = pick_device(conf.get("device"))
-        dtype = torch.bfloat16 if device.type == "cuda" else None
+        try:
+            dtype = compute_dtype_for(device, conf.get("precision", "auto"))
+        except ValueError as e:
+            raise SystemExit(f"--conf precision: {e}") from None
         self.provider = ModelProvider(self.checkpoint, device, dtype)
         cache = SessionCache(
             max_sessions=_conf_int(conf, "max_sessions", 4),
