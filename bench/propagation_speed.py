@@ -34,7 +34,6 @@ from lib.prompts import KeySlicePrompt  # noqa: E402
 from lib.propagation import propagate_volume  # noqa: E402
 from lib.volume_session import VolumeSession, compute_dtype_for  # noqa: E402
 
-
 # (centre j, centre i, radius) of five organ-like blobs, in [-1, 1] coordinates
 OBJECTS = [(0.0, 0.0, 0.25), (-0.4, 0.4, 0.15), (0.4, -0.4, 0.2), (0.3, 0.5, 0.1), (-0.5, -0.3, 0.12)]
 

@@ -90,3 +90,29 @@ def test_key_slice_alone_matches_stock_first_frame(model, frames, monkeypatch):
     want = stock_logits(model, frames, {1: prompt}, False, monkeypatch)[(1, 3)]
     assert (mine - want).abs().max().item() < TOL
     assert 0 < int((want > 0).sum()) < rows * cols
+
+
+def test_long_volume_steady_state_path_matches_stock(model, monkeypatch):
+    """40 slices: both directions run well past the point where the static (CUDA-graph-ready) step takes over."""
+    frames = to_uint8(blob_volume((40, 32, 40), radius=7.0, seed=5), parse_window("abdomen"))
+    n, rows, cols = frames.shape
+    key = 20
+    prompts = {1: KeySlicePrompt("lesion", 1, key, box=(10.0, 8.0, 30.0, 24.0))}
+    session = VolumeSession(frames, model)
+    steady = propagate_volume(session, list(prompts.values()))
+    eager = propagate_volume(session, list(prompts.values()), steady=False)
+    assert steady.steady_steps == 20 - 16 + 1 and eager.steady_steps == 0  # steps 16..20 ran from static buffers
+    expected = {}
+    for reverse in (False, True):
+        for (_, frame), logit in stock_logits(model, frames, prompts, reverse, monkeypatch).items():
+            prev = expected.get(frame)
+            expected[frame] = logit if prev is None else torch.maximum(prev, logit)
+    assert sorted(expected) == list(range(n))
+    positive = 0
+    for frame, want in expected.items():
+        for result in (steady, eager):
+            mine = upsample_logits(result.logits["lesion"][frame][None, None], rows, cols)[0]
+            diff = (mine - want).abs().max().item()
+            assert diff < TOL, f"slice {frame}: max |diff| {diff}"
+        positive += int((want > 0).sum())
+    assert 0 < positive < n * rows * cols

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .prompts import KeySlicePrompt
+from .steady_tracking import SteadyTracker, steady_state_start
 from .volume_session import VolumeSession, autocast_for
 
 try:  # SAM2's optional CUDA extension, used for its small-hole filling post-processing
@@ -178,6 +179,7 @@ class PropagationResult:
     num_slices: int
     latencies: dict[str, float] = field(default_factory=dict)
     steps: int = 0
+    steady_steps: int = 0
 
     def binary_mask(self, label: str, chunk: int = 32) -> np.ndarray:
         """(num_slices, rows, cols) bool mask of one label (before the overlap rule)."""
@@ -234,10 +236,13 @@ def propagate_volume(
     prompts: Sequence[KeySlicePrompt],
     slice_range: tuple[int, int] | None = None,
     memory_horizon: int | None = None,
+    steady: bool = True,
 ) -> PropagationResult:
     """Segment every label's key slices and propagate them through ``slice_range`` (inclusive; default all).
 
     All labels and both directions run as batched ``track_step`` calls; see the module docstring.
+    Far enough from the key slice the step runs from static buffers (``steady``), replayed as a CUDA graph
+    on a GPU; ``steady=False`` keeps every step on the stock ``track_step`` path.
     """
     if not prompts:
         raise ValueError("no prompts")
@@ -282,6 +287,7 @@ def propagate_volume(
     for p in passes:
         groups.setdefault(frozenset(p.cond), []).append(p)
     steps_run = 0
+    steady_run = 0
     with autocast_for(device, session.compute_dtype):
         for cond_steps, group in groups.items():
             active = list(range(len(group)))
@@ -290,7 +296,43 @@ def propagate_volume(
                 "non_cond_frame_outputs": {},
             }
             max_len = max(p.length for p in group)
+            start = steady_state_start(model, n) if steady and cond_steps == frozenset({0}) else None
+            tracker: SteadyTracker | None = None
             for step in range(0, max_len + 1):
+                if start is not None and step >= start:
+                    if tracker is None:
+                        members = list(active)
+                        frames = [group[a].frame(step) for a in members]
+                        feats = session.features(frames)
+                        tracker = SteadyTracker(
+                            model,
+                            n,
+                            session.stacked(frames),
+                            feats.vision_pos_embeds,
+                            feats.feat_sizes,
+                            device,
+                            session.compute_dtype,
+                        )
+                        tracker.load(od, step)
+                    # finished passes keep computing on their last slice (static shapes); their output is dropped
+                    frames = [group[a].frame(min(step, group[a].length)) for a in members]
+                    session.gather(frames, tracker.levels)
+                    masks, obj_scores = tracker.step(step, use_graph=device.type == "cuda")
+                    masks = masks.to(torch.float16)
+                    obj_scores = obj_scores.float().clone()
+                    steps_run += 1
+                    steady_run += 1
+                    for pos, a in enumerate(members):
+                        p = group[a]
+                        if step > p.length:
+                            continue
+                        frame = p.frame(step)
+                        if not (lo <= frame <= hi or step in p.cond):
+                            continue
+                        prev = logits[p.label].get(frame)
+                        logits[p.label][frame] = masks[pos, 0] if prev is None else torch.maximum(prev, masks[pos, 0])
+                        score_tensors[p.label][frame] = obj_scores[pos, 0]
+                    continue
                 still = [a for a in active if group[a].length >= step]
                 if len(still) < len(active):
                     keep = torch.tensor([active.index(a) for a in still], dtype=torch.long)
@@ -348,4 +390,5 @@ def propagate_volume(
             "track": round(t_track - t_cond, 4),
         },
         steps=steps_run,
+        steady_steps=steady_run,
     )

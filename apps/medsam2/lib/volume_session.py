@@ -147,6 +147,15 @@ class VolumeSession:
         pos = [p.to(dtype).expand(batch, -1, -1, -1).flatten(2).permute(2, 0, 1) for p in self._pos_enc]
         return SliceFeatures(feats, pos, list(self._feat_sizes))
 
+    def gather(self, indices: Sequence[int], out: list[torch.Tensor]) -> None:
+        """Stack the cached (B, C, H, W) features of already-encoded slices into preallocated buffers."""
+        for level, buf in enumerate(out):
+            torch.stack([self._features[int(i)][level] for i in indices], out=buf)
+
+    def stacked(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        """The cached features of encoded slices as new (B, C, H, W) tensors, one per level."""
+        return [torch.stack([self._features[int(i)][lv] for i in indices]) for lv in range(len(self._pos_enc or []))]
+
 
 @dataclass
 class _Entry:
