@@ -32,7 +32,7 @@ from lib.checkpoints import MEDSAM2_CONFIG, build_model  # noqa: E402
 from lib.preprocessing import frames_to_model_input, parse_window, to_uint8  # noqa: E402
 from lib.prompts import KeySlicePrompt  # noqa: E402
 from lib.propagation import propagate_volume  # noqa: E402
-from lib.volume_session import VolumeSession, compute_dtype_for  # noqa: E402
+from lib.volume_session import VolumeSession, autocast_for, compute_dtype_for  # noqa: E402
 
 # (centre j, centre i, radius) of five organ-like blobs, in [-1, 1] coordinates
 OBJECTS = [(0.0, 0.0, 0.25), (-0.4, 0.4, 0.15), (0.4, -0.4, 0.2), (0.3, 0.5, 0.1), (-0.5, -0.3, 0.12)]
@@ -119,18 +119,23 @@ def sync(device: torch.device):
         torch.cuda.synchronize()
 
 
-def run_stock(model, state_factory, key: int, box, device) -> int:
+def run_stock(model, state_factory, key: int, box, device, shape) -> tuple[int, np.ndarray]:
     """MedSAM2's procedure with the stock predictor: box on the key slice, forward; reset; box, reverse."""
     covered = 0
+    union = np.zeros(shape, dtype=bool)
     with torch.inference_mode(), autocast(device):
         state = state_factory()
         for reverse in (False, True):
             model.reset_state(state)
             model.add_new_points_or_box(state, frame_idx=key, obj_id=1, box=list(box))
-            for _, _, masks in model.propagate_in_video(state, reverse=reverse):
-                (masks[:, 0] > 0).cpu().numpy()  # each slice's mask to the host, as a client needs it
+            for frame, _, masks in model.propagate_in_video(state, reverse=reverse):
+                union[frame] |= (masks[0, 0] > 0).cpu().numpy()  # each slice's mask to the host, as a client needs it
                 covered += 1
-    return covered
+    return covered, union
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return round(float(2 * (a & b).sum() / max(int(a.sum()) + int(b.sum()), 1)), 4)
 
 
 def main() -> None:
@@ -174,6 +179,7 @@ def main() -> None:
         "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
     }
     results: dict[str, dict] = {}
+    stock_mask = None
 
     def report(name: str, seconds: float, slices: int, mem: PeakMemory, **extra):
         line = {"pipeline": name, **base, "seconds": round(seconds, 3), "slices": slices}
@@ -204,7 +210,7 @@ def main() -> None:
         with PeakMemory(device) as mem:
             sync(device)
             t0 = time.perf_counter()
-            with torch.inference_mode(), autocast(device):
+            with torch.inference_mode(), autocast_for(device, engine_dtype):
                 for s in range(0, n, batch):
                     out = model.forward_image(frames_to_model_input(frames[s : s + batch], model.image_size, device))
             sync(device)
@@ -218,7 +224,9 @@ def main() -> None:
         with PeakMemory(device) as mem:
             sync(device)
             t0 = time.perf_counter()
-            covered = run_stock(model, lambda: model.init_state(video_path="in-memory"), key, boxes[0], device)
+            covered, stock_mask = run_stock(
+                model, lambda: model.init_state(video_path="in-memory"), key, boxes[0], device, frames.shape
+            )
             sync(device)
             dt = time.perf_counter() - t0
         report("stock", dt, covered - 1, mem, note="frames in memory; forward, reset, reverse")
@@ -233,16 +241,20 @@ def main() -> None:
             t0 = time.perf_counter()
             for s in range(n):
                 Image.fromarray(frames[s]).convert("RGB").save(os.path.join(folder, f"{s:05d}.jpg"))
-            covered = run_stock(model, lambda: model.init_state(video_path=folder), key, boxes[0], device)
+            covered, _ = run_stock(
+                model, lambda: model.init_state(video_path=folder), key, boxes[0], device, frames.shape
+            )
             sync(device)
             dt = time.perf_counter() - t0
         report("monailabel_0.8.5_jpeg", dt, covered - 1, mem, note="every slice written as JPEG and re-read")
 
-    runs = [("engine", 1, engine_dtype), ("engine_5_labels", 5, engine_dtype)]
+    runs = [("engine", 1, engine_dtype, True), ("engine_5_labels", 5, engine_dtype, True)]
+    if device.type == "cuda":
+        runs.append(("engine_no_static_step", 1, engine_dtype, False))
     if device.type == "cpu" and engine_dtype is not None:
-        runs.append(("engine_fp32", 1, None))
+        runs.append(("engine_fp32", 1, None, True))
     label_maps = {}
-    for name, n_labels, dtype in runs:
+    for name, n_labels, dtype, steady in runs:
         if "engine" in skip or (n_labels > 1 and "engine5" in skip):
             continue
         prompts = [KeySlicePrompt(f"label{m}", m + 1, key, box=boxes[m]) for m in range(n_labels)]
@@ -250,7 +262,7 @@ def main() -> None:
             sync(device)
             t0 = time.perf_counter()
             session = VolumeSession(frames, model, device, dtype, feature_dtype, batch)
-            result = propagate_volume(session, prompts)
+            result = propagate_volume(session, prompts, steady=steady)
             labels = result.label_frames()  # to the host, full resolution
             sync(device)
             dt = time.perf_counter() - t0
@@ -260,10 +272,12 @@ def main() -> None:
             "labelled_fraction": round(float((labels > 0).mean()), 4),
         }
         extra["dtype"] = str(dtype or torch.float32).replace("torch.", "")
+        extra["steady_steps"] = result.steady_steps
         label_maps[name] = labels > 0
-        if name == "engine_fp32" and "engine" in label_maps:
-            a, b = label_maps["engine"], label_maps["engine_fp32"]
-            extra["dice_bf16_vs_fp32"] = round(float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1)), 4)
+        if n_labels == 1 and stock_mask is not None:
+            extra["dice_vs_stock"] = dice(label_maps[name], stock_mask)
+        if name != "engine" and n_labels == 1 and "engine" in label_maps:
+            extra["dice_vs_engine"] = dice(label_maps[name], label_maps["engine"])
         if n_labels > 1 and "engine" in results:
             extra["cost_vs_one_label"] = round(dt / results["engine"]["seconds"], 2)
         report(name, dt, n, mem, **extra)
