@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--encode-batch", type=int, default=0, help="0: 16 on GPU, 4 on CPU")
     ap.add_argument("--skip", default="", help="comma list of pipelines to skip: stock,jpeg,engine,engine5,encoder")
     ap.add_argument("--out", default="", help="also append the JSON lines to this file")
+    ap.add_argument("--profile", default="", help="write a torch.profiler table of one engine run to this file")
     ap.add_argument("--precision", default="auto", help="engine precision: auto (bf16 on GPU / bf16-capable CPU), fp32")
     args = ap.parse_args()
 
@@ -282,6 +283,21 @@ def main() -> None:
             extra["cost_vs_one_label"] = round(dt / results["engine"]["seconds"], 2)
         report(name, dt, n, mem, **extra)
         del session, result
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        session = VolumeSession(frames, model, device, engine_dtype, feature_dtype, batch)
+        session.encode(range(n))
+        with profile(activities=activities) as prof:
+            propagate_volume(session, [KeySlicePrompt("label0", 1, key, box=boxes[0])])
+            sync(device)
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        with open(args.profile, "w") as f:
+            f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
+            f.write("\n\nby self CPU time\n")
+            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 if __name__ == "__main__":

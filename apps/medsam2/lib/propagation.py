@@ -288,6 +288,7 @@ def propagate_volume(
         groups.setdefault(frozenset(p.cond), []).append(p)
     steps_run = 0
     steady_run = 0
+    marks: dict[str, float] = {}
     with autocast_for(device, session.compute_dtype):
         for cond_steps, group in groups.items():
             active = list(range(len(group)))
@@ -314,10 +315,15 @@ def propagate_volume(
                             session.compute_dtype,
                         )
                         tracker.load(od, step)
+                        _sync(device)
+                        marks["steady_start"] = time.perf_counter()
                     # finished passes keep computing on their last slice (static shapes); their output is dropped
                     frames = [group[a].frame(min(step, group[a].length)) for a in members]
                     session.gather(frames, tracker.levels)
                     masks, obj_scores = tracker.step(step, use_graph=device.type == "cuda")
+                    if steady_run == 0:
+                        _sync(device)
+                        marks["first_steady_step_done"] = time.perf_counter()
                     masks = masks.to(torch.float16)
                     obj_scores = obj_scores.float().clone()
                     steps_run += 1
@@ -377,6 +383,13 @@ def propagate_volume(
             scores[name] = dict(zip(frames, values, strict=False))
     _sync(device)
     t_track = time.perf_counter()
+    detail = {}
+    if marks:  # where tracking time went: stock-path steps, first steady step (incl. graph capture), the rest
+        detail = {
+            "track_stock_steps": round(marks["steady_start"] - t_cond, 4),
+            "track_first_steady_step": round(marks["first_steady_step_done"] - marks["steady_start"], 4),
+            "track_steady_steps": round(t_track - marks["first_steady_step_done"], 4),
+        }
     return PropagationResult(
         logits=logits,
         object_scores=scores,
@@ -388,6 +401,7 @@ def propagate_volume(
             "encode": round(t_encode - t0, 4),
             "key_slices": round(t_cond - t_encode, 4),
             "track": round(t_track - t_cond, 4),
+            **detail,
         },
         steps=steps_run,
         steady_steps=steady_run,
