@@ -202,9 +202,14 @@ def main() -> None:
     feature_dtype = torch.float16 if device.type == "cuda" else torch.float32
     base["engine_dtype"] = str(engine_dtype or torch.float32).replace("torch.", "")
 
-    # warm-up (kernels, allocator, a full encoder batch) on a few slices, not timed
-    warm = VolumeSession(frames[: batch + 2], model, device, engine_dtype, feature_dtype, batch)
-    propagate_volume(warm, [KeySlicePrompt("a", 1, 2, box=boxes[0])])
+    # warm-up, not timed: kernels, allocator, a full encoder batch, and every memory length for 1 and 5 labels
+    # (cuDNN builds an attention plan per shape once per process; a server pays it on its first request)
+    warm_frames = frames[max(0, key - 20) : key + 20]
+    warm = VolumeSession(warm_frames, model, device, engine_dtype, feature_dtype, batch)
+    for n_labels in (1, 5):
+        warm_prompts = [KeySlicePrompt(f"w{m}", m + 1, len(warm_frames) // 2, box=boxes[m]) for m in range(n_labels)]
+        propagate_volume(warm, warm_prompts)
+        propagate_volume(warm, warm_prompts, steady=False)
     del warm
 
     if "encoder" not in skip:
@@ -273,7 +278,7 @@ def main() -> None:
             "labelled_fraction": round(float((labels > 0).mean()), 4),
         }
         extra["dtype"] = str(dtype or torch.float32).replace("torch.", "")
-        extra["steady_steps"] = result.steady_steps
+        extra["static_steps"] = result.static_steps
         label_maps[name] = labels > 0
         if n_labels == 1 and stock_mask is not None:
             extra["dice_vs_stock"] = dice(label_maps[name], stock_mask)

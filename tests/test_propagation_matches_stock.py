@@ -101,7 +101,7 @@ def test_long_volume_steady_state_path_matches_stock(model, monkeypatch):
     session = VolumeSession(frames, model)
     steady = propagate_volume(session, list(prompts.values()))
     eager = propagate_volume(session, list(prompts.values()), steady=False)
-    assert steady.steady_steps == 20 - 16 + 1 and eager.steady_steps == 0  # steps 16..20 ran from static buffers
+    assert steady.static_steps == 20 and eager.static_steps == 0  # steps 1..20 ran from static buffers
     expected = {}
     for reverse in (False, True):
         for (_, frame), logit in stock_logits(model, frames, prompts, reverse, monkeypatch).items():

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .prompts import KeySlicePrompt
-from .steady_tracking import SteadyTracker, steady_state_start
+from .steady_tracking import StaticTracker, static_tracking_supported
 from .volume_session import VolumeSession, autocast_for
 
 try:  # SAM2's optional CUDA extension, used for its small-hole filling post-processing
@@ -179,7 +179,7 @@ class PropagationResult:
     num_slices: int
     latencies: dict[str, float] = field(default_factory=dict)
     steps: int = 0
-    steady_steps: int = 0
+    static_steps: int = 0
 
     def binary_mask(self, label: str, chunk: int = 32) -> np.ndarray:
         """(num_slices, rows, cols) bool mask of one label (before the overlap rule)."""
@@ -241,7 +241,7 @@ def propagate_volume(
     """Segment every label's key slices and propagate them through ``slice_range`` (inclusive; default all).
 
     All labels and both directions run as batched ``track_step`` calls; see the module docstring.
-    Far enough from the key slice the step runs from static buffers (``steady``), replayed as a CUDA graph
+    Passes from a single key slice run their steps from static buffers (``steady``), replayed as CUDA graphs
     on a GPU; ``steady=False`` keeps every step on the stock ``track_step`` path.
     """
     if not prompts:
@@ -287,7 +287,7 @@ def propagate_volume(
     for p in passes:
         groups.setdefault(frozenset(p.cond), []).append(p)
     steps_run = 0
-    steady_run = 0
+    static_run = 0
     marks: dict[str, float] = {}
     with autocast_for(device, session.compute_dtype):
         for cond_steps, group in groups.items():
@@ -297,46 +297,49 @@ def propagate_volume(
                 "non_cond_frame_outputs": {},
             }
             max_len = max(p.length for p in group)
-            start = steady_state_start(model, n) if steady and cond_steps == frozenset({0}) else None
-            tracker: SteadyTracker | None = None
+            static = steady and cond_steps == frozenset({0}) and static_tracking_supported(model)
+            tracker: StaticTracker | None = None
+            members = list(active)
             for step in range(0, max_len + 1):
-                if start is not None and step >= start:
+                if static and step >= 1:
                     if tracker is None:
-                        members = list(active)
-                        frames = [group[a].frame(step) for a in members]
+                        frames = [group[a].frame(1) for a in members]
                         feats = session.features(frames)
-                        tracker = SteadyTracker(
+                        tracker = StaticTracker(
                             model,
                             n,
+                            od["cond_frame_outputs"][0],
                             session.stacked(frames),
                             feats.vision_pos_embeds,
                             feats.feat_sizes,
                             device,
                             session.compute_dtype,
+                            use_graphs=device.type == "cuda",
                         )
-                        tracker.load(od, step)
-                        _sync(device)
-                        marks["steady_start"] = time.perf_counter()
-                    # finished passes keep computing on their last slice (static shapes); their output is dropped
+                    if device.type != "cuda" and any(group[a].length < step for a in members):
+                        # on the CPU finished passes leave the batch; a GPU keeps shapes static for its graphs
+                        kept = [i for i, a in enumerate(members) if group[a].length >= step]
+                        tracker.keep(kept)
+                        members = [members[i] for i in kept]
+                    # finished passes (GPU) keep computing on their last slice; their output is dropped
                     frames = [group[a].frame(min(step, group[a].length)) for a in members]
                     session.gather(frames, tracker.levels)
-                    masks, obj_scores = tracker.step(step, use_graph=device.type == "cuda")
-                    if steady_run == 0:
+                    masks, obj_scores = tracker.step(step)
+                    if static_run == 0:
                         _sync(device)
-                        marks["first_steady_step_done"] = time.perf_counter()
+                        marks["first_static_step_done"] = time.perf_counter()
                     masks = masks.to(torch.float16)
                     obj_scores = obj_scores.float().clone()
                     steps_run += 1
-                    steady_run += 1
+                    static_run += 1
                     for pos, a in enumerate(members):
                         p = group[a]
                         if step > p.length:
                             continue
                         frame = p.frame(step)
-                        if not (lo <= frame <= hi or step in p.cond):
+                        if not lo <= frame <= hi:
                             continue
-                        prev = logits[p.label].get(frame)
-                        logits[p.label][frame] = masks[pos, 0] if prev is None else torch.maximum(prev, masks[pos, 0])
+                        logits[p.label][frame] = masks[pos, 0]
                         score_tensors[p.label][frame] = obj_scores[pos, 0]
                     continue
                 still = [a for a in active if group[a].length >= step]
@@ -384,11 +387,10 @@ def propagate_volume(
     _sync(device)
     t_track = time.perf_counter()
     detail = {}
-    if marks:  # where tracking time went: stock-path steps, first steady step (incl. graph capture), the rest
+    if marks:  # the first static step includes the buffers' set-up (and a graph capture on a GPU)
         detail = {
-            "track_stock_steps": round(marks["steady_start"] - t_cond, 4),
-            "track_first_steady_step": round(marks["first_steady_step_done"] - marks["steady_start"], 4),
-            "track_steady_steps": round(t_track - marks["first_steady_step_done"], 4),
+            "track_first_static_step": round(marks["first_static_step_done"] - t_cond, 4),
+            "track_other_steps": round(t_track - marks["first_static_step_done"], 4),
         }
     return PropagationResult(
         logits=logits,
@@ -404,5 +406,5 @@ def propagate_volume(
             **detail,
         },
         steps=steps_run,
-        steady_steps=steady_run,
+        static_steps=static_run,
     )

@@ -1,12 +1,13 @@
-"""SAM2's per-slice tracking step in its steady state, with static shapes, so that a GPU can replay it as
-one CUDA graph instead of hundreds of separately launched kernels.
+"""SAM2's per-slice tracking step from fixed-size buffers, so that a GPU replays it as a CUDA graph
+instead of launching hundreds of small kernels from Python at every slice.
 
-Once a pass is far enough from its key slice, every step attends to the same memory layout: the key
-slice's memory, the ``num_maskmem - 1`` previous slices' memories and ``max_obj_ptrs - 1`` previous object
-pointers. This module computes exactly what ``SAM2Base.track_step`` computes for such a step (same
-modules, same order of memory tokens, same positional encodings), from fixed-size buffers that are
-rolled forward between steps. ``tests/test_propagation_matches_stock.py`` checks it against the stock
-predictor on volumes long enough to reach the steady state.
+A pass that starts from one key slice attends, at step ``s``, to the key slice's memory, the memories of
+the last ``min(s - 1, num_maskmem - 1)`` slices and the object pointers of the last
+``min(s - 1, max_obj_ptrs - 1)`` slices. The buffers below hold exactly those, newest last (memories) or
+newest first (pointers, as SAM2 orders them), and are rolled forward after each step. The step computes
+what ``SAM2Base.track_step`` computes (same modules, same token order, same positional encodings);
+``tests/test_propagation_matches_stock.py`` checks it against the stock predictor. Each distinct
+(memories, pointers) count is one graph; from step ``max_obj_ptrs`` on, every step replays the same one.
 """
 
 from __future__ import annotations
@@ -17,93 +18,84 @@ import torch
 from sam2.modeling.sam2_utils import get_1d_sine_pe
 
 
-def steady_state_start(model, num_slices: int) -> int | None:
-    """First step at which the memory layout no longer changes (None if this model config can't use it)."""
-    if (
-        model.memory_temporal_stride_for_eval != 1
-        or not model.use_obj_ptrs_in_encoder
-        or not model.add_tpos_enc_to_obj_ptrs
-        or not model.proj_tpos_enc_in_obj_ptrs
-        or not model.use_signed_tpos_enc_to_obj_ptrs
-        or not model.only_obj_ptrs_in_the_past_for_eval
-        or model.mem_dim >= model.hidden_dim
-        or model.num_maskmem < 2
-    ):
-        return None
-    return max(min(num_slices, model.max_obj_ptrs_in_encoder), model.num_maskmem)
+def static_tracking_supported(model) -> bool:
+    """Whether this model's config uses the memory layout the static step reproduces."""
+    return (
+        model.memory_temporal_stride_for_eval == 1
+        and model.use_obj_ptrs_in_encoder
+        and model.add_tpos_enc_to_obj_ptrs
+        and model.proj_tpos_enc_in_obj_ptrs
+        and model.use_signed_tpos_enc_to_obj_ptrs
+        and model.only_obj_ptrs_in_the_past_for_eval
+        and model.mem_dim < model.hidden_dim
+        and model.num_maskmem >= 2
+        and not model.non_overlap_masks_for_mem_enc
+    )
 
 
-class SteadyTracker:
-    """Static buffers + the steady-state step for a batch of passes sharing one key step (step 0)."""
+class StaticTracker:
+    """Buffers and the tracking step for a batch of passes that share one key step (step 0)."""
 
     def __init__(
         self,
         model,
         num_slices: int,
+        key_out: dict,
         levels_like: list[torch.Tensor],
         pos_embeds: list[torch.Tensor],
         feat_sizes: list[tuple[int, int]],
         device: torch.device,
         compute_dtype: torch.dtype | None,
+        use_graphs: bool,
     ):
         self.model = model
         self.device = device
         self.compute_dtype = compute_dtype
+        self.use_graphs = use_graphs
         self.feat_sizes = feat_sizes
         self.num_ptrs = min(num_slices, model.max_obj_ptrs_in_encoder)
-        batch = levels_like[0].shape[0]
         self.levels = [torch.zeros_like(x, device=device) for x in levels_like]  # (B, C, H, W), filled per step
-        self.pos = [p.to(device).float() for p in pos_embeds]  # (HW, B, C), constant
-        h, w = feat_sizes[-1]
-        self.cond_mem = torch.zeros(batch, model.mem_dim, h, w, device=device, dtype=torch.bfloat16)
-        self.prev_mem = torch.zeros(
-            model.num_maskmem - 1, batch, model.mem_dim, h, w, device=device, dtype=torch.bfloat16
-        )
-        self.mem_pos = torch.zeros(batch, model.mem_dim, h, w, device=device)
-        # pointers in the stock order: key slice's first, then 1, 2, ... steps back
-        self.ptrs = torch.zeros(self.num_ptrs, batch, model.hidden_dim, device=device)
+        self.pos = [p.to(device).float() for p in pos_embeds]  # (HW, B, C), the same for every slice
+        self.cond_mem = key_out["maskmem_features"].to(device, torch.bfloat16).clone()
+        self.mem_pos = key_out["maskmem_pos_enc"][-1].to(device).float().clone()
+        n_prev = model.num_maskmem - 1
+        self.prev_mem = torch.zeros((n_prev, *self.cond_mem.shape), device=device, dtype=torch.bfloat16)
+        self.ptrs = torch.zeros(self.num_ptrs, *key_out["obj_ptr"].shape, device=device)
+        self.ptrs[0].copy_(key_out["obj_ptr"])
+        # temporal positions of the pointers: the key slice's (= the step) first, then 1, 2, ... steps back
         self.ptr_pos = torch.arange(self.num_ptrs, dtype=torch.float32, device=device)
-        self._graph = None
-        self._outputs: tuple[torch.Tensor, ...] | None = None
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
 
-    def load(self, od: dict, step: int) -> None:
-        """Fill the buffers from the stock-format output dict before the first steady step ``step``."""
-        cond = od["cond_frame_outputs"][0]
-        non_cond = od["non_cond_frame_outputs"]
-        self.cond_mem.copy_(cond["maskmem_features"])
-        self.mem_pos.copy_(cond["maskmem_pos_enc"][-1])
-        n_prev = self.model.num_maskmem - 1
-        self.prev_mem.copy_(torch.stack([non_cond[step - n_prev + i]["maskmem_features"] for i in range(n_prev)]))
-        self.ptrs.copy_(
-            torch.stack([cond["obj_ptr"]] + [non_cond[step - t]["obj_ptr"] for t in range(1, self.num_ptrs)])
-        )
+    @property
+    def batch(self) -> int:
+        return self.levels[0].shape[0]
 
-    def _forward(self) -> tuple[torch.Tensor, ...]:
+    def _forward(self, n_prev: int, n_ptr: int) -> tuple[torch.Tensor, ...]:
         model = self.model
-        batch = self.levels[0].shape[0]
-        n_mem = model.num_maskmem
+        batch = self.batch
         h, w = self.feat_sizes[-1]
+        c_mem = model.mem_dim
         feats = [x.float().flatten(2).permute(2, 0, 1) for x in self.levels]
-        # memory tokens: key slice (t_pos 0), then t_pos 1 .. n_mem-1 = oldest .. newest previous slice
-        mem = torch.cat([self.cond_mem[None], self.prev_mem]).float()
-        mem = mem.flatten(3).permute(0, 3, 1, 2).reshape(n_mem * h * w, batch, model.mem_dim)
-        tpos = model.maskmem_tpos_enc[torch.arange(n_mem - 1, -1, -1, device=self.device)]  # (n_mem, 1, 1, C)
+        # memory tokens: key slice (temporal index num_maskmem - 1), then the previous slices, oldest first
+        n_frames = 1 + n_prev
+        frames = torch.cat([self.cond_mem[None], self.prev_mem[self.prev_mem.shape[0] - n_prev :]]).float()
+        mem = frames.flatten(3).permute(0, 3, 1, 2).reshape(n_frames * h * w, batch, c_mem)
+        tpos = model.maskmem_tpos_enc  # (num_maskmem, 1, 1, C): index t for a slice t + 1 steps back
+        tpos = torch.cat([tpos[model.num_maskmem - 1 :], tpos[:n_prev].flip(0)])
         mem_pos = self.mem_pos.flatten(2).permute(2, 0, 1)[None] + tpos
-        mem_pos = mem_pos.reshape(n_mem * h * w, batch, model.mem_dim)
-        # object pointers, split into mem_dim-sized tokens, with their temporal encodings
-        t_diff_max = max(self.num_ptrs - 1, 1)
-        obj_pos = model.obj_ptr_tpos_proj(get_1d_sine_pe(self.ptr_pos / t_diff_max, dim=model.hidden_dim))
-        obj_pos = obj_pos.unsqueeze(1).expand(-1, batch, model.mem_dim)
-        split = model.hidden_dim // model.mem_dim
-        ptrs = self.ptrs.reshape(-1, batch, split, model.mem_dim).permute(0, 2, 1, 3).flatten(0, 1)
+        mem_pos = mem_pos.reshape(n_frames * h * w, batch, c_mem)
+        # object pointers, each split into hidden_dim / mem_dim tokens, with temporal encodings
+        n = 1 + n_ptr
+        pos = get_1d_sine_pe(self.ptr_pos[:n] / max(self.num_ptrs - 1, 1), dim=model.hidden_dim)
+        obj_pos = model.obj_ptr_tpos_proj(pos).unsqueeze(1).expand(-1, batch, c_mem)
+        split = model.hidden_dim // c_mem
+        ptrs = self.ptrs[:n].reshape(-1, batch, split, c_mem).permute(0, 2, 1, 3).flatten(0, 1)
         obj_pos = obj_pos.repeat_interleave(split, dim=0)
-        memory = torch.cat([mem, ptrs])
-        memory_pos = torch.cat([mem_pos, obj_pos])
         pix = model.memory_attention(
             curr=feats[-1:],
             curr_pos=self.pos[-1:],
-            memory=memory,
-            memory_pos=memory_pos,
+            memory=torch.cat([mem, ptrs]),
+            memory_pos=torch.cat([mem_pos, obj_pos]),
             num_obj_ptr_tokens=ptrs.shape[0],
         )
         pix = pix.permute(1, 2, 0).view(batch, model.hidden_dim, h, w)
@@ -127,29 +119,45 @@ class SteadyTracker:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype, cache_enabled=False)
 
-    def step(self, step: int, use_graph: bool) -> tuple[torch.Tensor, ...]:
-        """One steady step at ``step`` (features already in ``levels``); rolls the memory forward.
-
-        Returns (low-res mask logits (B, 1, h, w), object score logits (B, 1)), valid until the next call.
-        """
-        self.ptr_pos[0] = float(step)
-        if use_graph and self._graph is None:
+    def _graph_for(self, key: tuple[int, int]) -> tuple:
+        if key not in self._graphs:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side), self._autocast():
-                for _ in range(2):
-                    self._forward()
+                self._forward(*key)  # warm-up outside the capture (library handles, autotuning)
             torch.cuda.current_stream(self.device).wait_stream(side)
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph), self._autocast():
-                self._outputs = self._forward()
-        if use_graph:
-            self._graph.replay()
-            masks, obj_ptr, scores, new_mem = self._outputs  # type: ignore[misc]
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), self._autocast():
+                outputs = self._forward(*key)
+            self._graphs[key] = (graph, outputs)
+        return self._graphs[key]
+
+    def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Track one step (features already in ``levels``) and roll the memory forward.
+
+        Returns (low-res mask logits (B, 1, h, w), object score logits (B, 1)); valid until the next call.
+        """
+        key = (min(step - 1, self.prev_mem.shape[0]), min(step - 1, self.num_ptrs - 1))
+        self.ptr_pos[:1].fill_(float(step))  # a kernel argument, not a host-to-device copy (no sync)
+        if self.use_graphs:
+            graph, outputs = self._graph_for(key)
+            graph.replay()
+            masks, obj_ptr, scores, new_mem = outputs
         else:
             with self._autocast():
-                masks, obj_ptr, scores, new_mem = self._forward()
+                masks, obj_ptr, scores, new_mem = self._forward(*key)
         self.prev_mem.copy_(torch.cat([self.prev_mem[1:], new_mem[None]]))
         if self.num_ptrs > 1:
             self.ptrs[1:].copy_(torch.cat([obj_ptr[None].float(), self.ptrs[1:-1]]))
         return masks, scores
+
+    def keep(self, positions: list[int]) -> None:
+        """Drop finished passes from the batch (re-capturing graphs later, so meant for the CPU)."""
+        idx = torch.tensor(positions, dtype=torch.long, device=self.device)
+        self.levels = [x.index_select(0, idx) for x in self.levels]
+        self.pos = [p.index_select(1, idx) for p in self.pos]
+        self.cond_mem = self.cond_mem.index_select(0, idx)
+        self.mem_pos = self.mem_pos.index_select(0, idx)
+        self.prev_mem = self.prev_mem.index_select(1, idx)
+        self.ptrs = self.ptrs.index_select(1, idx)
+        self._graphs.clear()
