@@ -199,7 +199,7 @@ def main() -> None:
                 f.write(text + "\n")
 
     engine_dtype = compute_dtype_for(device, args.precision)
-    feature_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    feature_dtype = engine_dtype or torch.float32
     base["engine_dtype"] = str(engine_dtype or torch.float32).replace("torch.", "")
 
     # warm-up, not timed: kernels, allocator, a full encoder batch, and every memory length for 1 and 5 labels
@@ -208,7 +208,11 @@ def main() -> None:
     warm = VolumeSession(warm_frames, model, device, engine_dtype, feature_dtype, batch)
     for n_labels in (1, 5):
         warm_prompts = [KeySlicePrompt(f"w{m}", m + 1, len(warm_frames) // 2, box=boxes[m]) for m in range(n_labels)]
+        sync(device)
+        t0 = time.perf_counter()
         propagate_volume(warm, warm_prompts)
+        sync(device)
+        base[f"first_call_{len(warm_frames)}_slices_{n_labels}_labels_s"] = round(time.perf_counter() - t0, 3)
         propagate_volume(warm, warm_prompts, steady=False)
     del warm
 

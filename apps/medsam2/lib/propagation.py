@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .prompts import KeySlicePrompt
-from .steady_tracking import StaticTracker, static_tracking_supported
+from .steady_tracking import StaticTracker, borrowed_tracker, static_tracking_supported
 from .volume_session import VolumeSession, autocast_for
 
 try:  # SAM2's optional CUDA extension, used for its small-hole filling post-processing
@@ -289,7 +290,7 @@ def propagate_volume(
     steps_run = 0
     static_run = 0
     marks: dict[str, float] = {}
-    with autocast_for(device, session.compute_dtype):
+    with autocast_for(device, session.compute_dtype), ExitStack() as borrowed:
         for cond_steps, group in groups.items():
             active = list(range(len(group)))
             od = {
@@ -305,16 +306,18 @@ def propagate_volume(
                     if tracker is None:
                         frames = [group[a].frame(1) for a in members]
                         feats = session.features(frames)
-                        tracker = StaticTracker(
-                            model,
-                            n,
-                            od["cond_frame_outputs"][0],
-                            session.stacked(frames),
-                            feats.vision_pos_embeds,
-                            feats.feat_sizes,
-                            device,
-                            session.compute_dtype,
-                            use_graphs=device.type == "cuda",
+                        tracker = borrowed.enter_context(
+                            borrowed_tracker(
+                                model,
+                                n,
+                                od["cond_frame_outputs"][0],
+                                session.stacked(frames),
+                                feats.vision_pos_embeds,
+                                feats.feat_sizes,
+                                device,
+                                session.compute_dtype,
+                                use_graphs=device.type == "cuda",
+                            )
                         )
                     if device.type != "cuda" and any(group[a].length < step for a in members):
                         # on the CPU finished passes leave the batch; a GPU keeps shapes static for its graphs

@@ -12,7 +12,11 @@ what ``SAM2Base.track_step`` computes (same modules, same token order, same posi
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from sam2.modeling.sam2_utils import get_1d_sine_pe
@@ -55,16 +59,28 @@ class StaticTracker:
         self.feat_sizes = feat_sizes
         self.num_ptrs = min(num_slices, model.max_obj_ptrs_in_encoder)
         self.levels = [torch.zeros_like(x, device=device) for x in levels_like]  # (B, C, H, W), filled per step
-        self.pos = [p.to(device).float() for p in pos_embeds]  # (HW, B, C), the same for every slice
+        self.pos = [p.to(device).float().clone() for p in pos_embeds]  # (HW, B, C), the same for every slice
         self.cond_mem = key_out["maskmem_features"].to(device, torch.bfloat16).clone()
         self.mem_pos = key_out["maskmem_pos_enc"][-1].to(device).float().clone()
         n_prev = model.num_maskmem - 1
         self.prev_mem = torch.zeros((n_prev, *self.cond_mem.shape), device=device, dtype=torch.bfloat16)
         self.ptrs = torch.zeros(self.num_ptrs, *key_out["obj_ptr"].shape, device=device)
-        self.ptrs[0].copy_(key_out["obj_ptr"])
         # temporal positions of the pointers: the key slice's (= the step) first, then 1, 2, ... steps back
-        self.ptr_pos = torch.arange(self.num_ptrs, dtype=torch.float32, device=device)
+        self.ptr_pos = torch.zeros(self.num_ptrs, dtype=torch.float32, device=device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self.in_use = threading.Lock()
+        self.reset(key_out, pos_embeds)
+
+    def reset(self, key_out: dict, pos_embeds: list[torch.Tensor]) -> None:
+        """Start new passes from a key-slice output, writing into the same buffers (graphs stay valid)."""
+        self.cond_mem.copy_(key_out["maskmem_features"])
+        self.mem_pos.copy_(key_out["maskmem_pos_enc"][-1])
+        for buf, p in zip(self.pos, pos_embeds, strict=True):
+            buf.copy_(p)
+        self.prev_mem.zero_()
+        self.ptrs.zero_()
+        self.ptrs[0].copy_(key_out["obj_ptr"])
+        self.ptr_pos.copy_(torch.arange(self.num_ptrs, dtype=torch.float32, device=self.device))
 
     @property
     def batch(self) -> int:
@@ -161,3 +177,57 @@ class StaticTracker:
         self.prev_mem = self.prev_mem.index_select(1, idx)
         self.ptrs = self.ptrs.index_select(1, idx)
         self._graphs.clear()
+
+
+# Captured graphs are worth keeping between requests: capturing ~16 of them costs more than the tracking.
+# Keyed by the model object (weakly: a reloaded model gets new graphs) and the batch's shapes.
+_TRACKERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TRACKERS_LOCK = threading.Lock()
+MAX_CACHED_TRACKERS = 4
+
+
+@contextmanager
+def borrowed_tracker(
+    model,
+    num_slices: int,
+    key_out: dict,
+    levels_like: list[torch.Tensor],
+    pos_embeds: list[torch.Tensor],
+    feat_sizes: list[tuple[int, int]],
+    device: torch.device,
+    compute_dtype: torch.dtype | None,
+    use_graphs: bool,
+) -> Iterator[StaticTracker]:
+    """A :class:`StaticTracker` for these shapes: a cached one (with its graphs) when free, else a new one."""
+    key = (
+        min(num_slices, model.max_obj_ptrs_in_encoder),
+        tuple((tuple(x.shape), x.dtype) for x in levels_like),
+        str(device),
+        compute_dtype,
+    )
+    tracker = None
+    if use_graphs:
+        with _TRACKERS_LOCK:
+            per_model = _TRACKERS.setdefault(model, OrderedDict())
+            cached = per_model.get(key)
+            if cached is not None and cached.in_use.acquire(blocking=False):
+                per_model.move_to_end(key)
+                tracker = cached
+    if tracker is not None:
+        tracker.reset(key_out, pos_embeds)
+    else:
+        tracker = StaticTracker(
+            model, num_slices, key_out, levels_like, pos_embeds, feat_sizes, device, compute_dtype, use_graphs
+        )
+        tracker.in_use.acquire()
+        if use_graphs:
+            with _TRACKERS_LOCK:
+                per_model = _TRACKERS.setdefault(model, OrderedDict())
+                if key not in per_model:
+                    per_model[key] = tracker
+                    while len(per_model) > MAX_CACHED_TRACKERS:
+                        per_model.popitem(last=False)
+    try:
+        yield tracker
+    finally:
+        tracker.in_use.release()

@@ -67,7 +67,8 @@ class MedSAM2(TaskConfig):
             labels=LabelMap(self.labels),
             max_voxels=_conf_int(conf, "max_voxels", 512 * 512 * 1200),
             encode_batch=_conf_int(conf, "encode_batch", 16 if device.type == "cuda" else 4),
-            feature_dtype=torch.float16 if device.type == "cuda" else torch.float32,
+            # the encoder's outputs are already in the compute dtype: storing them so loses nothing
+            feature_dtype=dtype or torch.float32,
         )
         self.segmenter = MedSAM2Segmenter(self.provider, settings, cache)
 
