@@ -135,3 +135,17 @@ def test_segmenter_sessions_are_isolated_between_users_and_images(model, frames,
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert all(np.array_equal(o, alone) for o in outs)
+
+
+def test_volume_over_the_size_limit_is_refused_before_loading(tmp_path):
+    import SimpleITK as sitk
+
+    from lib.prompts import PromptError
+    from lib.volume_io import load_image
+
+    path = tmp_path / "big.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((30, 40, 50), np.int16)), str(path))
+    with pytest.raises(PromptError) as err:
+        load_image(path, max_voxels=10_000)
+    assert err.value.status == 413 and "max_voxels" in str(err.value)
+    assert load_image(path, max_voxels=60_000).array.shape == (30, 40, 50)
