@@ -89,12 +89,21 @@ class MedSAM2App(MONAILabelApp):
         return trainers
 
     def init_strategies(self) -> dict[str, Strategy]:
-        return {"random": Random(), "first": First()}
+        strategies: dict[str, Strategy] = {"random": Random(), "first": First()}
+        for name, task_config in self.models.items():
+            extra = task_config.strategy()
+            strategies.update(extra if isinstance(extra, dict) else {name: extra} if extra else {})
+        return strategies
 
     def info(self) -> dict[str, Any]:
         meta = super().info()
         meta["checkpoints"] = {
-            name: {"name": c.checkpoint.name, "random_weights": c.checkpoint.is_random, "path": c.path}
+            name: {
+                "name": c.checkpoint.name,
+                "random_weights": c.checkpoint.is_random,
+                "path": c.path,
+                "serving": c.provider.source().name,
+            }
             for name, c in self.models.items()
             if hasattr(c, "checkpoint")
         }

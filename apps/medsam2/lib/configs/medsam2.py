@@ -12,6 +12,7 @@ from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from lib.checkpoints import DEFAULT_CHECKPOINT, ResolvedCheckpoint, ensure_checkpoint_file, resolve_checkpoint
+from lib.finetune import TrainSettings
 from lib.infers.medsam2 import MedSAM2Infer
 from lib.model_provider import ModelProvider, pick_device
 from lib.preprocessing import parse_window
@@ -33,7 +34,8 @@ def _conf_int(conf: dict[str, str], key: str, default: int) -> int:
 
 class MedSAM2(TaskConfig):
     """``--conf checkpoint``, ``window``, ``labels``, ``device``, ``precision``, ``max_sessions``,
-    ``max_session_gb``, ``max_voxels``, ``encode_batch``, ``model_config``."""
+    ``max_session_gb``, ``max_voxels``, ``encode_batch``, ``model_config``, ``finetuned_checkpoint``,
+    ``epochs``, ``train_parts``, ``loss``."""
 
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
@@ -57,7 +59,8 @@ class MedSAM2(TaskConfig):
             dtype = compute_dtype_for(device, conf.get("precision", "auto"))
         except ValueError as e:
             raise SystemExit(f"--conf precision: {e}") from None
-        self.provider = ModelProvider(self.checkpoint, device, dtype)
+        published = conf.get("finetuned_checkpoint") or os.path.join(model_dir, "medsam2_finetuned.pt")
+        self.provider = ModelProvider(self.checkpoint, device, dtype, _path(published))
         cache = SessionCache(
             max_sessions=_conf_int(conf, "max_sessions", 4),
             max_bytes=int(float(conf.get("max_session_gb", 6)) * (1 << 30)),
@@ -79,8 +82,24 @@ class MedSAM2(TaskConfig):
             f"{self.name}_3d": MedSAM2Infer(self.segmenter, 3, self.labels, info),
         }
 
+    def strategy(self):
+        from lib.activelearning.uncertainty import PropagationUncertainty
+
+        return {"medsam2_uncertainty": PropagationUncertainty(self.segmenter)}
+
     def trainer(self):
-        return None
+        from lib.trainers.medsam2 import MedSAM2Trainer
+
+        try:
+            defaults = TrainSettings(
+                epochs=_conf_int(self.conf, "epochs", 10),
+                train_parts=self.conf.get("train_parts", "no_image_encoder"),
+                loss=self.conf.get("loss", "sam2"),
+            )
+        except ValueError as e:
+            raise SystemExit(f"--conf: {e}") from None
+        stats = _path(os.path.join(self.model_dir, "train_stats_medsam2.json"))
+        return MedSAM2Trainer(self.provider, self.window, stats, defaults)
 
 
 def _path(p: str):
