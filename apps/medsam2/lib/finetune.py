@@ -49,8 +49,8 @@ class TrainSettings:
     val_fraction: float = 0.2
     nsd_tolerance_mm: float = 2.0
     p_box: float = 0.5  # else clicks (or, with p_mask, the mask)
-    p_mask: float = 0.1
-    p_correction: float = 0.5
+    p_mask: float = 0.0  # SAM2-style mask prompts: off by default, see README (they slowed learning here)
+    p_correction: float = 0.0  # a correction click on the prompt slice, likewise
     seed: int = 0
 
     def __post_init__(self):
