@@ -48,7 +48,7 @@ def test_training_from_random_weights_raises_held_out_propagated_dice(tmp_path):
         published.append((report.val_dice, path))
 
     settings = TrainSettings(
-        epochs=2, steps_per_epoch=30, clip_length=4, max_objects=2, lr=1e-3, grad_clip=1.0, p_box=1.0
+        epochs=2, steps_per_epoch=30, clip_length=4, max_objects=2, lr=3e-3, grad_clip=1.0, p_box=1.0
     )
     result = train(
         model, [study(s) for s in range(6)], [study(100), study(101)], settings, torch.device("cpu"), None, publish
@@ -98,7 +98,7 @@ def test_train_endpoint_publishes_weights_the_next_inference_uses(tmp_path):
         )
         assert before.status_code == 200, before.text
         assert "+finetuned" not in before.json()["model"]["checkpoint"]
-        options = {"epochs": 2, "steps_per_epoch": 15, "clip_length": 4, "lr": 1e-3, "grad_clip": 1.0, "p_box": 1.0}
+        options = {"epochs": 2, "steps_per_epoch": 20, "clip_length": 4, "lr": 3e-3, "grad_clip": 1.0, "p_box": 1.0}
         r = server.post("/train/medsam2", json=options)
         assert r.status_code == 200, r.text
         deadline = time.time() + 600
@@ -118,8 +118,9 @@ def test_train_endpoint_publishes_weights_the_next_inference_uses(tmp_path):
         assert after.status_code == 200, after.text
         assert after.json()["model"]["checkpoint"].endswith("+finetuned")  # reloaded without a restart
         assert server.get("/info/").json()["checkpoints"]["medsam2"]["serving"].endswith("+finetuned")
-        nxt = server.get("/activelearning/medsam2_uncertainty")
-        assert nxt.status_code == 200
+        nxt = server.post("/activelearning/medsam2_uncertainty", json={})
+        assert nxt.status_code == 200, nxt.text
+        assert nxt.json()["id"] == "case4"  # the only unlabelled study
     finally:
         stop_server(server)
     assert sitk.ReadImage(str(studies / "case0.nii.gz")).GetSize() == (48, 48, 20)

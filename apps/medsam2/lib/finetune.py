@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from .preprocessing import IntensityWindow, frames_to_model_input, resolve_window, to_uint8
 from .prompts import KeySlicePrompt
 from .propagation import propagate_volume
-from .volume_io import load_image
 from .volume_session import VolumeSession
 
 logger = logging.getLogger(__name__)
@@ -73,6 +72,8 @@ class Study:
 
 
 def load_study(name: str, image_path: str, label_path: str, window: IntensityWindow) -> Study:
+    from .volume_io import load_image  # SimpleITK: only needed for files
+
     image = load_image(image_path)
     label = load_image(label_path).array
     if label.shape != image.array.shape:
