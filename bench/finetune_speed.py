@@ -19,7 +19,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "apps" / "medsam2"))
 
-from lib.checkpoints import MEDSAM2_CONFIG, build_model  # noqa: E402
+from lib.checkpoints import MEDSAM2_CONFIG, build_model, image_size_overrides  # noqa: E402
 from lib.finetune import Study, TrainSettings, train  # noqa: E402
 from lib.volume_session import compute_dtype_for  # noqa: E402
 
@@ -57,14 +57,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     dtype = compute_dtype_for(device)
-    overrides = []
-    if args.image_size != 512:
-        fs = args.image_size // 16
-        overrides = [
-            f"model.image_size={args.image_size}",
-            f"model.memory_attention.layer.self_attention.feat_sizes=[{fs},{fs}]",
-            f"model.memory_attention.layer.cross_attention.feat_sizes=[{fs},{fs}]",
-        ]
+    overrides = image_size_overrides(args.image_size) if args.image_size != 512 else []
     torch.manual_seed(0)
     model = build_model(MEDSAM2_CONFIG, device, overrides)
     train_set = [generated_study(s, args.slices, args.size) for s in range(args.train_studies)]

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "apps" / "medsam2"))
 
 import sam2.sam2_video_predictor as stock_module  # noqa: E402
 
-from lib.checkpoints import MEDSAM2_CONFIG, build_model  # noqa: E402
+from lib.checkpoints import MEDSAM2_CONFIG, build_model, image_size_overrides  # noqa: E402
 from lib.preprocessing import frames_to_model_input, parse_window, to_uint8  # noqa: E402
 from lib.prompts import KeySlicePrompt  # noqa: E402
 from lib.propagation import propagate_volume  # noqa: E402
@@ -154,14 +154,7 @@ def main() -> None:
     device = torch.device(args.device)
     skip = set(filter(None, args.skip.split(",")))
     batch = args.encode_batch or (16 if device.type == "cuda" else 4)
-    overrides = []
-    if args.image_size != 512:
-        fs = args.image_size // 16
-        overrides = [
-            f"model.image_size={args.image_size}",
-            f"model.memory_attention.layer.self_attention.feat_sizes=[{fs},{fs}]",
-            f"model.memory_attention.layer.cross_attention.feat_sizes=[{fs},{fs}]",
-        ]
+    overrides = image_size_overrides(args.image_size) if args.image_size != 512 else []
     torch.manual_seed(0)
     model = build_model(MEDSAM2_CONFIG, device, overrides).eval()
     with torch.no_grad():  # random weights: make the object-score head say "present" so masks are not empty

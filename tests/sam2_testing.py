@@ -12,14 +12,10 @@ APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "medsam2"
 if str(APP_DIR) not in sys.path:
     sys.path.insert(0, str(APP_DIR))
 
-from lib.checkpoints import MEDSAM2_CONFIG, build_model  # noqa: E402
+from lib.checkpoints import MEDSAM2_CONFIG, build_model, image_size_overrides  # noqa: E402
 
 # hiera-t at 256x256 input: the MedSAM2 architecture at a quarter of the pixels, for CPU speed.
-SMALL_OVERRIDES = [
-    "model.image_size=256",
-    "model.memory_attention.layer.self_attention.feat_sizes=[16,16]",
-    "model.memory_attention.layer.cross_attention.feat_sizes=[16,16]",
-]
+SMALL_OVERRIDES = image_size_overrides(256)
 
 
 def object_present_bias(model: torch.nn.Module, bias: float = 4.0) -> torch.nn.Module:

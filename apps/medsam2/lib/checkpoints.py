@@ -159,6 +159,16 @@ def ensure_checkpoint_file(resolved: ResolvedCheckpoint, timeout: float = 30.0) 
         ) from e
 
 
+def image_size_overrides(image_size: int) -> list[str]:
+    """Config overrides for another input size (the memory attention's RoPE grid follows: size / 16)."""
+    grid = image_size // 16
+    return [
+        f"model.image_size={image_size}",
+        f"model.memory_attention.layer.self_attention.feat_sizes=[{grid},{grid}]",
+        f"model.memory_attention.layer.cross_attention.feat_sizes=[{grid},{grid}]",
+    ]
+
+
 def build_model(
     config: Path, device: str | torch.device = "cpu", extra_overrides: list[str] | None = None
 ) -> torch.nn.Module:

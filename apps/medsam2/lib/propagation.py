@@ -283,6 +283,17 @@ def propagate_volume(
     score_tensors: dict[str, dict[int, torch.Tensor]] = {name: {} for name in by_label}
     horizon = memory_horizon or max(model.num_maskmem, model.max_obj_ptrs_in_encoder) + 1
 
+    def record(step: int, batch: list[_Pass], masks: torch.Tensor, obj_scores: torch.Tensor) -> None:
+        """Keep each pass's logits for its slice at ``step`` (the key slice: the max of both passes)."""
+        masks = masks.to(torch.float16)  # a copy: graph outputs are overwritten by the next replay
+        for pos, p in enumerate(batch):
+            frame = p.frame(step)
+            if step > p.length or not (lo <= frame <= hi or step in p.cond):
+                continue
+            prev = logits[p.label].get(frame)
+            logits[p.label][frame] = masks[pos, 0] if prev is None else torch.maximum(prev, masks[pos, 0])
+            score_tensors[p.label][frame] = obj_scores[pos, 0]
+
     # Passes whose key slices sit at the same steps share a memory layout and run as one batch.
     groups: dict[frozenset, list[_Pass]] = {}
     for p in passes:
@@ -331,19 +342,9 @@ def propagate_volume(
                     if static_run == 0:
                         _sync(device)
                         marks["first_static_step_done"] = time.perf_counter()
-                    masks = masks.to(torch.float16)
-                    obj_scores = obj_scores.float().clone()
                     steps_run += 1
                     static_run += 1
-                    for pos, a in enumerate(members):
-                        p = group[a]
-                        if step > p.length:
-                            continue
-                        frame = p.frame(step)
-                        if not lo <= frame <= hi:
-                            continue
-                        logits[p.label][frame] = masks[pos, 0]
-                        score_tensors[p.label][frame] = obj_scores[pos, 0]
+                    record(step, [group[a] for a in members], masks, obj_scores.float().clone())
                     continue
                 still = [a for a in active if group[a].length >= step]
                 if len(still) < len(active):
@@ -373,15 +374,7 @@ def propagate_volume(
                     od["non_cond_frame_outputs"][step] = out
                     od["non_cond_frame_outputs"].pop(step - horizon, None)
                     steps_run += 1
-                masks = out["pred_masks"].to(torch.float16)
-                for pos, a in enumerate(active):
-                    p = group[a]
-                    frame = p.frame(step)
-                    if not (lo <= frame <= hi or step in p.cond):
-                        continue
-                    prev = logits[p.label].get(frame)
-                    logits[p.label][frame] = masks[pos, 0] if prev is None else torch.maximum(prev, masks[pos, 0])
-                    score_tensors[p.label][frame] = out["object_score_logits"][pos, 0]
+                record(step, [group[a] for a in active], out["pred_masks"], out["object_score_logits"])
     for name, per in score_tensors.items():
         if per:
             frames = sorted(per)
