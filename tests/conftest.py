@@ -91,6 +91,8 @@ def start_server(studies: Path, conf: dict[str, str], log: Path, timeout: float 
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     cmd = ["monailabel", "start_server", "--app", str(APP_DIR), "--studies", str(studies)]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    # never serve (or overwrite) a fine-tuned checkpoint lying in the app's model folder
+    conf = {"finetuned_checkpoint": str(log.parent / "finetuned.pt"), **conf}
     for k, v in conf.items():
         cmd += ["--conf", k, v]
     handle = open(log, "w")
