@@ -149,6 +149,15 @@ def segment_key_slice(
     return compact
 
 
+def compose_labels(lowres: torch.Tensor, values: Sequence[int], rows: int, cols: int) -> np.ndarray:
+    """The overlap rule: (F, L, h, w) per-label low-res logits -> (F, rows, cols) uint8 label values, each
+    voxel to the label with the highest upsampled logit among those > 0."""
+    up = F.interpolate(lowres.float(), size=(rows, cols), mode="bilinear", align_corners=False)
+    best, winner = up.max(dim=1)
+    table = torch.tensor(list(values), dtype=torch.uint8, device=winner.device)
+    return (table[winner] * (best > 0)).to(torch.uint8).cpu().numpy()
+
+
 def upsample_logits(lowres: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """(B, 1, h, w) logits -> (B, rows, cols) float32, as the stock predictor resizes to video size."""
     return F.interpolate(lowres.float(), size=(rows, cols), mode="bilinear", align_corners=False)[:, 0]
@@ -197,7 +206,7 @@ class PropagationResult:
         out = np.zeros((self.num_slices, self.rows, self.cols), dtype=np.uint8)
         labels = list(self.logits)
         frames = sorted({f for per in self.logits.values() for f in per})
-        values = torch.tensor([self.label_values[n] for n in labels], dtype=torch.uint8)
+        values = [self.label_values[n] for n in labels]
         for start in range(0, len(frames), chunk):
             part = frames[start : start + chunk]
             stacked = []
@@ -205,11 +214,7 @@ class PropagationResult:
                 per = self.logits[name]
                 ref = next(iter(per.values()))
                 stacked.append(torch.stack([per.get(f, torch.full_like(ref, -1e4)) for f in part]))
-            logits = torch.stack(stacked, dim=1)  # (F, L, h, w)
-            up = F.interpolate(logits.float(), size=(self.rows, self.cols), mode="bilinear", align_corners=False)
-            best, winner = up.max(dim=1)
-            labelled = values.to(winner.device)[winner] * (best > 0)
-            out[part] = labelled.to(torch.uint8).cpu().numpy()
+            out[part] = compose_labels(torch.stack(stacked, dim=1), values, self.rows, self.cols)
         return out
 
     def coverage(self) -> dict[str, dict]:

@@ -13,7 +13,7 @@ import torch
 from .model_provider import ModelProvider
 from .preprocessing import IntensityWindow, resolve_window, to_uint8
 from .prompts import AXIS_NAMES, KeySlicePrompt, LabelMap, ParsedRequest, PromptError, parse_axis, parse_request
-from .propagation import propagate_volume, segment_key_slice, upsample_logits
+from .propagation import compose_labels, propagate_volume, segment_key_slice
 from .volume_io import LoadedImage, load_image
 from .volume_session import SessionCache, VolumeSession, frames_along_axis, frames_to_volume
 
@@ -59,6 +59,28 @@ class MedSAM2Segmenter:
         self.settings = settings
         self.cache = cache
 
+    def open_image(
+        self, image_path: str, axis: int, model: torch.nn.Module, timings: dict[str, float] | None = None
+    ) -> ImageSession:
+        """Read an image (size limit applied), window it and wrap it for the model: nothing encoded yet."""
+        t1 = time.perf_counter()
+        image = load_image(image_path, self.settings.max_voxels)
+        t2 = time.perf_counter()
+        window = resolve_window(self.settings.window, image.array)
+        frames = frames_along_axis(to_uint8(image.array, window), axis)
+        volume = VolumeSession(
+            frames,
+            model,
+            self.provider.device,
+            self.provider.compute_dtype,
+            self.settings.feature_dtype,
+            self.settings.encode_batch,
+        )
+        if timings is not None:
+            timings["load"] = round(t2 - t1, 4)
+            timings["preprocess"] = round(time.perf_counter() - t2, 4)
+        return ImageSession(volume, image, window)
+
     def _session(
         self, image_path: str, request: dict[str, Any], axis: int
     ) -> tuple[ImageSession, bool, dict[str, float], tuple]:
@@ -74,25 +96,7 @@ class MedSAM2Segmenter:
         user = str(request.get("annotation_session") or request.get("client_id") or "default")
         key = (os.path.realpath(image_path), stamp, user, axis, self.settings.window, version)
 
-        def build() -> ImageSession:
-            t1 = time.perf_counter()
-            image = load_image(image_path, self.settings.max_voxels)
-            t2 = time.perf_counter()
-            window = resolve_window(self.settings.window, image.array)
-            frames = frames_along_axis(to_uint8(image.array, window), axis)
-            volume = VolumeSession(
-                frames,
-                model,
-                self.provider.device,
-                self.provider.compute_dtype,
-                self.settings.feature_dtype,
-                self.settings.encode_batch,
-            )
-            timings["load"] = round(t2 - t1, 4)
-            timings["preprocess"] = round(time.perf_counter() - t2, 4)
-            return ImageSession(volume, image, window)
-
-        session, created = self.cache.get_or_create(key, build)
+        session, created = self.cache.get_or_create(key, lambda: self.open_image(image_path, axis, model, timings))
         return session, not created, timings, key
 
     def _common_json(self, session: ImageSession, parsed: ParsedRequest, reused: bool) -> dict[str, Any]:
@@ -125,10 +129,8 @@ class MedSAM2Segmenter:
             logits = [segment_key_slice(volume, p)["pred_masks"] for p in parsed.prompts]
             t3 = time.perf_counter()
         self.cache.update_size(key)
-        up = upsample_logits(torch.cat(logits), rows, cols)
-        best, winner = up.max(dim=0)
-        values = torch.tensor([p.label_value for p in parsed.prompts], dtype=torch.uint8)
-        slice_label = (values[winner.cpu()] * (best.cpu() > 0)).numpy().astype(np.uint8)
+        values = [p.label_value for p in parsed.prompts]
+        slice_label = compose_labels(torch.cat(logits, dim=1), values, rows, cols)[0]
         label = np.zeros(image.array.shape, dtype=np.uint8)
         label[index] = slice_label
         result = self._common_json(session, parsed, reused)

@@ -9,11 +9,8 @@ from typing import Any
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.preprocessing import resolve_window, to_uint8
 from lib.segmenter import MedSAM2Segmenter
 from lib.uncertainty import propagation_uncertainty
-from lib.volume_io import load_image
-from lib.volume_session import VolumeSession
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +31,8 @@ class PropagationUncertainty(Strategy):
         model, version = provider.get()
         key = (image_path, version)
         if key not in self._scores:
-            image = load_image(image_path, self.segmenter.settings.max_voxels)
-            frames = to_uint8(image.array, resolve_window(self.segmenter.settings.window, image.array))
-            session = VolumeSession(frames, model, provider.device, provider.compute_dtype)
-            self._scores[key] = propagation_uncertainty(session)
+            session = self.segmenter.open_image(image_path, axis=2, model=model)
+            self._scores[key] = propagation_uncertainty(session.volume)
         return self._scores[key]
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
