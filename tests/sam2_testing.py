@@ -40,3 +40,17 @@ def blob_volume(shape=(24, 64, 80), center=None, radius=10.0, seed: int = 0) -> 
     vol = 40.0 + rng.normal(0, 15, shape).astype(np.float32)
     vol[r <= 1.0] += 200.0
     return vol.astype(np.int16)
+
+
+class FixedModelProvider:
+    """Stands in for lib.model_provider.ModelProvider: always serves ``model`` on the CPU in fp32."""
+
+    checkpoint = type("Checkpoint", (), {"name": "random", "is_random": True})()
+    device = torch.device("cpu")
+    compute_dtype = None
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def get(self) -> tuple[torch.nn.Module, int]:
+        return self.model, 1

@@ -6,14 +6,13 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
 from lib.preprocessing import parse_window, to_uint8
 from lib.prompts import KeySlicePrompt, LabelMap
 from lib.propagation import propagate_volume
 from lib.segmenter import MedSAM2Segmenter, SegmenterSettings
 from lib.volume_session import SessionCache, VolumeSession, frames_along_axis, frames_to_volume
-from sam2_testing import blob_volume, small_model
+from sam2_testing import FixedModelProvider, blob_volume, small_model
 
 
 @pytest.fixture(scope="module")
@@ -89,21 +88,12 @@ def test_session_cache_lru_and_byte_cap(model, frames):
 def test_segmenter_sessions_are_isolated_between_users_and_images(model, frames, tmp_path):
     import SimpleITK as sitk
 
-    class Provider:
-        checkpoint = type("C", (), {"name": "random", "is_random": True})()
-        device = torch.device("cpu")
-        compute_dtype = None
-
-        def get(self):
-            return model, 1
-
     for name in ("one", "two"):
         sitk.WriteImage(
             sitk.GetImageFromArray(blob_volume((12, 40, 48), radius=8.0, seed=3)), str(tmp_path / f"{name}.nii.gz")
         )
-    seg = MedSAM2Segmenter(
-        Provider(), SegmenterSettings(parse_window("abdomen"), LabelMap({"lesion": 1, "organ": 2})), SessionCache(8)
-    )
+    settings = SegmenterSettings(parse_window("abdomen"), LabelMap({"lesion": 1, "organ": 2}))
+    seg = MedSAM2Segmenter(FixedModelProvider(model), settings, SessionCache(8))
     one, two = str(tmp_path / "one.nii.gz"), str(tmp_path / "two.nii.gz")
     req_a = {"client_id": "alice", "label": "lesion", "roi": [8, 36, 8, 30, 5, 5]}
     alone, res_alone, _ = seg.segment_3d(one, dict(req_a))

@@ -186,6 +186,48 @@ def parse_axis(value: Any) -> int:
     return AXES[name]
 
 
+@dataclass(frozen=True)
+class StopOptions:
+    """A request's overrides of the stop rule (None: the server's default)."""
+
+    enabled: bool | None = None
+    min_object_score: float | None = None
+    patience: int | None = None
+
+
+def parse_flag(value: Any, what: str) -> bool | None:
+    """true/false, 1/0, yes/no, on/off (as JSON or text); None when not given."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise PromptError(f"{what} must be true or false, got {value!r}.")
+
+
+def parse_stop_options(request: dict[str, Any]) -> StopOptions:
+    """``stop_rule`` (true/false), ``stop_min_object_score`` (a logit), ``stop_patience`` (slices, 1-1000)."""
+    score = request.get("stop_min_object_score")
+    patience = request.get("stop_patience")
+    if patience not in (None, ""):
+        patience = _int_index(patience, "stop_patience")
+        if not 1 <= patience <= 1000:
+            raise PromptError(f"stop_patience must be between 1 and 1000 slices, got {patience}.")
+    if score not in (None, ""):
+        score = _number(score, "stop_min_object_score")
+        if abs(score) > 100:
+            raise PromptError(f"stop_min_object_score is a logit between -100 and 100, got {score}.")
+    return StopOptions(
+        parse_flag(request.get("stop_rule"), "stop_rule"),
+        None if score in (None, "") else score,
+        None if patience in (None, "") else patience,
+    )
+
+
 def parse_request(
     request: dict[str, Any], volume_shape_kji: Sequence[int], labels: LabelMap, dimension: int
 ) -> ParsedRequest:

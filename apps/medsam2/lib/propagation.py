@@ -59,6 +59,29 @@ def point_inputs_for(prompt: KeySlicePrompt, rows: int, cols: int, image_size: i
     }
 
 
+def _track_step_with_iou(model, run_mem_encoder: bool, **step_inputs) -> dict:
+    """``SAM2Base.track_step``, keeping the predicted IoU of the chosen mask (``iou``) that track_step drops."""
+    out, sam_outputs, _, _ = model._track_step(**step_inputs)
+    _, _, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits = sam_outputs
+    out.update(
+        pred_masks=low_res_masks,
+        pred_masks_high_res=high_res_masks,
+        obj_ptr=obj_ptr,
+        object_score_logits=object_score_logits,
+        iou=ious.max(dim=-1).values,  # the mask SAM2 picks is the one with the highest predicted IoU
+    )
+    model._encode_memory_in_output(
+        step_inputs["current_vision_feats"],
+        step_inputs["feat_sizes"],
+        step_inputs["point_inputs"],
+        run_mem_encoder,
+        high_res_masks,
+        object_score_logits,
+        out,
+    )
+    return out
+
+
 def _compact(model, out: dict) -> dict:
     """The parts of a step's output that later steps need, as the stock predictor keeps them."""
     pred = out["pred_masks"]
@@ -71,6 +94,7 @@ def _compact(model, out: dict) -> dict:
         "pred_masks": pred,
         "obj_ptr": out["obj_ptr"],
         "object_score_logits": out["object_score_logits"],
+        "iou": out["iou"],
     }
 
 
@@ -115,7 +139,8 @@ def segment_key_slice(
     _, rows, cols = session.frames.shape
     with autocast_for(session.device, session.compute_dtype):
         feats = session.features([prompt.slice_index])
-        out = model.track_step(
+        out = _track_step_with_iou(
+            model,
             frame_idx=prompt.slice_index,
             is_init_cond_frame=True,
             current_vision_feats=feats.vision_feats,
@@ -123,11 +148,11 @@ def segment_key_slice(
             feat_sizes=feats.feat_sizes,
             point_inputs=point_inputs_for(prompt, rows, cols, session.image_size, session.device),
             mask_inputs=None,
-            output_dict=_empty_output_dict(),
             num_frames=session.num_slices,
             track_in_reverse=False,
             run_mem_encoder=False,
             prev_sam_mask_logits=prev_mask_logits,
+            output_dict=_empty_output_dict(),
         )
         compact = _compact(model, out)
         if encode_memory:
@@ -172,18 +197,44 @@ class _Pass:
     origin: int
     length: int  # last step (inclusive)
     cond: dict[int, dict]  # step -> conditioning output (batch 1)
+    unchecked: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step, object score) for the rule
+    low_run: int = 0  # consecutive slices with a low object score so far
 
     def frame(self, step: int) -> int:
         return self.origin + self.sign * step
 
 
+@dataclass(frozen=True)
+class StopRule:
+    """End a propagation pass once SAM2's object score stays below ``min_object_score`` (a logit: 0 is
+    probability 0.5) for ``patience`` consecutive slices past the label's last key slice in that direction;
+    those slices and the rest of the volume that way stay empty for the label."""
+
+    min_object_score: float = 0.0
+    patience: int = 3
+
+    def __post_init__(self):
+        if self.patience < 1:
+            raise ValueError("the stop rule's patience must be at least 1 slice")
+
+
+def _prev_mask(mask_inputs: dict | None, prompt: KeySlicePrompt, device) -> torch.Tensor | None:
+    if not mask_inputs or (prompt.label, prompt.slice_index) not in mask_inputs:
+        return None
+    logits = mask_inputs[(prompt.label, prompt.slice_index)].float().to(device)
+    return logits.clamp(-32.0, 32.0)[None, None]  # SAM2's demo clamps a previous mask the same way
+
+
 @dataclass
 class PropagationResult:
-    """Low-resolution logits per label per slice, plus what was done and how long it took."""
+    """Low-resolution logits per label per slice, SAM2's per-slice signals, and what was done and how fast."""
 
     logits: dict[str, dict[int, torch.Tensor]]  # label -> slice -> (h, w) logits
-    object_scores: dict[str, dict[int, float]]
+    object_scores: dict[str, dict[int, float]]  # label -> slice -> object score logit
+    predicted_iou: dict[str, dict[int, float]]  # label -> slice -> SAM2's predicted IoU of its mask
     label_values: dict[str, int]
+    key_slices: dict[str, list[int]]
+    stopped: dict[str, dict[str, int]]  # label -> direction -> first slice left empty by the stop rule
     rows: int
     cols: int
     num_slices: int
@@ -227,6 +278,7 @@ class PropagationResult:
                 "num_slices_propagated": len(per),
                 "slices_with_mask": [nonempty[0], nonempty[-1]] if nonempty else None,
                 "num_slices_with_mask": len(nonempty),
+                "stopped_at": dict(self.stopped.get(name, {})),
             }
         return cov
 
@@ -243,12 +295,16 @@ def propagate_volume(
     slice_range: tuple[int, int] | None = None,
     memory_horizon: int | None = None,
     steady: bool = True,
+    stop_rule: StopRule | None = None,
+    mask_inputs: dict[tuple[str, int], torch.Tensor] | None = None,
 ) -> PropagationResult:
     """Segment every label's key slices and propagate them through ``slice_range`` (inclusive; default all).
 
     All labels and both directions run as batched ``track_step`` calls; see the module docstring.
     Passes from a single key slice run their steps from static buffers (``steady``), replayed as CUDA graphs
     on a GPU; ``steady=False`` keeps every step on the stock ``track_step`` path.
+    ``stop_rule`` ends a pass where the object has ended (see :class:`StopRule`); ``mask_inputs`` gives a
+    prompt's previous mask logits (h, w) by (label, slice), refined by its clicks as SAM2's demo does.
     """
     if not prompts:
         raise ValueError("no prompts")
@@ -275,7 +331,12 @@ def propagate_volume(
     # Conditioning outputs on each key slice (per label: each prompt has its own number of points).
     passes: list[_Pass] = []
     for label, items in by_label.items():
-        cond = {p.slice_index: segment_key_slice(session, p, encode_memory=True) for p in items}
+        cond = {
+            p.slice_index: segment_key_slice(
+                session, p, encode_memory=True, prev_mask_logits=_prev_mask(mask_inputs, p, device)
+            )
+            for p in items
+        }
         first, last = min(cond), max(cond)
         fwd_len = max(hi, last) - first
         bwd_len = last - min(lo, first)
@@ -284,13 +345,18 @@ def propagate_volume(
     t_cond = time.perf_counter()
 
     logits: dict[str, dict[int, torch.Tensor]] = {name: {} for name in by_label}
-    scores: dict[str, dict[int, float]] = {name: {} for name in by_label}
     score_tensors: dict[str, dict[int, torch.Tensor]] = {name: {} for name in by_label}
+    iou_tensors: dict[str, dict[int, torch.Tensor]] = {name: {} for name in by_label}
+    stopped: dict[str, dict[str, int]] = {name: {} for name in by_label}
     horizon = memory_horizon or max(model.num_maskmem, model.max_obj_ptrs_in_encoder) + 1
+    # object scores are read on the host every few steps, not every step (a GPU would stall on each read)
+    check_every = 1 if device.type != "cuda" or stop_rule is None else stop_rule.patience
 
-    def record(step: int, batch: list[_Pass], masks: torch.Tensor, obj_scores: torch.Tensor) -> None:
+    def record(step: int, batch: list[_Pass], masks: torch.Tensor, obj_scores: torch.Tensor, ious: torch.Tensor):
         """Keep each pass's logits for its slice at ``step`` (the key slice: the max of both passes)."""
         masks = masks.to(torch.float16)  # a copy: graph outputs are overwritten by the next replay
+        obj_scores = obj_scores.float().clone()
+        ious = ious.float().clone()
         for pos, p in enumerate(batch):
             frame = p.frame(step)
             if step > p.length or not (lo <= frame <= hi or step in p.cond):
@@ -298,6 +364,32 @@ def propagate_volume(
             prev = logits[p.label].get(frame)
             logits[p.label][frame] = masks[pos, 0] if prev is None else torch.maximum(prev, masks[pos, 0])
             score_tensors[p.label][frame] = obj_scores[pos, 0]
+            iou_tensors[p.label][frame] = ious[pos]
+            if stop_rule is not None and step > max(p.cond):
+                p.unchecked.append((step, obj_scores[pos, 0]))
+
+    def apply_stop_rule(batch: list[_Pass]) -> None:
+        """End passes whose object score stayed low for ``patience`` slices; empty their slices from there on."""
+        waiting = [p for p in batch if p.unchecked]
+        if not waiting:
+            return
+        values = torch.stack([v for p in waiting for _, v in p.unchecked]).cpu().tolist()
+        at = 0
+        for p in waiting:
+            for step, _ in p.unchecked:
+                low = values[at] < stop_rule.min_object_score
+                at += 1
+                if p.length < step:
+                    continue
+                p.low_run = p.low_run + 1 if low else 0
+                if p.low_run >= stop_rule.patience:
+                    first_empty = step - p.low_run + 1
+                    for s in range(first_empty, step + 1):
+                        for per in (logits, score_tensors, iou_tensors):
+                            per[p.label].pop(p.frame(s), None)
+                    p.length = first_empty - 1
+                    stopped[p.label]["forward" if p.sign > 0 else "backward"] = p.frame(first_empty)
+            p.unchecked.clear()
 
     # Passes whose key slices sit at the same steps share a memory layout and run as one batch.
     groups: dict[frozenset, list[_Pass]] = {}
@@ -318,6 +410,10 @@ def propagate_volume(
             tracker: StaticTracker | None = None
             members = list(active)
             for step in range(0, max_len + 1):
+                if stop_rule is not None and step % check_every == 0:
+                    apply_stop_rule(group)
+                if all(p.length < step for p in group):
+                    break  # every pass has ended (the stop rule can end them early)
                 if static and step >= 1:
                     if tracker is None:
                         frames = [group[a].frame(1) for a in members]
@@ -343,13 +439,13 @@ def propagate_volume(
                     # finished passes (GPU) keep computing on their last slice; their output is dropped
                     frames = [group[a].frame(min(step, group[a].length)) for a in members]
                     session.gather(frames, tracker.levels)
-                    masks, obj_scores = tracker.step(step)
+                    masks, obj_scores, ious = tracker.step(step)
                     if static_run == 0:
                         _sync(device)
                         marks["first_static_step_done"] = time.perf_counter()
                     steps_run += 1
                     static_run += 1
-                    record(step, [group[a] for a in members], masks, obj_scores.float().clone())
+                    record(step, [group[a] for a in members], masks, obj_scores, ious)
                     continue
                 still = [a for a in active if group[a].length >= step]
                 if len(still) < len(active):
@@ -362,7 +458,8 @@ def propagate_volume(
                 else:
                     frames = [group[a].frame(step) for a in active]
                     feats = session.features(frames)
-                    raw = model.track_step(
+                    raw = _track_step_with_iou(
+                        model,
                         frame_idx=step,
                         is_init_cond_frame=False,
                         current_vision_feats=feats.vision_feats,
@@ -374,17 +471,15 @@ def propagate_volume(
                         num_frames=n,
                         track_in_reverse=False,
                         run_mem_encoder=True,
+                        prev_sam_mask_logits=None,
                     )
                     out = _compact(model, raw)
                     od["non_cond_frame_outputs"][step] = out
                     od["non_cond_frame_outputs"].pop(step - horizon, None)
                     steps_run += 1
-                record(step, [group[a] for a in active], out["pred_masks"], out["object_score_logits"])
-    for name, per in score_tensors.items():
-        if per:
-            frames = sorted(per)
-            values = torch.stack([per[f] for f in frames]).float().cpu().tolist()
-            scores[name] = dict(zip(frames, values, strict=False))
+                record(step, [group[a] for a in active], out["pred_masks"], out["object_score_logits"], out["iou"])
+            if stop_rule is not None:
+                apply_stop_rule(group)
     _sync(device)
     t_track = time.perf_counter()
     detail = {}
@@ -395,8 +490,11 @@ def propagate_volume(
         }
     return PropagationResult(
         logits=logits,
-        object_scores=scores,
+        object_scores=_to_host(score_tensors),
+        predicted_iou=_to_host(iou_tensors),
         label_values=label_values,
+        key_slices={name: sorted({p.slice_index for p in items}) for name, items in by_label.items()},
+        stopped=stopped,
         rows=rows,
         cols=cols,
         num_slices=n,
@@ -409,3 +507,13 @@ def propagate_volume(
         steps=steps_run,
         static_steps=static_run,
     )
+
+
+def _to_host(per_label: dict[str, dict[int, torch.Tensor]]) -> dict[str, dict[int, float]]:
+    """Scalar tensors per label and slice -> floats, in one transfer per label."""
+    out: dict[str, dict[int, float]] = {}
+    for name, per in per_label.items():
+        frames = sorted(per)
+        values = torch.stack([per[f] for f in frames]).float().cpu().tolist() if frames else []
+        out[name] = dict(zip(frames, values, strict=True))
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -10,12 +11,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from .confidence import check_hint, slice_confidence, slices_to_check
 from .model_provider import ModelProvider
 from .preprocessing import IntensityWindow, resolve_window, to_uint8
-from .prompts import AXIS_NAMES, KeySlicePrompt, LabelMap, ParsedRequest, PromptError, parse_axis, parse_request
-from .propagation import compose_labels, propagate_volume, segment_key_slice
+from .prompts import (
+    AXIS_NAMES,
+    KeySlicePrompt,
+    LabelMap,
+    ParsedRequest,
+    PromptError,
+    parse_axis,
+    parse_flag,
+    parse_request,
+    parse_stop_options,
+)
+from .propagation import StopRule, compose_labels, propagate_volume, segment_key_slice
 from .volume_io import LoadedImage, load_image
-from .volume_session import SessionCache, VolumeSession, frames_along_axis, frames_to_volume
+from .volume_session import SessionCache, VolumeSession, frames_along_axis, frames_to_volume, tensor_bytes
 
 
 @dataclass
@@ -27,6 +39,8 @@ class SegmenterSettings:
     max_voxels: int | None = 512 * 512 * 1200
     encode_batch: int = 8
     feature_dtype: torch.dtype = torch.float32
+    stop_rule: StopRule | None = None  # the default for 3D requests; a request can turn it on or off
+    slices_to_check: int = 5
 
 
 @dataclass
@@ -38,17 +52,37 @@ class ImageSession:
     window: IntensityWindow
     prompts: dict[tuple[str, int], KeySlicePrompt] = field(default_factory=dict)
     label_ranges: dict[str, tuple[int, int] | None] = field(default_factory=dict)
+    # the last propagation's low-res logits, and the mask each correction prompt refines
+    last_logits: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    prompt_masks: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
     @property
     def lock(self):
         return self.volume.lock
 
     def nbytes(self) -> int:
-        return self.volume.nbytes() + int(self.image.array.nbytes)
+        masks = [t for per in self.last_logits.values() for t in per.values()] + list(self.prompt_masks.values())
+        return self.volume.nbytes() + int(self.image.array.nbytes) + tensor_bytes(masks)
 
-
-def _truthy(value: Any) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on") if value is not None else False
+    def add_prompts(self, prompts: list[KeySlicePrompt], correction: bool) -> None:
+        """A request's prompts replace those of the labels they name; a correction adds to them instead,
+        merging clicks into a prompt already on that slice and refining the slice's last mask."""
+        named = {p.label for p in prompts}
+        if not correction:
+            self.prompts = {k: v for k, v in self.prompts.items() if k[0] not in named}
+            self.prompt_masks = {k: v for k, v in self.prompt_masks.items() if k[0] not in named}
+        for new in prompts:
+            key = (new.label, new.slice_index)
+            old = self.prompts.get(key)
+            merged = new
+            if correction and old is not None and new.box is None:
+                points = old.points + new.points
+                merged = dataclasses.replace(old, points=points, point_labels=old.point_labels + new.point_labels)
+            self.prompts[key] = merged
+            self.prompt_masks.pop(key, None)
+            previous_mask = self.last_logits.get(new.label, {}).get(new.slice_index)
+            if correction and new.box is None and previous_mask is not None:
+                self.prompt_masks[key] = previous_mask
 
 
 class MedSAM2Segmenter:
@@ -98,6 +132,19 @@ class MedSAM2Segmenter:
 
         session, created = self.cache.get_or_create(key, lambda: self.open_image(image_path, axis, model, timings))
         return session, not created, timings, key
+
+    def _stop_rule(self, request: dict[str, Any]) -> StopRule | None:
+        """The server's default stop rule with the request's overrides applied."""
+        options = parse_stop_options(request)
+        default = self.settings.stop_rule
+        enabled = options.enabled if options.enabled is not None else default is not None
+        if not enabled:
+            return None
+        base = default or StopRule()
+        return StopRule(
+            base.min_object_score if options.min_object_score is None else options.min_object_score,
+            base.patience if options.patience is None else options.patience,
+        )
 
     def _common_json(self, session: ImageSession, parsed: ParsedRequest, reused: bool) -> dict[str, Any]:
         ckpt = self.provider.checkpoint
@@ -154,29 +201,44 @@ class MedSAM2Segmenter:
         if session.volume.num_slices < 2:
             raise PromptError("This image has a single slice: use the 2D model (medsam2_2d) for 2D images.")
         parsed = parse_request(request, image.array.shape, self.settings.labels, dimension=3)
+        stop_rule = self._stop_rule(request)
+        correction = bool(parse_flag(request.get("correction"), "correction"))
         with session.lock:
-            if _truthy(request.get("reset_state")):
+            if parse_flag(request.get("reset_state"), "reset_state"):
                 session.prompts.clear()
-            named = {p.label for p in parsed.prompts}
-            session.prompts = {k: v for k, v in session.prompts.items() if k[0] not in named}
-            for p in parsed.prompts:
-                session.prompts[(p.label, p.slice_index)] = p
-            for name in named:
-                session.label_ranges[name] = parsed.slice_range
+                session.prompt_masks.clear()
+                session.last_logits = {}
+            session.add_prompts(parsed.prompts, correction)
+            for name in {p.label for p in parsed.prompts}:
+                if not (correction and name in session.label_ranges):
+                    session.label_ranges[name] = parsed.slice_range
             prompts = list(session.prompts.values())
-            result = propagate_volume(session.volume, prompts, _union_range(session.label_ranges))
+            result = propagate_volume(
+                session.volume,
+                prompts,
+                _union_range(session.label_ranges),
+                stop_rule=stop_rule,
+                mask_inputs=session.prompt_masks,
+            )
+            session.last_logits = result.logits
         self.cache.update_size(key)
         t1 = time.perf_counter()
         frames = result.label_frames()
         label = frames_to_volume(frames, axis)
+        confidence = slice_confidence(result)
+        to_check = slices_to_check(result, confidence, count=self.settings.slices_to_check)
         t2 = time.perf_counter()
         out = self._common_json(session, parsed, reused)
         out["prompts_in_session"] = [p.as_json(axis) for p in prompts]
         out["axis"] = AXIS_NAMES[axis]
         out["coverage"] = result.coverage()
-        out["object_scores"] = {
-            k: {str(f): round(v, 3) for f, v in per.items()} for k, per in result.object_scores.items()
-        }
+        out["correction"] = correction
+        out["stop_rule"] = None if stop_rule is None else dataclasses.asdict(stop_rule)
+        out["confidence"] = _per_slice_json(confidence)
+        out["object_scores"] = _per_slice_json(result.object_scores)
+        out["predicted_iou"] = _per_slice_json(result.predicted_iou)
+        out["check_slices"] = {name: [p.as_json() for p in picks] for name, picks in to_check.items()}
+        out["hint"] = check_hint(to_check)
         out["latencies"] = {
             **timings,
             **result.latencies,
@@ -185,6 +247,10 @@ class MedSAM2Segmenter:
         }
         out["slices_per_second"] = round(result.num_slices * len(result.logits) / max(t2 - t0, 1e-9), 2)
         return label, out, image.reference
+
+
+def _per_slice_json(per_label: dict[str, dict[int, float]]) -> dict[str, dict[str, float]]:
+    return {name: {str(f): round(v, 3) for f, v in sorted(per.items())} for name, per in per_label.items()}
 
 
 def _union_range(ranges: dict[str, tuple[int, int] | None]) -> tuple[int, int] | None:

@@ -126,9 +126,10 @@ class StaticTracker:
             high_res_features=high_res,
             multimask_output=model._use_multimask(False, None),
         )
-        _, _, _, low_res_masks, high_res_masks, obj_ptr, object_score_logits = outs
+        _, _, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits = outs
         new_mem, _ = model._encode_new_memory(feats, self.feat_sizes, high_res_masks, object_score_logits, False)
-        return low_res_masks, obj_ptr, object_score_logits, new_mem.to(torch.bfloat16)
+        best_iou = ious.max(dim=-1).values  # of the mask SAM2 picks
+        return low_res_masks, obj_ptr, object_score_logits, best_iou, new_mem.to(torch.bfloat16)
 
     def _autocast(self):
         if self.compute_dtype is None:
@@ -148,24 +149,25 @@ class StaticTracker:
             self._graphs[key] = (graph, outputs)
         return self._graphs[key]
 
-    def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Track one step (features already in ``levels``) and roll the memory forward.
 
-        Returns (low-res mask logits (B, 1, h, w), object score logits (B, 1)); valid until the next call.
+        Returns (low-res mask logits (B, 1, h, w), object score logits (B, 1), predicted IoU (B,));
+        valid until the next call.
         """
         key = (min(step - 1, self.prev_mem.shape[0]), min(step - 1, self.num_ptrs - 1))
         self.ptr_pos[:1].fill_(float(step))  # a kernel argument, not a host-to-device copy (no sync)
         if self.use_graphs:
             graph, outputs = self._graph_for(key)
             graph.replay()
-            masks, obj_ptr, scores, new_mem = outputs
+            masks, obj_ptr, scores, ious, new_mem = outputs
         else:
             with self._autocast():
-                masks, obj_ptr, scores, new_mem = self._forward(*key)
+                masks, obj_ptr, scores, ious, new_mem = self._forward(*key)
         self.prev_mem.copy_(torch.cat([self.prev_mem[1:], new_mem[None]]))
         if self.num_ptrs > 1:
             self.ptrs[1:].copy_(torch.cat([obj_ptr[None].float(), self.ptrs[1:-1]]))
-        return masks, scores
+        return masks, scores, ious
 
     def keep(self, positions: list[int]) -> None:
         """Drop finished passes from the batch (re-capturing graphs later, so meant for the CPU)."""

@@ -45,6 +45,11 @@ def compute_dtype_for(device: torch.device, precision: str = "auto") -> torch.dt
     return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
+def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes held by these tensors (for the session cache's accounting)."""
+    return int(sum(t.numel() * t.element_size() for t in tensors))
+
+
 def frames_along_axis(volume_u8_kji: np.ndarray, axis: int) -> np.ndarray:
     """(k, j, i) uint8 volume -> frames (n, rows, cols) cut along IJK ``axis`` (a view when possible)."""
     if axis == 2:
