@@ -70,12 +70,42 @@ def test_sagittal_axis(server, studies):
     assert label.GetSize() == sitk.ReadImage(str(studies / "ct_blob.nii.gz")).GetSize()
 
 
+def test_guidance_stop_rule_and_a_correction_through_the_server(server):
+    params = {"prompts": [{"label": "lesion", "slice": 8, "box": [30, 20, 70, 60]}], "client_id": "guide"}
+    r = infer(server, "medsam2_3d", "ct_blob", params)
+    assert r.status_code == 200, r.text
+    _, result = split_multipart(r)
+    assert set(result["confidence"]["lesion"]) == {str(k) for k in range(16)}
+    assert all(0 <= v <= 1 for v in result["confidence"]["lesion"].values())
+    picks = result["check_slices"]["lesion"]
+    assert picks and all(p["slice"] != 8 and p["reason"] for p in picks) and "lesion: slices" in result["hint"]
+    # the user corrects the first slice worth checking: it joins the session's key slices and all re-propagates
+    fix = {"prompts": [{"label": "lesion", "slice": picks[0]["slice"], "foreground": [[50, 40]]}]}
+    r = infer(server, "medsam2_3d", "ct_blob", {**fix, "correction": True, "client_id": "guide"})
+    assert r.status_code == 200, r.text
+    _, corrected = split_multipart(r)
+    assert sorted(p["slice"] for p in corrected["prompts_in_session"]) == sorted({8, picks[0]["slice"]})
+    assert corrected["session"]["reused"] and corrected["coverage"]["lesion"]["num_slices_propagated"] == 16
+    # the stop rule, turned on by the request: a threshold no slice reaches ends both passes after 2 slices
+    stop = {**params, "stop_rule": True, "stop_min_object_score": 100, "stop_patience": 2}
+    r = infer(server, "medsam2_3d", "ct_blob", stop)
+    assert r.status_code == 200, r.text
+    label, stopped = split_multipart(r)
+    assert stopped["coverage"]["lesion"]["stopped_at"] == {"forward": 9, "backward": 7}
+    assert stopped["stop_rule"] == {"min_object_score": 100.0, "patience": 2}
+    slices = np.nonzero(sitk.GetArrayFromImage(label).any(axis=(1, 2)))[0]
+    assert set(slices.tolist()) <= {8}
+
+
 BAD_3D = [
     ("key slice outside the volume", "ct_blob", {"prompts": [{"slice": 40, "box": [1, 1, 30, 30]}]}, 422, "outside"),
     ("click below the first slice", "ct_blob", {"foreground": [[10, 10, -1]]}, 422, "outside"),
     ("degenerate box", "ct_blob", {"prompts": [{"slice": 3, "box": [10, 10, 10, 30]}]}, 422, "zero width"),
     ("2D image to the 3D model", "xray_2d", {"foreground": [[10, 10, 0]]}, 422, "2D model"),
     ("unknown axis", "ct_blob", {"foreground": [[10, 10, 2]], "axis": "oblique"}, 422, "axis"),
+    ("stop patience zero", "ct_blob", {"foreground": [[10, 10, 2]], "stop_patience": 0}, 422, "stop_patience"),
+    ("stop rule not a flag", "ct_blob", {"foreground": [[10, 10, 2]], "stop_rule": "maybe"}, 422, "true or false"),
+    ("correction not a flag", "ct_blob", {"foreground": [[10, 10, 2]], "correction": [1]}, 422, "correction"),
 ]
 
 

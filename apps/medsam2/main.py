@@ -11,8 +11,11 @@ from typing import Any
 import monailabel
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
+from monailabel.config import settings
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
@@ -22,6 +25,7 @@ from monailabel.utils.others.class_utils import get_class_names
 
 import lib.configs
 from lib.checkpoints import CheckpointError
+from lib.cine_io import VIDEO_SUFFIXES, is_multiframe_dicom
 from lib.prompts import PromptError
 
 logger = logging.getLogger(__name__)
@@ -45,6 +49,24 @@ def _install_error_handlers() -> None:
     if json.JSONDecodeError not in server.exception_handlers:
         server.add_exception_handler(json.JSONDecodeError, bad_json)
         server.middleware_stack = None  # rebuilt with the handler on the next request
+
+
+CINE_PATTERNS = [f"*{suffix}" for suffix in (".dcm", *VIDEO_SUFFIXES)]
+
+
+class CineLocalDatastore(LocalDatastore):
+    """MONAI Label's local datastore, also listing cine loops: multi-frame DICOM files and video files.
+
+    Single-frame ``.dcm`` files (e.g. the slices of a series) stay unlisted, as before.
+    """
+
+    def _list_files(self, path: str, patterns: list[str]) -> dict[str, str]:
+        files = super()._list_files(path, patterns)
+        return {
+            name: file
+            for name, file in files.items()
+            if not name.lower().endswith(".dcm") or is_multiframe_dicom(os.path.join(path, file))
+        }
 
 
 class MedSAM2App(MONAILabelApp):
@@ -71,6 +93,18 @@ class MedSAM2App(MONAILabelApp):
             name="MedSAM2",
             description="Promptable 3D medical image segmentation with SAM2-family models (MedSAM2, SAM2.1)",
             version=monailabel.__version__,
+        )
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        patterns = [*settings.MONAI_LABEL_DATASTORE_FILE_EXT]
+        patterns += [p for pattern in CINE_PATTERNS for p in (pattern, pattern.upper()) if p not in patterns]
+        return CineLocalDatastore(
+            self.studies,
+            extensions=patterns,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
 
     def init_infers(self) -> dict[str, InferTask]:

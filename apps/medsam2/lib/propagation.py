@@ -217,6 +217,20 @@ class StopRule:
         if self.patience < 1:
             raise ValueError("the stop rule's patience must be at least 1 slice")
 
+    @classmethod
+    def from_text(cls, text: str) -> StopRule | None:
+        """``off``, ``on`` (the defaults above) or ``<min object score>,<patience>`` such as ``0,3``."""
+        value = text.strip().lower()
+        if value in ("off", "false", "0", "no", ""):
+            return None
+        if value in ("on", "true", "1", "yes"):
+            return cls()
+        try:
+            score, patience = value.split(",")
+            return cls(float(score), int(patience))
+        except ValueError:
+            raise ValueError(f"stop_rule must be off, on or '<min object score>,<patience>', got {text!r}") from None
+
 
 def _prev_mask(mask_inputs: dict | None, prompt: KeySlicePrompt, device) -> torch.Tensor | None:
     if not mask_inputs or (prompt.label, prompt.slice_index) not in mask_inputs:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .cine_io import FrameSequence, grey_from_channels, read_frame_sequence
 from .prompts import PromptError
 
 
@@ -35,11 +36,33 @@ def _read(path: Path) -> sitk.Image:
     return sitk.ReadImage(str(path))
 
 
+def _to_grey(image: sitk.Image) -> sitk.Image:
+    """Colour (RGB/RGBA) -> luminance; other multi-component images -> their first component."""
+    grey = sitk.GetImageFromArray(grey_from_channels(sitk.GetArrayFromImage(image)))
+    grey.CopyInformation(image)
+    return grey
+
+
+def _from_frames(sequence: FrameSequence) -> LoadedImage:
+    """A cine loop as a volume: frames along k, spacing (column mm, row mm, frame interval ms)."""
+    frames, rows, cols = sequence.frames.shape
+    reference = sitk.Image([cols, rows, frames], sitk.sitkUInt8)
+    reference.SetSpacing(sequence.spacing)
+    return LoadedImage(sequence.frames, reference)
+
+
 def load_image(path: str | os.PathLike, max_voxels: int | None = None) -> LoadedImage:
-    """Read a NIfTI/NRRD/MHA file or a DICOM series folder; raise :class:`PromptError` (4xx) if unreadable."""
+    """Read a NIfTI/NRRD/MHA file, a DICOM series folder, or a cine loop (multi-frame DICOM, video file).
+
+    Raise :class:`PromptError` (4xx) if the image is missing, too large or unreadable.
+    """
     p = Path(path)
     if not str(path) or not p.exists():
         raise PromptError("The image was not found in the datastore. Check the image id.", status=404)
+    if p.is_file():
+        sequence = read_frame_sequence(p, max_voxels)
+        if sequence is not None:
+            return _from_frames(sequence)
     if max_voxels is not None and p.is_file():
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(p))
@@ -60,8 +83,8 @@ def load_image(path: str | os.PathLike, max_voxels: int | None = None) -> Loaded
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         message = f"The image {p.name} cannot be read as a medical image ({first[:200]})."
         raise PromptError(message, status=415) from None
-    if image.GetNumberOfComponentsPerPixel() > 1:  # colour: use the first channel
-        image = sitk.VectorIndexSelectionCast(image, 0)
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        image = _to_grey(image)
     if image.GetDimension() == 2:
         image = sitk.JoinSeries(image)
     if image.GetDimension() != 3:

@@ -17,12 +17,14 @@ from lib.infers.medsam2 import MedSAM2Infer
 from lib.model_provider import ModelProvider, pick_device
 from lib.preprocessing import parse_window
 from lib.prompts import LabelMap
+from lib.propagation import StopRule
 from lib.segmenter import MedSAM2Segmenter, SegmenterSettings
 from lib.volume_session import SessionCache, compute_dtype_for
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LABELS = {"lesion": 1, "organ": 2, "vessel": 3, "other": 4}
+DEFAULT_STOP_RULE = "off"  # see bench/results/stop_rule_cpu.jsonl and the README
 
 
 def _conf_int(conf: dict[str, str], key: str, default: int) -> int:
@@ -35,7 +37,7 @@ def _conf_int(conf: dict[str, str], key: str, default: int) -> int:
 class MedSAM2(TaskConfig):
     """``--conf checkpoint``, ``window``, ``labels``, ``device``, ``precision``, ``max_sessions``,
     ``max_session_gb``, ``max_voxels``, ``encode_batch``, ``model_config``, ``finetuned_checkpoint``,
-    ``epochs``, ``train_parts``, ``loss``."""
+    ``epochs``, ``train_parts``, ``loss``, ``stop_rule``, ``slices_to_check``."""
 
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
@@ -72,11 +74,17 @@ class MedSAM2(TaskConfig):
             encode_batch=_conf_int(conf, "encode_batch", 16 if device.type == "cuda" else 4),
             # the encoder's outputs are already in the compute dtype: storing them so loses nothing
             feature_dtype=dtype or torch.float32,
+            stop_rule=_stop_rule(conf.get("stop_rule", DEFAULT_STOP_RULE)),
+            slices_to_check=_conf_int(conf, "slices_to_check", 5),
         )
         self.segmenter = MedSAM2Segmenter(self.provider, settings, cache)
 
     def infer(self) -> InferTask | dict[str, InferTask]:
-        info = {"checkpoint": self.checkpoint.name, "random_weights": self.checkpoint.is_random}
+        info = {
+            "checkpoint": self.checkpoint.name,
+            "random_weights": self.checkpoint.is_random,
+            "stop_rule": self.segmenter.settings.stop_rule is not None,
+        }
         return {
             f"{self.name}_2d": MedSAM2Infer(self.segmenter, 2, self.labels, info),
             f"{self.name}_3d": MedSAM2Infer(self.segmenter, 3, self.labels, info),
@@ -100,6 +108,13 @@ class MedSAM2(TaskConfig):
             raise SystemExit(f"--conf: {e}") from None
         stats = _path(os.path.join(self.model_dir, "train_stats_medsam2.json"))
         return MedSAM2Trainer(self.provider, self.window, stats, defaults)
+
+
+def _stop_rule(text: str) -> StopRule | None:
+    try:
+        return StopRule.from_text(text)
+    except ValueError as e:
+        raise SystemExit(f"--conf {e}") from None
 
 
 def _path(p: str):

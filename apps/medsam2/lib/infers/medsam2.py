@@ -22,7 +22,12 @@ class MedSAM2Infer(InferTask):
             labels=labels,
             dimension=dimension,
             description=f"MedSAM2 ({model_info.get('checkpoint')}): {what}{random_note}",
-            config={"reset_state": False} if dimension == 3 else {},
+            # shown as options in Slicer, which sends them with every request
+            config=(
+                {"reset_state": False, "correction": False, "stop_rule": bool(model_info.get("stop_rule"))}
+                if dimension == 3
+                else {}
+            ),
         )
         self.segmenter = segmenter
         self.model_info = model_info
