@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from typing import Any
 
@@ -9,6 +10,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.segmenter import MedSAM2Segmenter
 from lib.volume_io import write_label
+
+logger = logging.getLogger(__name__)
 
 
 class MedSAM2Infer(InferTask):
@@ -43,6 +46,8 @@ class MedSAM2Infer(InferTask):
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         run = self.segmenter.segment_2d if self.dimension == 2 else self.segmenter.segment_3d
         label, result, reference = run(str(request.get("image") or ""), request)
+        if "hint" in result:  # OHIF asks for the label image only: the server log is where its users see this
+            logger.info("medsam2_3d on %s: %s", request.get("image"), result["hint"])
         with tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False) as f:
             path = f.name
         write_label(label, reference, path)
