@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -85,9 +86,19 @@ class Server:
         return self.proc.poll() is None and self.get("/info/").status_code == 200
 
 
-def start_server(studies: Path, conf: dict[str, str], log: Path, timeout: float = 180.0) -> Server:
+def start_server(
+    studies: Path,
+    conf: dict[str, str],
+    log: Path,
+    timeout: float = 180.0,
+    env: dict[str, str] | None = None,
+    ready_headers: dict[str, str] | None = None,
+    own_process_group: bool = False,
+) -> Server:
+    """Start the server; ``env`` adds environment variables, ``ready_headers`` go with the readiness probe;
+    ``own_process_group``: the server and the processes it starts can be killed together (:func:`kill_server`)."""
     port = free_port()
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     cmd = ["monailabel", "start_server", "--app", str(APP_DIR), "--studies", str(studies)]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
@@ -96,20 +107,38 @@ def start_server(studies: Path, conf: dict[str, str], log: Path, timeout: float 
     for k, v in conf.items():
         cmd += ["--conf", k, v]
     handle = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+    proc = subprocess.Popen(
+        cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=str(REPO), start_new_session=own_process_group
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if requests.get(url + "/info/", timeout=2).status_code == 200:
+            if requests.get(url + "/info/", headers=ready_headers, timeout=2).status_code == 200:
                 return Server(url, proc, log)
         except requests.RequestException:
             pass
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError(f"server did not answer within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def kill_server(server: Server) -> None:
+    """SIGKILL a server started with ``own_process_group`` and every process it started (e.g. training)."""
+    pgid = server.proc.pid
+    assert os.getpgid(pgid) == pgid != os.getpgrp(), "start the server with own_process_group=True"
+    os.killpg(pgid, signal.SIGKILL)
+    server.proc.wait(timeout=30)
+    deadline = time.time() + 30
+    while time.time() < deadline:  # the children are reaped by init
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"processes of group {pgid} survived SIGKILL")
 
 
 def stop_server(server: Server) -> None:

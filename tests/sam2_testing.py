@@ -18,6 +18,15 @@ from lib.checkpoints import MEDSAM2_CONFIG, build_model, image_size_overrides  #
 SMALL_OVERRIDES = image_size_overrides(256)
 
 
+def small_config_file(folder: Path, size: int = 128) -> Path:
+    """The MedSAM2 config at ``size`` input as a YAML file (what ``--conf model_config`` takes), for CPU speed."""
+    grid = size // 16
+    text = MEDSAM2_CONFIG.read_text().replace("image_size: 512", f"image_size: {size}")
+    path = folder / f"medsam2_{size}.yaml"
+    path.write_text(text.replace("[32, 32]", f"[{grid}, {grid}]"))
+    return path
+
+
 def object_present_bias(model: torch.nn.Module, bias: float = 4.0) -> torch.nn.Module:
     """Shift the object-score head so a random model reports "object present" (else every mask is empty)."""
     with torch.no_grad():

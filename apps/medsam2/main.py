@@ -6,27 +6,37 @@ import json
 import logging
 import os
 import tempfile
+import threading
+from datetime import datetime
 from typing import Any
 
 import monailabel
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 from monailabel.config import settings
-from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
-from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
+from monailabel.utils.async_tasks.utils import processes, tasks
 from monailabel.utils.others.class_utils import get_class_names
 
 import lib.configs
-from lib.checkpoints import CheckpointError
+from lib import access_control
+from lib.admission import AdmissionGate, AdmissionSettings, ServerBusy
+from lib.auto_train import AutoTrain
+from lib.checkpoints import CheckpointError, remove_unfinished_checkpoint_writes
 from lib.cine_io import VIDEO_SUFFIXES, is_multiframe_dicom
+from lib.durable_datastore import DurableLocalDatastore
+from lib.infer_route import serve_infer_in_threads
+from lib.model_provider import pick_device
 from lib.prompts import PromptError
+from lib.request_guard import RequestRefused
+from lib.request_guard import install as install_request_guard
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +61,41 @@ def _install_error_handlers() -> None:
         server.middleware_stack = None  # rebuilt with the handler on the next request
 
 
+AUTO_TRAIN_MODEL = "medsam2"
+
+
+def _auto_train_after(conf: dict[str, str]) -> int:
+    text = conf.get("auto_train_after", "0")
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise SystemExit(f"--conf auto_train_after must be a whole number >= 0 (0: off), got {text!r}")
+    return value
+
+
+def _training_under_way() -> bool:
+    """A training run of this server is submitted, queued or running."""
+    return bool(processes("train")) or any(t.get("status") in ("SUBMITTED", "RUNNING") for t in tasks("train"))
+
+
+def _last_training_start() -> float | None:
+    """When this server last started a training run (MONAI Label's task list, whoever asked for it)."""
+    starts = []
+    for task in tasks("train"):
+        try:
+            starts.append(datetime.strptime(task["start_ts"], "%Y-%m-%d %H:%M:%S").timestamp())
+        except (KeyError, TypeError, ValueError):
+            continue
+    return max(starts, default=None)
+
+
 CINE_PATTERNS = [f"*{suffix}" for suffix in (".dcm", *VIDEO_SUFFIXES)]
 
 
-class CineLocalDatastore(LocalDatastore):
-    """MONAI Label's local datastore, also listing cine loops: multi-frame DICOM files and video files.
+class CineLocalDatastore(DurableLocalDatastore):
+    """MONAI Label's local datastore (crash-safe writes), also listing cine loops: multi-frame DICOM and video files.
 
     Single-frame ``.dcm`` files (e.g. the slices of a series) stay unlisted, as before.
     """
@@ -85,7 +125,22 @@ class MedSAM2App(MONAILabelApp):
                 task_config: TaskConfig = getattr(module, cls_name)()
                 task_config.init(name, self.model_dir, conf, None)
                 self.models[name] = task_config
+        for task_config in self.models.values():  # temporary files of a publish or download that was killed
+            provider = getattr(task_config, "provider", None)
+            if provider is not None:
+                remove_unfinished_checkpoint_writes(provider.published)
+                remove_unfinished_checkpoint_writes(provider.base.path)
         _install_error_handlers()
+        install_request_guard(self._check_train_request)
+        access_control.install(settings)
+        try:
+            self.admission = AdmissionGate(AdmissionSettings.from_conf(conf, pick_device(conf.get("device")).type))
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        # threads beyond the gate's limits only refuse (503): a few spare ones keep refusals immediate
+        serve_infer_in_threads(self.admission.settings.max_concurrent + self.admission.settings.max_queued + 4)
+        self.auto_train = AutoTrain(_auto_train_after(conf))
+        self._saved_label_tag = threading.local()
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -94,18 +149,66 @@ class MedSAM2App(MONAILabelApp):
             description="Promptable 3D medical image segmentation with SAM2-family models (MedSAM2, SAM2.1)",
             version=monailabel.__version__,
         )
+        if self.auto_train.enabled and AUTO_TRAIN_MODEL not in self._trainers:
+            logger.warning("--conf auto_train_after ignored: no %r trainer (training tasks are off)", AUTO_TRAIN_MODEL)
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
-        patterns = [*settings.MONAI_LABEL_DATASTORE_FILE_EXT]
-        patterns += [p for pattern in CINE_PATTERNS for p in (pattern, pattern.upper()) if p not in patterns]
-        return CineLocalDatastore(
-            self.studies,
-            extensions=patterns,
-            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
-            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            datastore = super().init_datastore()
+        else:
+            patterns = [*settings.MONAI_LABEL_DATASTORE_FILE_EXT]
+            patterns += [p for pattern in CINE_PATTERNS for p in (pattern, pattern.upper()) if p not in patterns]
+            datastore = CineLocalDatastore(
+                self.studies,
+                extensions=patterns,
+                auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            )
+        if self.auto_train.enabled:
+            self._remember_label_tags(datastore)
+        return datastore
+
+    def _remember_label_tags(self, datastore: Datastore) -> None:
+        """MONAI Label's ``on_save_label`` is not told the tag: note it when the datastore saves (same thread)."""
+        save_label = datastore.save_label
+
+        def save_label_noting_tag(image_id: str, label_filename: str, label_tag: str, label_info, *args, **kwargs):
+            label_id = save_label(image_id, label_filename, label_tag, label_info, *args, **kwargs)
+            self._saved_label_tag.value = label_tag
+            return label_id
+
+        datastore.save_label = save_label_noting_tag  # type: ignore[method-assign]
+
+    def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:
+        """``PUT /datastore/label``: with ``--conf auto_train_after N``, the N-th final label since the last
+        training start starts training (not while a run is under way)."""
+        super().on_save_label(image_id, label_id)
+        tag = getattr(self._saved_label_tag, "value", None)
+        self._saved_label_tag.value = None
+        if not self.auto_train.enabled or AUTO_TRAIN_MODEL not in self._trainers:
+            return {}
+        started = self.auto_train.label_saved(
+            tag == DefaultLabelTag.FINAL.value, _training_under_way, _last_training_start, self._start_auto_training
         )
+        return {"auto_train": {"started": started, "pending": self.auto_train.pending(_last_training_start())}}
+
+    def _start_auto_training(self) -> bool:
+        return bool(self.async_training(AUTO_TRAIN_MODEL, enqueue=False))
+
+    def _check_train_request(self, model: str, body: Any) -> None:
+        """``POST /train/{model}``: refuse (4xx) an unknown model or a body its trainer would fail on, before a
+        training process starts."""
+        trainer = self._trainers.get(model)
+        if trainer is None:
+            raise RequestRefused(404, f"Unknown training task {model!r}; available: {sorted(self._trainers)}")
+        if isinstance(body, dict) and body.get("model") not in (None, model):
+            raise RequestRefused(422, f"The body names model {body['model']!r} but the URL names {model!r}.")
+        check = getattr(trainer, "check_body", None)
+        if check is not None:
+            try:
+                check(body)
+            except ValueError as e:
+                raise RequestRefused(422, f"Training not started: {str(e).rstrip('.')}.") from None
 
     def init_infers(self) -> dict[str, InferTask]:
         infers: dict[str, InferTask] = {}
@@ -129,8 +232,23 @@ class MedSAM2App(MONAILabelApp):
             strategies.update(extra if isinstance(extra, dict) else {name: extra} if extra else {})
         return strategies
 
+    def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Strategies that run the model take an inference slot first: MONAI Label runs them on its event loop,
+        beside the inference threads, and two model calls at once are what ``max_concurrent_infers`` bounds."""
+        if request.get("strategy") in (None, "", "random", "first"):
+            return super().next_sample(request)
+        try:
+            with self.admission.admit():
+                return super().next_sample(request)
+        except ServerBusy as e:
+            raise HTTPException(status_code=503, detail=str(e), headers={"Retry-After": str(e.retry_after_s)}) from None
+
     def info(self) -> dict[str, Any]:
         meta = super().info()
+        if not _training_under_way():  # a run whose process was killed (or stopped) never wrote its end
+            for stats in meta.get("train_stats", {}).values():
+                if isinstance(stats, dict) and stats.get("status") == "RUNNING":
+                    stats["status"] = "INTERRUPTED"
         meta["checkpoints"] = {
             name: {
                 "name": c.checkpoint.name,
@@ -141,8 +259,16 @@ class MedSAM2App(MONAILabelApp):
             for name, c in self.models.items()
             if hasattr(c, "checkpoint")
         }
+        if self.auto_train.enabled:
+            meta["auto_train"] = {
+                "after": self.auto_train.after,
+                "final_labels_since_last_training": self.auto_train.pending(_last_training_start()),
+            }
         if any(v["random_weights"] for v in meta["checkpoints"].values()):
             meta["warning"] = "RANDOM WEIGHTS: started with --conf checkpoint random; masks are meaningless."
+        meta["admission"] = self.admission.snapshot()
+        caches = {n: c.segmenter.cache for n, c in self.models.items() if hasattr(c, "segmenter")}
+        meta["session_cache"] = {n: cache.stats() for n, cache in caches.items()}
         return meta
 
     def infer(self, request: dict[str, Any], datastore=None) -> dict[str, Any]:
@@ -156,7 +282,13 @@ class MedSAM2App(MONAILabelApp):
                 status_code=404, detail=f"Unknown model {request.get('model')!r}; available: {sorted(self._infers)}"
             )
         try:
-            return super().infer(request, datastore)
+            with self.admission.admit() as waited_s:
+                result = super().infer(request, datastore)
+            if isinstance(result.get("params"), dict) and isinstance(result["params"].get("latencies"), dict):
+                result["params"]["latencies"]["queue_wait"] = round(waited_s, 4)
+            return result
+        except ServerBusy as e:
+            raise HTTPException(status_code=503, detail=str(e), headers={"Retry-After": str(e.retry_after_s)}) from None
         except PromptError as e:
             raise HTTPException(status_code=e.status, detail=str(e)) from None
         except CheckpointError as e:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ import sam2
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+
+from .durable_files import atomic_write, remove_stale_temp_files, temp_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -128,18 +129,13 @@ def download_file(url: str, dest: Path, timeout: float = 30.0) -> None:
     from tqdm import tqdm
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+    with atomic_write(dest) as tmp_name, open(tmp_name, "wb") as out:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {dest.name}") as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))
-        os.replace(tmp_name, dest)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
 
 
 def ensure_checkpoint_file(resolved: ResolvedCheckpoint, timeout: float = 30.0) -> None:
@@ -199,17 +195,17 @@ def load_state_dict_strict(model: torch.nn.Module, path: Path) -> None:
 
 
 def save_checkpoint(model: torch.nn.Module, path: Path, extra: dict | None = None) -> None:
-    """Write ``{"model": state_dict}`` atomically (temporary file in the same folder, then rename)."""
+    """Write ``{"model": state_dict}`` atomically and durably (temporary file in the same folder, fsync, rename):
+    a reader or a process killed meanwhile sees the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_write(path, pause_at="checkpoint_publish_before_replace") as tmp_name:
         torch.save({"model": state, **(extra or {})}, tmp_name)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+
+
+def remove_unfinished_checkpoint_writes(path: Path | None) -> list[Path]:
+    """Delete the temporary files that a process killed while writing (or downloading) ``path`` left."""
+    return remove_stale_temp_files(path.parent, temp_pattern(path)) if path is not None else []
 
 
 def load_model(resolved: ResolvedCheckpoint, device: str | torch.device = "cpu", seed: int = 0) -> torch.nn.Module:

@@ -12,11 +12,13 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .distributed import DistributedContext, any_rank, sum_over_ranks
 from .preprocessing import IntensityWindow, frames_to_model_input, resolve_window, to_uint8
 from .prompts import KeySlicePrompt
 from .propagation import propagate_volume
@@ -50,6 +52,7 @@ class TrainSettings:
     p_box: float = 0.5  # else clicks (or, with p_mask, the mask)
     p_mask: float = 0.0  # SAM2-style mask prompts: off by default, see README (they slowed learning here)
     p_correction: float = 0.0  # a correction click on the prompt slice, likewise
+    p_cross_end: float = 0.5  # clips that start near an object's end and run past it (see sample_clip)
     seed: int = 0
 
     def __post_init__(self):
@@ -69,6 +72,17 @@ class Study:
     frames: np.ndarray
     label: np.ndarray
     spacing_kji: tuple[float, float, float]
+
+    @cached_property
+    def extents(self) -> dict[int, tuple[int, int]]:
+        """First and last slice of each label value."""
+        found: dict[int, tuple[int, int]] = {}
+        for k in np.nonzero(self.label.reshape(self.label.shape[0], -1).any(axis=1))[0]:
+            for v in np.unique(self.label[k]):
+                if v:
+                    first, _ = found.get(int(v), (int(k), int(k)))
+                    found[int(v)] = (first, int(k))
+        return found
 
 
 def load_study(name: str, image_path: str, label_path: str, window: IntensityWindow) -> Study:
@@ -90,17 +104,33 @@ class Clip:
     values: list[int]
 
 
-def sample_clip(study: Study, length: int, max_objects: int, rng: np.random.Generator) -> Clip | None:
-    """Consecutive slices starting on a slice that shows the chosen objects (possibly in reverse order)."""
-    labelled = np.nonzero(study.label.reshape(study.label.shape[0], -1).any(axis=1))[0]
-    if labelled.size == 0:
+def sample_clip(
+    study: Study, length: int, max_objects: int, rng: np.random.Generator, p_cross_end: float = 0.0
+) -> Clip | None:
+    """Consecutive slices starting on a slice that shows the chosen objects (possibly in reverse order).
+
+    With probability ``p_cross_end`` the clip starts close to where one object ends in the direction of travel
+    and runs past it: the slices after the end teach the object score that objects end, which uniform starts
+    rarely do for long objects (and which the propagation's stop rule reads).
+    """
+    if not study.extents:
         return None
     reverse = bool(rng.random() < 0.5)
-    start = int(rng.choice(labelled))
     n = study.frames.shape[0]
+    # objects that end inside the volume in the direction of travel (else "past the end" is off the volume)
+    ending = [v for v, (first, last) in study.extents.items() if (first > 0 if reverse else last < n - 1)]
+    if length > 1 and ending and rng.random() < p_cross_end:
+        first, last = study.extents[int(rng.choice(sorted(ending)))]
+        lo, hi = (first, min(first + length - 2, last)) if reverse else (max(last - length + 2, first), last)
+        start = int(rng.integers(lo, hi + 1))
+    else:
+        labelled = np.nonzero(study.label.reshape(n, -1).any(axis=1))[0]
+        start = int(rng.choice(labelled))
     idx = np.arange(start, start - length, -1) if reverse else np.arange(start, start + length)
     idx = idx[(idx >= 0) & (idx < n)]
     values = [int(v) for v in np.unique(study.label[start]) if v != 0]
+    if not values:  # an object with a gap at the chosen slice
+        return None
     rng.shuffle(values)
     values = values[:max_objects]
     masks = np.stack([study.label[idx] == v for v in values], axis=1)
@@ -275,6 +305,21 @@ def clip_loss(model, clip: Clip, settings: TrainSettings, rng: np.random.Generat
     return total / t_len
 
 
+class ClipLoss(torch.nn.Module):
+    """:func:`clip_loss` as a module's ``forward``: DistributedDataParallel averages the gradients of what runs
+    through the ``forward`` of the module it wraps, and ``clip_loss`` calls SAM2's internals directly."""
+
+    def __init__(self, model: torch.nn.Module, settings: TrainSettings, device: torch.device, autocast):
+        super().__init__()
+        self.model = model
+        self.settings = settings
+        self.device = device
+        self.autocast = autocast
+
+    def forward(self, clip: Clip, rng: np.random.Generator) -> torch.Tensor:
+        return clip_loss(self.model, clip, self.settings, rng, self.device, self.autocast)
+
+
 def _add_correction(point_inputs: dict, pred_high: torch.Tensor, gt: torch.Tensor, rng: np.random.Generator) -> dict:
     pred = (pred_high[:, 0] > 0).cpu().numpy()
     target = (gt > 0).cpu().numpy()
@@ -389,39 +434,66 @@ def train(
     publish: Callable[[torch.nn.Module, EpochReport], None],
     on_epoch: Callable[[EpochReport, TrainResult], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    distributed: DistributedContext | None = None,
 ) -> TrainResult:
-    """Fine-tune ``model`` in place; ``publish`` is called with the model whenever validation Dice improves."""
-    rng = np.random.default_rng(settings.seed)
-    torch.manual_seed(settings.seed)
+    """Fine-tune ``model`` in place; ``publish`` is called with the model whenever validation Dice improves.
+
+    ``distributed``: this process is one rank of an initialised process group (see :mod:`lib.distributed`).
+    Each rank samples its own clips (seed + rank), an epoch's ``steps_per_epoch`` clips are split across the
+    ranks (rounded up to a multiple of the world size), DDP averages the gradients, and a stop requested on any
+    rank stops all of them. Only rank 0 validates, publishes and calls ``on_epoch``; its epoch reports carry
+    the loss averaged over all ranks and the slices/s of the whole group.
+    """
+    rank, world_size = (distributed.rank, distributed.world_size) if distributed else (0, 1)
+    lead = rank == 0
+    rng = np.random.default_rng(settings.seed + rank)
+    torch.manual_seed(settings.seed + rank)
     groups = configure_trainable(model, settings.train_parts)
     for g in groups:
         g["lr"] = settings.lr_image_encoder if g["name"] == "image_encoder" else settings.lr
     optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
-    steps = settings.steps_per_epoch or max(4 * len(train_studies), 1)
+    steps = math.ceil((settings.steps_per_epoch or max(4 * len(train_studies), 1)) / world_size)
     total_steps = steps * settings.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
     )
     autocast = torch.autocast(device.type, dtype=compute_dtype) if compute_dtype is not None else nullcontext()
-    result = TrainResult(initial=evaluate(model, val_studies, device, compute_dtype, settings.nsd_tolerance_mm))
-    result.best_dice = result.initial["dice"]
-    logger.info("validation before training: Dice %.4f NSD %.4f", result.initial["dice"], result.initial["nsd"])
     usable = [s for s in train_studies if s.label.any()]
     if not usable:
         raise ValueError("none of the training studies has a labelled voxel")
+    result = TrainResult(initial={})
+    if lead:
+        result.initial = evaluate(model, val_studies, device, compute_dtype, settings.nsd_tolerance_mm)
+        result.best_dice = result.initial["dice"]
+        logger.info("validation before training: Dice %.4f NSD %.4f", result.initial["dice"], result.initial["nsd"])
+    step_loss: torch.nn.Module = ClipLoss(model, settings, device, autocast)
+    if distributed:
+        # Frozen parameters (requires_grad False) are ignored by DDP; among the trainable ones some get no
+        # gradient in a given step (e.g. the box-corner embeddings in a clicks-only step): find them each step.
+        # The buffers never change during training: synced once at the start, not before every forward.
+        step_loss = torch.nn.parallel.DistributedDataParallel(
+            step_loss, find_unused_parameters=True, forward_sync_buffers=False
+        )
     for epoch in range(1, settings.epochs + 1):
         model.train()
         t0 = time.perf_counter()
         losses, slices = [], 0
         for _ in range(steps):
-            if should_stop and should_stop():
+            stop = bool(should_stop and should_stop())
+            if distributed:
+                stop = any_rank(stop, device)
+            if stop:
                 return result
             clip = None
             while clip is None:
                 clip = sample_clip(
-                    usable[int(rng.integers(len(usable)))], settings.clip_length, settings.max_objects, rng
+                    usable[int(rng.integers(len(usable)))],
+                    settings.clip_length,
+                    settings.max_objects,
+                    rng,
+                    settings.p_cross_end,
                 )
-            loss = clip_loss(model, clip, settings, rng, device, autocast)
+            loss = step_loss(clip, rng)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], settings.grad_clip)
@@ -430,11 +502,16 @@ def train(
             losses.append(float(loss.detach()))
             slices += clip.frames.shape[0]
         train_seconds = time.perf_counter() - t0
+        loss_sum, n_losses = float(np.sum(losses)), len(losses)
+        if distributed:
+            loss_sum, n_losses, slices = sum_over_ranks([loss_sum, n_losses, slices], device)
+        if not lead:
+            continue
         scores = evaluate(model, val_studies, device, compute_dtype, settings.nsd_tolerance_mm)
         improved = scores["dice"] > result.best_dice
         report = EpochReport(
             epoch,
-            float(np.mean(losses)),
+            loss_sum / max(n_losses, 1),
             scores["dice"],
             scores["nsd"],
             scores["per_label"],

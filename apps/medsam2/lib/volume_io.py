@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import math
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +29,25 @@ class LoadedImage:
         return tuple(self.reference.GetSpacing())
 
 
-def _read(path: Path) -> sitk.Image:
+def _read(path: Path, max_voxels: int | None = None) -> sitk.Image:
     if path.is_dir():
         reader = sitk.ImageSeriesReader()
         series = reader.GetGDCMSeriesIDs(str(path))
         if not series:
             raise PromptError(f"The folder {path.name} holds no DICOM series.", status=415)
-        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+        files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+        if max_voxels is not None and files:  # from the first file's header and the file count, before decoding
+            first = sitk.ImageFileReader()
+            first.SetFileName(files[0])
+            first.ReadImageInformation()
+            voxels = math.prod(first.GetSize()) * len(files)
+            if voxels > max_voxels:
+                raise PromptError(
+                    f"The DICOM series has {len(files):,} slices and {voxels:,} voxels, over this server's limit "
+                    f"of {max_voxels:,} (--conf max_voxels). Crop or resample the series, or raise the limit.",
+                    status=413,
+                )
+        reader.SetFileNames(files)
         return reader.Execute()
     return sitk.ReadImage(str(path))
 
@@ -49,6 +65,65 @@ def _from_frames(sequence: FrameSequence) -> LoadedImage:
     reference = sitk.Image([cols, rows, frames], sitk.sitkUInt8)
     reference.SetSpacing(sequence.spacing)
     return LoadedImage(sequence.frames, reference)
+
+
+def _nifti_data_offset(head: bytes) -> int | None:
+    """Where the voxel data of a single-file NIfTI-1/2 starts (``vox_offset``); None if not a NIfTI header."""
+    for order in "<>":
+        if len(head) >= 112 and struct.unpack(order + "i", head[:4])[0] == 348:
+            return int(struct.unpack(order + "f", head[108:112])[0])
+        if len(head) >= 176 and struct.unpack(order + "i", head[:4])[0] == 540:
+            return int(struct.unpack(order + "q", head[168:176])[0])
+    return None
+
+
+def _gzip_holds(path: Path, needed: int) -> bool:
+    """Whether the gzip file decompresses to at least ``needed`` bytes: its trailer's size field (the
+    uncompressed size mod 2**32) settles it at once for a complete single-member file; otherwise the stream is
+    read through (stopping at ``needed``) and a stream cut short reads as too short."""
+    total = 0
+    try:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            if struct.unpack("<I", f.read(4))[0] == needed % 2**32:
+                return True
+        with gzip.open(path, "rb") as f:
+            while total < needed:
+                chunk = f.read(min(1 << 22, needed - total))
+                if not chunk:
+                    break
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error, struct.error):
+        return False
+    return total >= needed
+
+
+def _refuse_truncated_nifti(path: Path) -> None:
+    """ITK reads a NIfTI file (``.nii`` or ``.nii.gz``) whose voxel data is cut short without complaint (the
+    missing voxels become zeros): refuse it (415) when the file holds less data than its header describes."""
+    compressed = path.name.lower().endswith(".gz")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return  # unreadable: the full read says so
+    component_bytes = sitk.Image([1, 1], reader.GetPixelID()).GetSizeOfPixelComponent()
+    data_bytes = math.prod(reader.GetSize()) * reader.GetNumberOfComponents() * component_bytes
+    try:
+        with gzip.open(path, "rb") if compressed else open(path, "rb") as f:
+            offset = _nifti_data_offset(f.read(540))
+        if offset is None:
+            return
+        complete = _gzip_holds(path, offset + data_bytes) if compressed else path.stat().st_size >= offset + data_bytes
+    except (EOFError, OSError, zlib.error, struct.error):  # a header that ITK read, in a stream cut short
+        complete = False
+    if not complete:
+        raise PromptError(
+            f"The NIfTI file {path.name} is truncated or damaged: its header describes {data_bytes:,} bytes of "
+            f"voxel data that the file does not hold. Upload or copy the complete file.",
+            status=415,
+        )
 
 
 def load_image(path: str | os.PathLike, max_voxels: int | None = None) -> LoadedImage:
@@ -77,8 +152,10 @@ def load_image(path: str | os.PathLike, max_voxels: int | None = None) -> Loaded
                 f"(--conf max_voxels). Crop or resample the image, or raise the limit.",
                 status=413,
             )
+    if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")):
+        _refuse_truncated_nifti(p)
     try:
-        image = _read(p)
+        image = _read(p, max_voxels)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         message = f"The image {p.name} cannot be read as a medical image ({first[:200]})."

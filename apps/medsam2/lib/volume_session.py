@@ -116,7 +116,8 @@ class VolumeSession:
 
     def nbytes(self) -> int:
         """Bytes held: frames plus cached features."""
-        feats = sum(t.element_size() * t.nelement() for ts in self._features.values() for t in ts)
+        # a snapshot: the cache may measure a session while a request on it is encoding more slices
+        feats = sum(t.element_size() * t.nelement() for ts in list(self._features.values()) for t in ts)
         return int(self.frames.nbytes) + feats
 
     def is_encoded(self, index: int) -> bool:
@@ -177,6 +178,8 @@ class SessionCache:
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._lock = threading.Lock()
         self._key_locks: dict[Hashable, threading.Lock] = {}
+        self.evictions = 0
+        self.peak_bytes = 0  # the most the cache held after an insert or re-measure (and its evictions)
 
     def get_or_create(self, key: Hashable, factory: Callable[[], Any]) -> tuple[Any, bool]:
         """Return (session, created). Only one thread builds a given key; others wait for it."""
@@ -218,6 +221,18 @@ class SessionCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def stats(self) -> dict[str, int]:
+        """Sessions and bytes held now, the caps, the peak held and the evictions so far (for ``/info``)."""
+        with self._lock:
+            return {
+                "sessions": len(self._entries),
+                "bytes": sum(e.nbytes for e in self._entries.values()),
+                "max_sessions": self.max_sessions,
+                "max_bytes": self.max_bytes,
+                "peak_bytes": self.peak_bytes,
+                "evictions": self.evictions,
+            }
+
     def _evict(self, keep: Hashable) -> None:
         def over() -> bool:
             total = sum(e.nbytes for e in self._entries.values())
@@ -228,3 +243,5 @@ class SessionCache:
                 break
             if key != keep:
                 del self._entries[key]
+                self.evictions += 1
+        self.peak_bytes = max(self.peak_bytes, sum(e.nbytes for e in self._entries.values()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -37,7 +38,8 @@ def _conf_int(conf: dict[str, str], key: str, default: int) -> int:
 class MedSAM2(TaskConfig):
     """``--conf checkpoint``, ``window``, ``labels``, ``device``, ``precision``, ``max_sessions``,
     ``max_session_gb``, ``max_voxels``, ``encode_batch``, ``model_config``, ``finetuned_checkpoint``,
-    ``epochs``, ``train_parts``, ``loss``, ``stop_rule``, ``slices_to_check``."""
+    ``stop_rule``, ``slices_to_check``, and every training option (``epochs``, ``train_parts``, ``loss``, ...:
+    the fields of :class:`lib.finetune.TrainSettings`)."""
 
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
@@ -98,16 +100,25 @@ class MedSAM2(TaskConfig):
     def trainer(self):
         from lib.trainers.medsam2 import MedSAM2Trainer
 
-        try:
-            defaults = TrainSettings(
-                epochs=_conf_int(self.conf, "epochs", 10),
-                train_parts=self.conf.get("train_parts", "no_image_encoder"),
-                loss=self.conf.get("loss", "sam2"),
-            )
-        except ValueError as e:
-            raise SystemExit(f"--conf: {e}") from None
+        defaults = _train_defaults(self.conf)
         stats = _path(os.path.join(self.model_dir, "train_stats_medsam2.json"))
         return MedSAM2Trainer(self.provider, self.window, stats, defaults)
+
+
+def _train_defaults(conf: dict[str, str]) -> TrainSettings:
+    """Every training option can be given as ``--conf <option> <value>`` (the request can still override it)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainSettings):
+        if f.name in conf:
+            kind = type(f.default)
+            try:
+                values[f.name] = _conf_int(conf, f.name, f.default) if kind is int else kind(conf[f.name])
+            except (TypeError, ValueError):
+                raise SystemExit(f"--conf {f.name} must be a {kind.__name__}, got {conf[f.name]!r}") from None
+    try:
+        return TrainSettings(**values)
+    except ValueError as e:
+        raise SystemExit(f"--conf: {e}") from None
 
 
 def _stop_rule(text: str) -> StopRule | None:

@@ -8,6 +8,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,14 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
 
-from lib.checkpoints import load_model, save_checkpoint
+from lib.checkpoints import ResolvedCheckpoint, load_model, save_checkpoint
+from lib.distributed import DistributedContext, DistributedPlan, cpu_ranks_from_env, launch, plan_distributed
 from lib.finetune import EpochReport, TrainResult, TrainSettings, load_study, train
 from lib.model_provider import ModelProvider
 from lib.preprocessing import IntensityWindow
+from lib.train_options import check_train_body, parse_train_settings
 
 logger = logging.getLogger(__name__)
-
-_CONFIG_KEYS = [f.name for f in dataclasses.fields(TrainSettings)]
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -46,7 +47,8 @@ class MedSAM2Trainer(TrainTask):
         self.defaults = defaults
 
     def config(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.defaults)
+        # multi_gpu / gpus as MONAI Label's own trainers take them (off by default here)
+        return {**dataclasses.asdict(self.defaults), "multi_gpu": False, "gpus": "all"}
 
     def stats(self) -> dict[str, Any]:
         try:
@@ -55,34 +57,46 @@ class MedSAM2Trainer(TrainTask):
             return {}
 
     def _settings(self, request: dict[str, Any]) -> TrainSettings:
-        values = dataclasses.asdict(self.defaults)
-        for key in _CONFIG_KEYS:
-            if key in request and request[key] not in (None, ""):
-                kind = type(values[key])
-                try:
-                    values[key] = kind(request[key])
-                except (TypeError, ValueError):
-                    raise MONAILabelException(
-                        MONAILabelError.INVALID_INPUT,
-                        f"train option {key} must be a {kind.__name__}, got {request[key]!r}",
-                    ) from None
         try:
-            return TrainSettings(**values)
+            return parse_train_settings(request, self.defaults)
+        except ValueError as e:
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(e)) from None
+
+    def check_body(self, body: Any) -> None:
+        """A ``POST /train`` body, checked in the server before a training process starts: ValueError if it
+        holds unknown options or invalid values (type, NaN/Infinity, out of bounds, a malformed ``gpus``)."""
+        check_train_body(body, self.defaults)
+        try:
+            self._plan({**self.config(), **body})
+        except MONAILabelException as e:
+            raise ValueError(e.msg) from None
+
+    def _plan(self, request: dict[str, Any]) -> DistributedPlan | None:
+        try:
+            return plan_distributed(
+                request.get("multi_gpu", False),
+                request.get("gpus", "all"),
+                torch.cuda.device_count(),
+                cpu_ranks_from_env(),
+                torch.distributed.is_nccl_available(),
+            )
         except ValueError as e:
             raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(e)) from None
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        """Train in this process, or with ``multi_gpu`` over several GPUs in one spawned process per GPU (DDP)."""
         settings = self._settings(request)
+        plan = self._plan(request)
         items = sorted(datastore.datalist(), key=lambda d: str(d["image"]))
         if not items:
             raise MONAILabelException(
                 MONAILabelError.INVALID_INPUT, "No final labels in the datastore: save some first."
             )
-        studies = [load_study(Path(d["image"]).name, str(d["image"]), str(d["label"]), self.window) for d in items]
+        studies = [(Path(d["image"]).name, str(d["image"]), str(d["label"])) for d in items]
         n_val = max(1, round(len(studies) * settings.val_fraction)) if len(studies) > 1 else 0
-        train_studies, val_studies = studies[: len(studies) - n_val], studies[len(studies) - n_val :]
-        if not val_studies:  # a single study: validate on it (better than no signal at all)
-            val_studies = studies
+        train_items, val_items = studies[: len(studies) - n_val], studies[len(studies) - n_val :]
+        if not val_items:  # a single study: validate on it (better than no signal at all)
+            val_items = studies
         device = torch.device(request.get("device") or self.provider.device)
         if (
             isinstance(request.get("device"), str)
@@ -90,46 +104,115 @@ class MedSAM2Trainer(TrainTask):
             and not torch.cuda.is_available()
         ):
             device = torch.device("cpu")
-        dtype = self.provider.compute_dtype if device.type == self.provider.device.type else None
-        model = load_model(self.provider.checkpoint, device)
-        started = time.time()
-        state = {
-            "status": "RUNNING",
-            "started": started,
-            "total_epochs": settings.epochs,
-            "train_studies": [s.name for s in train_studies],
-            "val_studies": [s.name for s in val_studies],
-            "checkpoint_start": str(self.provider.checkpoint.path or "random"),
-            "published_to": str(self.provider.published),
-            "settings": dataclasses.asdict(settings),
-        }
-        _write_json(self.stats_path, state)
-
-        def publish(m: torch.nn.Module, report: EpochReport) -> None:
-            assert self.provider.published is not None
-            save_checkpoint(m, self.provider.published, extra={"epoch": report.epoch, "val_dice": report.val_dice})
-            logger.info(
-                "published epoch %d (val Dice %.4f) to %s", report.epoch, report.val_dice, self.provider.published
-            )
-
-        def on_epoch(report: EpochReport, result: TrainResult) -> None:
-            state.update(
-                epoch=report.epoch,
-                progress=round(100 * report.epoch / settings.epochs, 1),
-                best_dice=result.best_dice,
-                best_epoch=result.best_epoch,
-                initial_dice=result.initial["dice"],
-                epochs=[dataclasses.asdict(e) for e in result.epochs],
-                total_time=round(time.time() - started, 1),
-            )
-            _write_json(self.stats_path, state)
-
+        assert self.provider.published is not None
+        job = _Job(
+            settings=settings,
+            checkpoint=self.provider.checkpoint,
+            published=self.provider.published,
+            stats_path=self.stats_path,
+            window=self.window,
+            train_items=train_items,
+            val_items=val_items,
+            provider_device_type=self.provider.device.type,
+            provider_dtype=self.provider.compute_dtype,
+            state={
+                "status": "RUNNING",
+                "started": time.time(),
+                "total_epochs": settings.epochs,
+                "train_studies": [name for name, _, _ in train_items],
+                "val_studies": [name for name, _, _ in val_items],
+                "checkpoint_start": str(self.provider.checkpoint.path or "random"),
+                "published_to": str(self.provider.published),
+                "world_size": plan.world_size if plan else 1,
+                "devices": list(plan.devices) if plan else [str(device)],
+                "settings": dataclasses.asdict(settings),
+            },
+        )
+        _write_json(self.stats_path, job.state)
+        if plan is None:
+            return _run(job, device, None)
         try:
-            result = train(model, train_studies, val_studies, settings, device, dtype, publish, on_epoch)
-        except Exception as e:
-            state.update(status="FAILED", error=f"{type(e).__name__}: {e}", total_time=round(time.time() - started, 1))
+            launch(plan, _distributed_worker, (job,))
+        except Exception as e:  # a rank failed: the others were terminated, rank 0 may have died mid-write
+            _remove_partial_files(job.published, self.stats_path)
+            state = {**job.state, **self.stats()}
+            state.update(status="FAILED", error=f"{type(e).__name__}: {e}", total_time=_elapsed(state))
             _write_json(self.stats_path, state)
             raise
-        state.update(status="DONE", total_time=round(time.time() - started, 1), published=result.published)
-        _write_json(self.stats_path, state)
-        return result.as_json()
+        return self.stats()
+
+
+@dataclass
+class _Job:
+    """Everything a training process needs (picklable: it is sent to spawned processes)."""
+
+    settings: TrainSettings
+    checkpoint: ResolvedCheckpoint
+    published: Path
+    stats_path: Path
+    window: IntensityWindow
+    train_items: list[tuple[str, str, str]]  # (name, image path, label path)
+    val_items: list[tuple[str, str, str]]
+    provider_device_type: str
+    provider_dtype: torch.dtype | None
+    state: dict[str, Any]
+
+
+def _elapsed(state: dict[str, Any]) -> float:
+    return round(time.time() - float(state.get("started", time.time())), 1)
+
+
+def _remove_partial_files(*paths: Path) -> None:
+    """Temporary files that a process terminated in the middle of an atomic write left behind."""
+    for path in paths:
+        for tmp in path.parent.glob(f".{path.name}.*.part"):
+            tmp.unlink(missing_ok=True)
+
+
+def _run(job: _Job, device: torch.device, distributed: DistributedContext | None) -> dict[str, Any]:
+    """Load the studies and the model, train; rank 0 (or the only process) writes the stats and publishes."""
+    lead = distributed is None or distributed.rank == 0
+    settings, state = job.settings, dict(job.state)
+    dtype = job.provider_dtype if device.type == job.provider_device_type else None
+
+    def write_state() -> None:
+        if lead:
+            _write_json(job.stats_path, state)
+
+    def publish(m: torch.nn.Module, report: EpochReport) -> None:
+        save_checkpoint(m, job.published, extra={"epoch": report.epoch, "val_dice": report.val_dice})
+        logger.info("published epoch %d (val Dice %.4f) to %s", report.epoch, report.val_dice, job.published)
+
+    def on_epoch(report: EpochReport, result: TrainResult) -> None:
+        state.update(
+            epoch=report.epoch,
+            progress=round(100 * report.epoch / settings.epochs, 1),
+            best_dice=result.best_dice,
+            best_epoch=result.best_epoch,
+            initial_dice=result.initial["dice"],
+            epochs=[dataclasses.asdict(e) for e in result.epochs],
+            total_time=_elapsed(state),
+        )
+        write_state()
+
+    try:
+        train_studies = [load_study(name, image, label, job.window) for name, image, label in job.train_items]
+        # only rank 0 validates
+        val_items = job.val_items if lead else []
+        val_studies = [load_study(name, image, label, job.window) for name, image, label in val_items]
+        model = load_model(job.checkpoint, device)
+        result = train(
+            model, train_studies, val_studies, settings, device, dtype, publish, on_epoch, distributed=distributed
+        )
+    except Exception as e:
+        state.update(status="FAILED", error=f"{type(e).__name__}: {e}", total_time=_elapsed(state))
+        write_state()
+        raise
+    state.update(status="DONE", total_time=_elapsed(state), published=result.published)
+    write_state()
+    return result.as_json()
+
+
+def _distributed_worker(context: DistributedContext, device: torch.device, job: _Job) -> None:
+    """One rank of a multi-GPU run (started by :func:`lib.distributed.launch`)."""
+    _run(job, device, context)

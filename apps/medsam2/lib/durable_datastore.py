@@ -1,0 +1,125 @@
+"""MONAI Label's LocalDatastore, made crash-safe: an acknowledged label survives a kill of the server.
+
+MONAI Label 0.8.5 copies a label over its file (``shutil.copy``) and rewrites ``datastore_v2.json`` in place
+(``open(path, "w")``). A process killed inside either write leaves a truncated file: a truncated label (also
+when it overwrites a label saved earlier), or a truncated index, with which the server does not start again
+(pydantic cannot parse it). Here both go through :func:`lib.durable_files.atomic_write` (temporary file,
+fsync, rename), a start removes the temporary files of killed writes, and an unreadable index found at start
+(e.g. left by a MONAI Label without this fix) is moved aside and rebuilt from the files instead of stopping
+the server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+from monailabel.interfaces.exception import ImageNotFoundException
+
+from lib.durable_files import atomic_write, remove_stale_temp_files
+from lib.request_guard import SAFE_LABEL_TAG, is_path_like
+
+logger = logging.getLogger(__name__)
+
+
+def check_writable_names(image_id: str, label_tag: str | None = None) -> None:
+    """Refuse (400) image ids and label tags that would name a file or folder outside the datastore."""
+    if not image_id or is_path_like(image_id) or image_id.startswith("."):
+        raise HTTPException(status_code=400, detail=f"Image ids are plain names, not paths: {image_id[:200]!r}.")
+    if label_tag is not None and not SAFE_LABEL_TAG.match(label_tag):
+        raise HTTPException(
+            status_code=400,
+            detail=f"The label tag must be letters, digits, '-' or '_' (such as 'final'), got {label_tag[:200]!r}.",
+        )
+
+
+class DurableLocalDatastore(LocalDatastore):
+    """LocalDatastore whose label, image and index writes are atomic and durable (see the module docstring)."""
+
+    def __init__(self, datastore_path: str, *args: Any, read_only: bool = False, **kwargs: Any):
+        self._durable_read_only = read_only
+        super().__init__(datastore_path, *args, read_only=read_only, **kwargs)
+        if not read_only:
+            self.remove_unfinished_writes()
+
+    def remove_unfinished_writes(self) -> list[Path]:
+        """Delete the temporary files of writes that a killed process left (index, images, labels)."""
+        labels_root = Path(self._datastore.label_path(None))
+        folders = {Path(self._datastore_path), Path(self._datastore.image_path()), labels_root}
+        folders.update(p for p in labels_root.iterdir() if p.is_dir())
+        with FileLock(self._lock_file):  # every writer holds it while its temporary file exists
+            return [tmp for folder in sorted(folders) for tmp in remove_stale_temp_files(folder)]
+
+    def _init_from_datastore_file(self, throw_exception: bool = False) -> None:
+        if not throw_exception or self._durable_read_only:
+            return super()._init_from_datastore_file(throw_exception)
+        try:  # at start
+            super()._init_from_datastore_file(throw_exception=True)
+        except ValueError as e:
+            aside = f"{self._datastore_config_path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+            with FileLock(self._lock_file):
+                os.replace(self._datastore_config_path, aside)
+            logger.error(
+                "Datastore index %s cannot be read (%s: %.200s); moved it to %s and rebuilt the index from the "
+                "image and label files (label details saved with them, such as the user, are in the moved file).",
+                self._datastore_config_path,
+                type(e).__name__,
+                e,
+                aside,
+            )
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        self._write_index(lock)
+
+    def _write_index(self, lock: bool = True, pause_at: str | None = None) -> None:
+        if lock:
+            with FileLock(self._lock_file):
+                return self._write_index(False, pause_at)
+        text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+        # a rename, unlike LocalDatastore's rewrite, sends the file watcher no "modified" event to ignore
+        with atomic_write(self._datastore_config_path, pause_at=pause_at) as tmp:
+            Path(tmp).write_text(text)
+        self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        """Save (or replace) the label of ``image_id`` under ``label_tag``; returns the label id (the image id)."""
+        check_writable_names(image_id, label_tag)
+        logger.info(f"Saving Label for Image: {image_id}; Tag: {label_tag}; Info: {label_info}")
+        _, label_ext = self._to_id(os.path.basename(label_filename))
+        label_path = self._datastore.label_path(label_tag)
+        name = self._filename(image_id, label_ext)
+        with FileLock(self._lock_file):
+            # looked up under the lock: a reload of the index (file watcher) replaces the objects under it too
+            obj = self._datastore.objects.get(image_id)
+            if not obj:
+                raise ImageNotFoundException(f"Image {image_id} not found")
+            os.makedirs(label_path, exist_ok=True)
+            with atomic_write(os.path.join(label_path, name), pause_at="label_save_before_label_replace") as tmp:
+                shutil.copyfile(label_filename, tmp)
+            info = {**(label_info or {}), "ts": int(time.time()), "name": name}
+            obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
+            self._write_index(lock=False, pause_at="label_save_before_index_replace")
+        return image_id
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        """Add (or replace) an image file; returns its id."""
+        id_from_name, image_ext = self._to_id(os.path.basename(image_filename))
+        image_id = image_id or id_from_name
+        check_writable_names(image_id)
+        logger.info(f"Adding Image: {image_id} => {image_filename}")
+        name = self._filename(image_id, image_ext)
+        with FileLock(self._lock_file):
+            with atomic_write(os.path.realpath(os.path.join(self._datastore.image_path(), name))) as tmp:
+                shutil.copyfile(image_filename, tmp)
+            info = {**(image_info or {}), "ts": int(time.time()), "name": name}
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext))
+            self._write_index(lock=False)
+        return image_id

@@ -1,0 +1,218 @@
+"""Checks on what a client sends to ``POST /infer/{model}`` and ``POST /train/{model}`` before MONAI Label acts
+on it, so that hostile or malformed requests get a 4xx that says what to change instead of a 500, a file
+outside the datastore, or a training run started with options it will crash on.
+
+MONAI Label 0.8.5 on its own answers 500 when ``params`` is JSON but not an object or nested too deeply, lets
+keys in ``params`` replace the image (any server path), the model and the label tag (a folder name the
+answer's label is saved under, so ``../..`` writes outside the datastore), reads ``session_id`` as a path
+below its sessions folder (and deletes that folder if it looks dangling), builds a temporary file name from
+the upload's name, and starts a training subprocess for any ``/train`` body. Plain Python except
+:func:`install`, which wraps MONAI Label's endpoint functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import re
+from collections.abc import Callable
+from pathlib import PurePosixPath
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MAX_PARAMS_DEPTH = 16  # our prompts nest 4 deep ({"prompts": [{"box": [...]}]})
+SAFE_LABEL_TAG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SAFE_SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,8}$")
+
+
+class RequestRefused(Exception):
+    """A request refused before it runs: HTTP ``status`` and a ``detail`` saying what to change."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def is_path_like(text: str) -> bool:
+    """An id that would name a file or folder outside the place it is looked up in."""
+    return "/" in text or "\\" in text or "\x00" in text or text in (".", "..")
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (iterative: hostile input must not exhaust the stack here)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth > MAX_PARAMS_DEPTH:
+                break
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def parse_infer_params(text: str | None) -> dict[str, Any]:
+    """``params`` as MONAI Label will read it: a JSON object (``{}`` when empty); RequestRefused(400) otherwise."""
+    if not text:
+        return {}
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestRefused(400, f"'params' is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno}).") from None
+    except RecursionError:
+        raise RequestRefused(400, f"'params' is nested too deeply; at most {MAX_PARAMS_DEPTH} levels.") from None
+    if not isinstance(params, dict):
+        raise RequestRefused(400, f'\'params\' must be a JSON object such as {{"label": "lesion"}}, got {text[:80]!r}.')
+    if _depth(params) > MAX_PARAMS_DEPTH:
+        raise RequestRefused(400, f"'params' is nested too deeply; at most {MAX_PARAMS_DEPTH} levels.")
+    return params
+
+
+def check_infer_request(
+    model: str,
+    image: str,
+    session_id: str,
+    params: dict[str, Any],
+    uploaded: bool,
+    output: str | None,
+    dicom_seg_supported: bool = False,
+) -> None:
+    """Refuse what MONAI Label would answer with a 500 or act on outside the datastore."""
+    if not uploaded and not image and not session_id:
+        raise RequestRefused(400, "No image given: pass ?image=<image id> or upload a file.")
+    if image and not uploaded and is_path_like(image):
+        raise RequestRefused(400, f"Image ids name datastore images, not server file paths: {image[:200]!r}.")
+    if session_id and is_path_like(session_id):
+        raise RequestRefused(400, f"session_id must be an id returned by PUT /session/, got {session_id[:200]!r}.")
+    if "image" in params and (uploaded or params["image"] != image):
+        raise RequestRefused(400, "Pass the image as ?image=<image id> (or upload a file), not inside 'params'.")
+    if "model" in params and params["model"] != model:
+        raise RequestRefused(400, f"'params' names model {params['model']!r} but the URL names {model!r}.")
+    tag = params.get("label_tag")
+    if tag is not None and not (isinstance(tag, str) and SAFE_LABEL_TAG.match(tag)):
+        raise RequestRefused(
+            400, f"label_tag must be a name of letters, digits, '-' or '_' (such as 'original'), got {tag!r}."
+        )
+    if params.get("save_label") is not None and not isinstance(params["save_label"], bool):
+        raise RequestRefused(400, f"save_label must be true or false, got {params['save_label']!r}.")
+    if params.get("save_label") and tag == "final":
+        # /infer needs only the user role; a final label is an annotator's act (PUT /datastore/label)
+        raise RequestRefused(403, "Inference may not save a final label; save it with PUT /datastore/label.")
+    timeout = params.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (0 < timeout < math.inf)
+    ):
+        raise RequestRefused(400, f"timeout must be a positive number of seconds, got {timeout!r}.")
+    device = params.get("device")
+    if device is not None and not isinstance(device, str):
+        raise RequestRefused(400, f"device must be a string such as 'cuda' or 'cpu', got {device!r}.")
+    if output == "dicom_seg" and not dicom_seg_supported:
+        raise RequestRefused(400, "output=dicom_seg needs a DICOMweb datastore; use output=image, json or all.")
+
+
+def safe_upload_name(filename: str | None) -> str | None:
+    """The upload's name reduced to ``upload`` plus its file-type suffixes (MONAI Label builds the temporary
+    file's name from them): no separators, NUL bytes or over-long names reach the file system."""
+    if not filename:
+        return filename
+    name = PurePosixPath(filename.replace("\\", "/").replace("\x00", "")).name
+    suffixes = [s for s in PurePosixPath(name).suffixes if SAFE_SUFFIX.match(s)][-2:]
+    return "upload" + "".join(suffixes)
+
+
+def _dicomweb() -> bool:
+    from monailabel.datastore.dicom import DICOMWebDatastore
+    from monailabel.interfaces.utils.app import app_instance
+
+    return isinstance(app_instance().datastore(), DICOMWebDatastore)
+
+
+def _http(refused: RequestRefused):
+    from fastapi import HTTPException
+
+    return HTTPException(status_code=refused.status, detail=refused.detail)
+
+
+_check_train: Callable[[str, Any], None] | None = None  # the current app's (POST /reload makes a new one)
+
+
+def install(check_train: Callable[[str, Any], None]) -> bool:
+    """Wrap MONAI Label's ``run_inference`` and ``run_model``/``run`` (train) with these checks; its routes look
+    them up at call time, so the threaded infer route of :mod:`lib.infer_route` gets them too. ``check_train``
+    raises :class:`RequestRefused` for a train request that must not start. False outside the server."""
+    global _check_train
+    _check_train = check_train
+    try:
+        from monailabel.endpoints import infer as infer_endpoints
+        from monailabel.endpoints import train as train_endpoints
+    except Exception:
+        return False
+
+    if not getattr(infer_endpoints.run_inference, "_medsam2_guard", False):
+        run_inference = infer_endpoints.run_inference
+
+        @functools.wraps(run_inference)
+        def guarded_inference(
+            background_tasks, model, image="", session_id="", params="{}", file=None, label=None, output=None
+        ):
+            try:
+                parsed = parse_infer_params(params)
+                output_kind = getattr(output, "value", output)
+                check_infer_request(
+                    model,
+                    image,
+                    session_id,
+                    parsed,
+                    bool(file),
+                    output_kind,
+                    output_kind == "dicom_seg" and _dicomweb(),
+                )
+            except RequestRefused as e:
+                raise _http(e) from None
+            if file is not None:
+                file.filename = safe_upload_name(file.filename)
+            # a label upload is for scribble models; these models take none (MONAI Label would convert it)
+            return run_inference(background_tasks, model, image, session_id, params, file, None, output)
+
+        guarded_inference._medsam2_guard = True  # type: ignore[attr-defined]
+        infer_endpoints.run_inference = guarded_inference
+
+    if not getattr(train_endpoints.run_model, "_medsam2_guard", False):
+        run_model = train_endpoints.run_model
+        run_all = train_endpoints.run
+
+        @functools.wraps(run_model)
+        def guarded_run_model(model, params=None, run_sync=False, enqueue=False):
+            try:
+                if _check_train is not None:
+                    _check_train(model, params or {})
+            except RequestRefused as e:
+                raise _http(e) from None
+            return run_model(model, params, run_sync, enqueue)
+
+        @functools.wraps(run_all)
+        def guarded_run_all(params=None, run_sync=False):
+            from monailabel.interfaces.utils.app import app_instance
+
+            trainers = list(app_instance().info().get("trainers", {}))
+            try:
+                unknown = sorted(set(params or {}) - set(trainers))
+                if unknown:
+                    raise RequestRefused(
+                        422, f"POST /train/ takes {{<model>: {{options}}}} for {trainers}; got {unknown}."
+                    )
+                for model in trainers:
+                    if _check_train is not None:
+                        _check_train(model, (params or {}).get(model) or {})
+            except RequestRefused as e:
+                raise _http(e) from None
+            return run_all(params, run_sync)
+
+        guarded_run_model._medsam2_guard = True  # type: ignore[attr-defined]
+        train_endpoints.run_model = guarded_run_model
+        train_endpoints.run = guarded_run_all
+    return True

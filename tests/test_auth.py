@@ -1,0 +1,482 @@
+"""Access control: the real server with MONAI Label's authentication on, against a local identity provider.
+
+The identity provider is a small HTTP server here that answers what MONAI Label asks Keycloak for (the realm's
+public key, the OpenID configuration, the password grant), with an RSA key made for the test; tokens are
+signed by it with PyJWT. Every route of the running app (MONAI Label's routes, hidden ones included, plus the
+app's from its OpenAPI description) is tried without a token and with bad tokens, and with too few roles.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
+
+import jwt
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from conftest import free_port, start_server, stop_server, write_image
+from lib.access_control import (
+    AccessError,
+    ClaimNames,
+    RealmPublicKey,
+    Roles,
+    is_public,
+    required_roles,
+    user_fields,
+)
+from sam2_testing import blob_volume
+
+ADMIN, REVIEWER, ANNOTATOR, USER = "monailabel-admin", "monailabel-reviewer", "monailabel-annotator", "monailabel-user"
+ALL_ROLES = (ADMIN, REVIEWER, ANNOTATOR, USER)
+CLIENT_ID = "medsam2-test-client"
+PASSWORDS = {"alice": "correct horse"}
+
+# Open without a token, on purpose (see lib/access_control.py): API description, static viewer files, login.
+PUBLIC = {("GET", "/"), ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/favicon.ico")}
+PUBLIC |= {("GET", "/auth/"), ("POST", "/auth/token")}
+# Admin-only, though MONAI Label checks nothing (/reload) or only the annotator role (model weights).
+TIGHTENED = {("POST", "/reload"): ADMIN, ("PUT", "/model/{model}"): ADMIN, ("DELETE", "/model/{model}"): ADMIN}
+PATH_VALUES = {"model": "medsam2_2d", "strategy": "random", "path": "index.html"}
+
+
+class LocalIdentityProvider:
+    """A Keycloak-shaped realm on 127.0.0.1: ``GET <realm>`` (public key), OpenID configuration, password grant."""
+
+    def __init__(self) -> None:
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.port = free_port()
+        self.realm_uri = f"http://127.0.0.1:{self.port}/realms/medsam2"
+        self.issued: list[str] = []
+        self.grants: list[dict[str, str]] = []
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def public_pem(self) -> bytes:
+        return self.key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def token(self, roles=ALL_ROLES, username="alice", expires_in=3600, key=None, **claims) -> str:
+        """An access token shaped like Keycloak's, signed RS256 by the realm key (or ``key``)."""
+        now = int(time.time())
+        payload = {
+            "iss": self.realm_uri,
+            "sub": str(uuid.uuid4()),
+            "azp": CLIENT_ID,
+            "typ": "Bearer",
+            "iat": now,
+            "exp": now + expires_in,
+            "preferred_username": username,
+            "email": f"{username}@hospital.example",
+            "name": username.title(),
+            "realm_access": {"roles": list(roles)},
+        }
+        payload.update(claims)
+        payload = {k: v for k, v in payload.items() if v is not None}
+        token = jwt.encode(payload, key or self.key, algorithm="RS256")
+        self.issued.append(token)
+        return token
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        idp = self
+        path = "/realms/medsam2"
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _json(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                if self.path == path:
+                    der = idp.key.public_key().public_bytes(
+                        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                    )
+                    self._json(200, {"realm": "medsam2", "public_key": base64.b64encode(der).decode()})
+                elif self.path == path + "/.well-known/openid-configuration":
+                    token_endpoint = idp.realm_uri + "/protocol/openid-connect/token"
+                    self._json(200, {"issuer": idp.realm_uri, "token_endpoint": token_endpoint})
+                else:
+                    self._json(404, {"error": "not found"})
+
+            def do_POST(self) -> None:
+                if self.path != path + "/protocol/openid-connect/token":
+                    self._json(404, {"error": "not found"})
+                    return
+                length = int(self.headers.get("Content-Length", 0))
+                form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
+                idp.grants.append({k: v for k, v in form.items() if k != "password"})
+                user = form.get("username", "")
+                if form.get("grant_type") == "password" and PASSWORDS.get(user) == form.get("password"):
+                    token = idp.token(roles=(USER, ANNOTATOR), username=user, expires_in=300)
+                    self._json(200, {"access_token": token, "token_type": "Bearer", "expires_in": 300})
+                else:
+                    self._json(401, {"error": "invalid_grant", "error_description": "Invalid user credentials"})
+
+        return Handler
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture(scope="module")
+def idp():
+    provider = LocalIdentityProvider()
+    yield provider
+    provider.stop()
+
+
+@pytest.fixture(scope="module")
+def auth_env(idp) -> dict[str, str]:
+    return {
+        "MONAI_LABEL_AUTH_ENABLE": "true",
+        "MONAI_LABEL_AUTH_REALM_URI": idp.realm_uri,
+        "MONAI_LABEL_AUTH_CLIENT_ID": CLIENT_ID,
+        "MONAI_LABEL_AUTH_TIMEOUT": "5",
+    }
+
+
+@pytest.fixture(scope="module")
+def auth_server(idp, auth_env, random_checkpoint, tmp_path_factory):
+    """The real server, authentication on, on a studies folder of its own (the tests save a label)."""
+    studies = tmp_path_factory.mktemp("auth_studies")
+    write_image(
+        blob_volume((12, 64, 72), radius=10.0),
+        studies / "ct_blob.nii.gz",
+        spacing=(0.8, 0.8, 2.5),
+        origin=(0.0, 0.0, 0.0),
+        direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+    )
+    log = tmp_path_factory.mktemp("auth_logs") / "server.log"
+    conf = {"checkpoint": str(random_checkpoint), "window": "abdomen"}
+    server = start_server(studies, conf, log, env=auth_env, ready_headers=bearer(idp.token(roles=(USER,))))
+    server.studies = studies
+    yield server
+    stop_server(server)
+
+
+ROUTE_LISTER = """
+import json
+from fastapi.routing import APIRoute
+from starlette.routing import Mount, Route
+from monailabel.app import app
+from monailabel.endpoints.user.auth import RBAC
+
+def rbac_roles(calls):
+    return [r for c in calls if isinstance(c, RBAC) for r in ([c.roles] if isinstance(c.roles, str) else c.roles)]
+
+def dependency_calls(dependant):
+    calls = []
+    for dep in dependant.dependencies:
+        calls += [dep.call] + dependency_calls(dep)
+    return calls
+
+def walk(routes, prefix="", router_calls=()):
+    for r in routes:
+        if hasattr(r, "original_router"):  # FastAPI >= 0.13x keeps included routers as such
+            context = r.include_context
+            calls = router_calls + tuple(d.dependency for d in context.dependencies)
+            yield from walk(r.original_router.routes, prefix + context.prefix, calls)
+        elif isinstance(r, APIRoute):
+            roles = rbac_roles(list(router_calls) + dependency_calls(r.dependant))
+            yield {"path": prefix + r.path, "methods": sorted(r.methods), "roles": roles}
+        elif isinstance(r, Route):
+            yield {"path": prefix + r.path, "methods": sorted(r.methods or []), "roles": rbac_roles(router_calls)}
+        elif isinstance(r, Mount):
+            yield {"path": prefix + r.path + "/{path:path}", "methods": ["GET"], "roles": [], "mount": True}
+        else:
+            raise SystemExit(f"unknown route type {type(r)}")
+
+print(json.dumps(list(walk(app.routes))))
+"""
+
+
+@pytest.fixture(scope="module")
+def routes(auth_server, auth_env) -> list[dict]:
+    """Every (method, route) of the app: MONAI Label's (hidden ones too, read from its FastAPI app with
+    authentication on, each with the role its RBAC dependency asks for) and the running server's OpenAPI
+    description (anything the app adds), each with the role its summary documents."""
+    env = {**os.environ, **auth_env}
+    listed = subprocess.run(
+        [sys.executable, "-c", ROUTE_LISTER], capture_output=True, text=True, env=env, timeout=120, check=True
+    )
+    found: dict[tuple[str, str], dict] = {}
+    for r in json.loads(listed.stdout.strip().splitlines()[-1]):
+        for method in r["methods"]:
+            if method != "HEAD" or r["path"] in ("/datastore/image", "/datastore/label"):  # HEAD: auto for GET
+                found[(method, r["path"])] = {"roles": r["roles"], "mount": r.get("mount", False)}
+    schema = requests.get(auth_server.url + "/openapi.json", timeout=30).json()
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            entry = found.setdefault((method.upper(), path), {"roles": [], "mount": False})
+            documented = re.match(r"\s*\|RBAC: ([^|]+)\|", operation.get("summary", ""))
+            entry["documented"] = documented.group(1).strip() if documented else None
+    return [{"method": m, "path": p, **info} for (m, p), info in sorted(found.items())]
+
+
+def concrete(path: str) -> str:
+    """A request path for a route template: ``/infer/{model}`` -> ``/infer/medsam2_2d``."""
+    return re.sub(r"\{(\w+)(:\w+)?\}", lambda m: PATH_VALUES.get(m.group(1), "x"), path)
+
+
+def call(server, method: str, path: str, headers=None, stream=False) -> requests.Response:
+    url = server.url + concrete(path)
+    return requests.request(method, url, headers=headers, timeout=60, allow_redirects=False, stream=stream)
+
+
+def needed_role(route: dict) -> str | None:
+    """The role a route asks for: ours where we tightened it, else the documented one, else MONAI Label's check."""
+    key = (route["method"], route["path"])
+    if key in TIGHTENED:
+        return TIGHTENED[key]
+    if route.get("documented"):
+        return route["documented"]
+    return route["roles"][0] if route["roles"] else None
+
+
+def protected(routes: list[dict]) -> list[dict]:
+    return [r for r in routes if (r["method"], r["path"]) not in PUBLIC and not r["mount"]]
+
+
+def test_routes_cover_the_app(routes):
+    keys = {(r["method"], r["path"]) for r in routes}
+    for must in [
+        ("POST", "/infer/{model}"),
+        ("POST", "/train/{model}"),
+        ("POST", "/train/"),
+        ("PUT", "/datastore/label"),
+        ("GET", "/datastore/"),
+        ("POST", "/activelearning/{strategy}"),
+        ("GET", "/info/"),
+        ("PUT", "/session/"),
+        ("POST", "/scoring/{method}"),
+        ("POST", "/batch/infer/{model}"),
+        ("GET", "/ohif/{path:path}"),
+        ("GET", "/proxy/dicom/{path:path}"),
+        ("POST", "/reload"),
+        ("GET", "/auth/token/valid"),
+    ]:
+        assert must in keys, must
+    assert len(protected(routes)) >= 45, len(protected(routes))
+
+
+def forged_claims() -> dict:
+    return {"preferred_username": "mallory", "realm_access": {"roles": list(ALL_ROLES)}, "exp": int(time.time()) + 600}
+
+
+def hmac_with_public_key(idp: LocalIdentityProvider) -> str:
+    """The algorithm-confusion forgery: HS256 keyed with the (public) RSA key; PyJWT will not make it."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    signing_input = header + "." + b64(json.dumps(forged_claims()).encode())
+    signature = hmac.new(idp.public_pem(), signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + b64(signature)
+
+
+def test_every_route_refuses_missing_and_bad_tokens(auth_server, routes, idp):
+    """No token, garbage, another key's signature, expired, alg none, HMAC keyed with the public key: 401."""
+    hmac_forged = hmac_with_public_key(idp)
+    unsigned = jwt.encode(forged_claims(), None, algorithm="none")
+    bad = {
+        "no token": None,
+        "not a JWT": bearer("not-a-jwt"),
+        "other key": bearer(idp.token(key=idp.other_key)),
+        "expired": bearer(idp.token(expires_in=-120)),
+        "alg none": bearer(unsigned),
+        "HS256 with the public key": bearer(hmac_forged),
+        "no exp": bearer(idp.token(exp=None)),
+        "Basic scheme": {"Authorization": "Basic YWxpY2U6Y29ycmVjdCBob3JzZQ=="},
+    }
+    failures, tried = [], 0
+    for route in protected(routes):
+        for what, headers in bad.items():
+            r = call(auth_server, route["method"], route["path"], headers)
+            tried += 1
+            if r.status_code != 401 or "bearer" not in r.headers.get("www-authenticate", "").lower():
+                failures.append((route["method"], route["path"], what, r.status_code, r.text[:200]))
+    assert not failures, failures
+    print(f"{tried} refused requests on {len(protected(routes))} routes")
+
+
+def test_only_the_documented_paths_are_open(auth_server, routes):
+    opened = set()
+    for route in routes:
+        if not route["mount"] and call(auth_server, route["method"], route["path"]).status_code not in (401, 403):
+            opened.add((route["method"], route["path"]))
+    assert opened == PUBLIC
+    assert call(auth_server, "GET", "/static/favicon.ico").status_code == 200  # static files: open
+    for path in ("/no-such-route", "/info", "/static", "/reload/"):
+        assert call(auth_server, "GET", path).status_code == 401, path  # default deny, even where nothing is
+
+
+def test_every_route_needs_its_role(auth_server, routes, idp):
+    """A valid token without MONAI Label roles, or with every role but the one needed: 403."""
+    roleless = bearer(idp.token(roles=()))
+    no_realm_access = bearer(idp.token(realm_access=None))
+    failures, tried = [], 0
+    for route in protected(routes):
+        expect = 200 if route["path"] == "/auth/token/valid" else 403
+        for what, headers in (("no roles", roleless), ("no realm_access claim", no_realm_access)):
+            r = call(auth_server, route["method"], route["path"], headers)
+            tried += 1
+            if r.status_code != expect:
+                failures.append((route["method"], route["path"], what, r.status_code, r.text[:200]))
+        role = needed_role(route)
+        if role:
+            others = [r for r in ALL_ROLES if r != role]
+            r = call(auth_server, route["method"], route["path"], bearer(idp.token(roles=others)))
+            tried += 1
+            if r.status_code != 403 or (route["method"] != "HEAD" and role not in r.text):  # HEAD: no body
+                failures.append((route["method"], route["path"], f"all but {role}", r.status_code, r.text[:200]))
+    assert not failures, failures
+    print(f"{tried} role checks on {len(protected(routes))} routes")
+
+
+def test_the_needed_role_alone_is_enough_to_read(auth_server, routes, idp):
+    """GET routes with only their role pass the checks (whatever the route then answers)."""
+    checked = 0
+    for route in protected(routes):
+        if route["method"] != "GET" or route["path"].startswith(("/proxy/", "/logs/gpu")):
+            continue  # the DICOMweb proxy and nvidia-smi reach outside the server
+        role = needed_role(route)
+        with call(auth_server, "GET", route["path"], bearer(idp.token(roles=(role,) if role else ())), True) as r:
+            assert r.status_code not in (401, 403), (route, r.status_code, r.text[:200])  # (model download: unread)
+        checked += 1
+    assert checked >= 12
+
+
+def test_odd_tokens_are_refused_not_crashed_on(auth_server, idp):
+    nameless = idp.token(preferred_username=None, sub=None)
+    assert call(auth_server, "GET", "/info/", bearer(nameless)).status_code == 401
+    by_subject = idp.token(preferred_username=None)  # Keycloak service accounts: the subject names the user
+    r = call(auth_server, "GET", "/auth/token/valid", bearer(by_subject))
+    assert r.status_code == 200 and r.json()["roles"] == list(ALL_ROLES)
+    assert call(auth_server, "GET", "/info/", {"Authorization": "Bearer "}).status_code == 401
+
+
+def test_valid_tokens_infer_and_save_a_label(auth_server, idp):
+    user, annotator = bearer(idp.token(roles=(USER,))), bearer(idp.token(roles=(USER, ANNOTATOR)))
+    info = call(auth_server, "GET", "/info/", user)
+    assert info.status_code == 200 and set(info.json()["models"]) >= {"medsam2_2d", "medsam2_3d"}
+
+    params = {"label": "lesion", "roi": [26, 46, 22, 42, 6, 6], "slice": 6, "client_id": "reader-1"}
+    r = requests.post(
+        auth_server.url + "/infer/medsam2_2d?image=ct_blob&output=image",
+        data={"params": json.dumps(params)},
+        headers=user,
+        timeout=300,
+    )
+    assert r.status_code == 200, r.text[:500]
+    answer = auth_server.studies.parent / "auth_answer.nii.gz"
+    answer.write_bytes(r.content)
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(answer)))
+    assert label.shape == (12, 64, 72) and set(np.nonzero(label)[0].tolist()) <= {6}
+
+    saved = auth_server.studies / "labels" / "final" / "ct_blob.nii.gz"
+    url = auth_server.url + "/datastore/label?image=ct_blob&tag=final"
+    with open(answer, "rb") as f:
+        refused = requests.put(url, files={"label": ("label.nii.gz", f)}, headers=user, timeout=60)
+    assert refused.status_code == 403 and ANNOTATOR in refused.text and not saved.exists()
+    with open(answer, "rb") as f:
+        accepted = requests.put(url, files={"label": ("label.nii.gz", f)}, headers=annotator, timeout=60)
+    assert accepted.status_code == 200, accepted.text
+    assert saved.exists()
+
+
+def test_slicer_login_flow(auth_server, idp):
+    """What the 3D Slicer plugin does: ask /auth/, log in at /auth/token (forwarded to the identity provider
+    with MONAI_LABEL_AUTH_CLIENT_ID), check /auth/token/valid, send the token."""
+    about = call(auth_server, "GET", "/auth/").json()
+    assert about == {"enabled": True, "client_id": CLIENT_ID, "realm": idp.realm_uri}
+    login = requests.post(
+        auth_server.url + "/auth/token",
+        data={"username": "alice", "password": PASSWORDS["alice"], "grant_type": "password"},
+        timeout=30,
+    )
+    assert login.status_code == 200, login.text
+    assert idp.grants[-1] == {"client_id": CLIENT_ID, "username": "alice", "grant_type": "password"}
+    token = login.json()["access_token"]
+    valid = call(auth_server, "GET", "/auth/token/valid", bearer(token)).json()
+    assert valid["username"] == "alice" and set(valid["roles"]) == {USER, ANNOTATOR}
+    assert call(auth_server, "GET", "/info/", bearer(token)).status_code == 200
+    wrong = requests.post(auth_server.url + "/auth/token", data={"username": "alice", "password": "guess"}, timeout=30)
+    assert wrong.status_code == 401 and "refused" in wrong.json()["detail"]
+
+
+def test_tokens_never_reach_the_server_log(auth_server, idp):
+    assert call(auth_server, "GET", "/info/", bearer(idp.token(roles=(USER,)))).status_code == 200
+    log = auth_server.log.read_text()
+    assert "401 GET /info/" in log  # refusals are logged (without the token)
+    assert len(idp.issued) > 10
+    leaked = [t for t in idp.issued if t in log or t.split(".")[2] in log]
+    assert not leaked
+    assert "Bearer ey" not in log and "correct horse" not in log
+
+
+def test_reload_needs_an_admin_and_the_app_stays_guarded(auth_server, idp):
+    assert call(auth_server, "POST", "/reload").status_code == 401
+    assert call(auth_server, "POST", "/reload", bearer(idp.token(roles=(USER, ANNOTATOR, REVIEWER)))).status_code == 403
+    assert call(auth_server, "POST", "/reload", bearer(idp.token(roles=(ADMIN,)))).status_code == 200
+    # the app is re-created on the next request: access control is installed again, once
+    assert call(auth_server, "GET", "/info/", bearer(idp.token(roles=(USER,)))).status_code == 200
+    assert call(auth_server, "GET", "/info/").status_code == 401
+    assert call(auth_server, "GET", "/info/", bearer(idp.token(roles=(ADMIN,)))).status_code == 403
+
+
+def test_public_paths_and_roles_follow_the_api_prefix():
+    roles = Roles()
+    assert is_public("/api/auth/token", "/api") and not is_public("/auth/token", "/api")
+    assert is_public("/static/ohif/index.html") and not is_public("/static/../info/")
+    assert not is_public("/auth/token/valid") and not is_public("/reload")
+    assert required_roles("PUT", "/api/model/medsam2", roles, "/api") == (roles.admin,)
+    assert required_roles("GET", "/api/model/medsam2", roles, "/api") == roles.all()  # MONAI Label: admin
+    assert required_roles("GET", "/auth/token/valid", roles) == ()
+
+
+def test_user_fields_from_claims():
+    names = ClaimNames(roles="resource_access#monailabel-app#roles")
+    claims = {"sub": "u-1", "resource_access": {"monailabel-app": {"roles": ["monailabel-user", 7]}}}
+    assert user_fields(claims, names) == {"username": "u-1", "email": None, "name": None, "roles": ["monailabel-user"]}
+    assert user_fields({"sub": "u-1", "resource_access": {"monailabel-app": {"roles": "admin"}}}, names)["roles"] == []
+    with pytest.raises(AccessError, match="names no user") as refused:
+        user_fields({"email": "a@b.example"}, ClaimNames())
+    assert refused.value.status == 401
+
+
+def test_an_unreachable_identity_provider_is_named_in_a_503():
+    realm = f"http://127.0.0.1:{free_port()}/realms/nowhere"  # nothing listens there
+    with pytest.raises(AccessError, match="MONAI_LABEL_AUTH_REALM_URI") as refused:
+        RealmPublicKey(realm, timeout_s=2).get()
+    assert refused.value.status == 503 and realm in refused.value.detail
