@@ -96,7 +96,7 @@ def test_server_starts_training_after_n_final_labels(tmp_path):
         frames, label = learnable_volume(seed, shape=(12, 48, 48))
         write_image(frames.astype(np.int16), studies / f"case{seed}.nii.gz", **geometry)
         write_image(label, labels / f"case{seed}.nii.gz", **geometry)
-    conf = {"checkpoint": str(ckpt), "model_config": str(config), "window": "0,255", "auto_train_after": "2"}
+    conf = {"checkpoint": str(ckpt), "model_config": str(config), "window": "128,256", "auto_train_after": "2"}
     conf.update(epochs="1", steps_per_epoch="1", clip_length="2", max_objects="1")
     server = start_server(studies, conf, tmp_path / "server.log")
 

@@ -143,7 +143,7 @@ def setup(tmp_path):
         write_image(learnable_volume(seed, SHAPE)[0].astype(np.int16), studies / f"case{seed}.nii.gz", **GEOMETRY)
         if seed < 4:
             write_image(label_array(f"case{seed}", 0), studies / "labels" / "final" / f"case{seed}.nii.gz", **GEOMETRY)
-    conf = {"checkpoint": str(ckpt), "model_config": str(config), "window": "0,255"}
+    conf = {"checkpoint": str(ckpt), "model_config": str(config), "window": "128,256"}
     conf |= {"finetuned_checkpoint": str(published), "device": "cpu"}
     return tmp_path, studies, conf, published
 

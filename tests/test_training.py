@@ -80,16 +80,16 @@ def test_train_endpoint_publishes_weights_the_next_inference_uses(tmp_path):
     studies = tmp_path / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
     geometry = dict(spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
-    for seed in range(5):
+    for seed in range(8):  # 7 labelled: 6 train, 1 validation, as many as the learning test trains on
         frames, label = learnable_volume(seed)
         write_image(frames.astype(np.int16), studies / f"case{seed}.nii.gz", **geometry)
-        if seed < 4:  # case4 stays unlabelled: inference and active learning use it
+        if seed != 4:  # case4 stays unlabelled: inference and active learning use it
             write_image(label, studies / "labels" / "final" / f"case{seed}.nii.gz", **geometry)
     model_dir_published = tmp_path / "published.pt"
     conf = {
         "checkpoint": str(ckpt),
         "model_config": str(config),
-        "window": "0,255",
+        "window": "128,256",  # level,width: the uint8 volumes as they are (the learning test's input)
         "finetuned_checkpoint": str(model_dir_published),
     }
     server = start_server(studies, conf, tmp_path / "server.log")

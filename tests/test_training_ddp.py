@@ -213,7 +213,7 @@ def test_trainer_multi_gpu_request_trains_on_two_cpu_ranks(tmp_path, monkeypatch
     published = tmp_path / "model" / "finetuned.pt"
     provider = ModelProvider(resolve_checkpoint(str(ckpt), config=config), torch.device("cpu"), None, published)
     stats = tmp_path / "model" / "train_stats.json"
-    trainer = MedSAM2Trainer(provider, parse_window("0,255"), stats, TrainSettings())
+    trainer = MedSAM2Trainer(provider, parse_window("128,256"), stats, TrainSettings())
     assert trainer.config()["multi_gpu"] is False and trainer.config()["gpus"] == "all"
     request = {"multi_gpu": True, "gpus": "all", "epochs": 1, "steps_per_epoch": 2, "clip_length": 3}
     request.update(max_objects=2, lr=3e-3, grad_clip=1.0, p_box=1.0, val_fraction=0.34)

@@ -42,8 +42,10 @@ logger = logging.getLogger(__name__)
 
 
 def _is_upload(path: str) -> bool:
-    """MONAI Label stores an uploaded image as a temporary file and passes its path as the image id."""
-    return os.path.realpath(path).startswith(os.path.realpath(tempfile.gettempdir()) + os.sep)
+    """MONAI Label stores an uploaded image as a temporary file directly in the temp folder and passes its
+    absolute path as the image id (a relative id such as ``apps`` is never an upload, even when the server runs
+    from a folder under the temp folder)."""
+    return os.path.isabs(path) and os.path.dirname(os.path.realpath(path)) == os.path.realpath(tempfile.gettempdir())
 
 
 def _install_error_handlers() -> None:
