@@ -126,7 +126,7 @@ def test_correction_adds_a_key_slice_and_refines_the_last_mask(model, tmp_path):
     target = first["check_slices"]["lesion"][0]["slice"]
     fix = {"prompts": [{"label": "lesion", "slice": target, "foreground": [[20, 18]]}], "correction": True}
     label, second, _ = seg.segment_3d(str(path), {**fix, "client_id": "c"})
-    assert second["correction"] and second["session"]["reused"]
+    assert second["correction"] and second["session"]["reused"] and "warnings" not in second
     assert sorted(p["slice"] for p in second["prompts_in_session"]) == sorted({6, target})
     session = next(iter(seg.cache._entries.values())).session
     assert ("lesion", target) in session.prompt_masks  # the click refines the mask the user saw there
@@ -139,3 +139,19 @@ def test_correction_adds_a_key_slice_and_refines_the_last_mask(model, tmp_path):
     _, fourth, _ = seg.segment_3d(str(path), first_req)
     assert [p["slice"] for p in fourth["prompts_in_session"]] == [6] and not session.prompt_masks
     assert label.shape == (14, 40, 48)
+
+
+def test_a_correction_on_a_session_without_earlier_prompts_says_so(model, tmp_path):
+    """A session dropped from the cache (or a new client) loses the earlier key slices: the answer must say so."""
+    import SimpleITK as sitk
+
+    path = tmp_path / "vol.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(blob_volume((10, 32, 32), radius=6.0, seed=2)), str(path))
+    seg = _segmenter(model)
+    fix = {"prompts": [{"label": "lesion", "slice": 4, "foreground": [[16, 16]]}], "correction": True}
+    _, out, _ = seg.segment_3d(str(path), {**fix, "client_id": "evicted"})
+    assert not out["session"]["reused"] and len(out["warnings"]) == 1
+    assert "lesion" in out["warnings"][0] and "max_sessions" in out["warnings"][0]
+    assert out["hint"].startswith("Correction of lesion")
+    _, again, _ = seg.segment_3d(str(path), {**fix, "client_id": "evicted"})  # now it has earlier prompts
+    assert "warnings" not in again

@@ -86,6 +86,7 @@ def test_guidance_stop_rule_and_a_correction_through_the_server(server):
     _, corrected = split_multipart(r)
     assert sorted(p["slice"] for p in corrected["prompts_in_session"]) == sorted({8, picks[0]["slice"]})
     assert corrected["session"]["reused"] and corrected["coverage"]["lesion"]["num_slices_propagated"] == 16
+    assert "warnings" not in corrected
     # the stop rule, turned on by the request: a threshold no slice reaches ends both passes after 2 slices
     stop = {**params, "stop_rule": True, "stop_min_object_score": 100, "stop_patience": 2}
     r = infer(server, "medsam2_3d", "ct_blob", stop)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from .prompts import (
 from .propagation import StopRule, compose_labels, propagate_volume, segment_key_slice
 from .volume_io import LoadedImage, load_image
 from .volume_session import SessionCache, VolumeSession, frames_along_axis, frames_to_volume, tensor_bytes
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -208,6 +211,9 @@ class MedSAM2Segmenter:
                 session.prompts.clear()
                 session.prompt_masks.clear()
                 session.last_logits = {}
+            # a correction whose label has no earlier prompts here: the session is new (e.g. evicted from the
+            # cache, see max_sessions) and the earlier key slices are gone; the annotator must be told
+            orphaned = sorted({p.label for p in parsed.prompts if correction and p.label not in session.label_ranges})
             session.add_prompts(parsed.prompts, correction)
             for name in {p.label for p in parsed.prompts}:
                 if not (correction and name in session.label_ranges):
@@ -239,6 +245,15 @@ class MedSAM2Segmenter:
         out["predicted_iou"] = _per_slice_json(result.predicted_iou)
         out["check_slices"] = {name: [p.as_json() for p in picks] for name, picks in to_check.items()}
         out["hint"] = check_hint(to_check)
+        if orphaned:
+            warning = (
+                f"Correction of {', '.join(orphaned)}: this session holds no earlier prompts for it (it is new, or was "
+                "dropped from the server's session cache: --conf max_sessions), so it was propagated from this "
+                "request's prompts alone. Send the earlier key slices again with this correction."
+            )
+            out["warnings"] = [warning]
+            out["hint"] = f"{warning} {out['hint']}"
+            logger.warning("medsam2_3d on %s: %s", image_path, warning)
         out["latencies"] = {
             **timings,
             **result.latencies,
