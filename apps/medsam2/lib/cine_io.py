@@ -179,11 +179,14 @@ def dicom_frame_interval_ms(ds: Any) -> float:
     return 1.0
 
 
-def _refuse_if_too_large(voxels: int, max_voxels: int | None) -> None:
+def refuse_if_too_large(
+    voxels: int, max_voxels: int | None, has: str = "The image has", advice: str = "Crop or shorten the loop"
+) -> None:
+    """413 naming the limit when ``voxels`` (counted before decoding where possible) exceed ``max_voxels``."""
     if max_voxels is not None and voxels > max_voxels:
         raise PromptError(
-            f"The image has {voxels:,} voxels, over this server's limit of {max_voxels:,} "
-            f"(--conf max_voxels). Crop or shorten the loop, or raise the limit.",
+            f"{has} {voxels:,} voxels, over this server's limit of {max_voxels:,} "
+            f"(--conf max_voxels). {advice}, or raise the limit.",
             status=413,
         )
 
@@ -233,7 +236,7 @@ def read_cine_dicom(ds: Any, name: str, max_voxels: int | None) -> FrameSequence
     frames, rows, cols = _number_of_frames(ds), int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows < 1 or cols < 1:
         raise PromptError(f"The DICOM file {name} has no image size (Rows/Columns).", status=415)
-    _refuse_if_too_large(frames * rows * cols, max_voxels)
+    refuse_if_too_large(frames * rows * cols, max_voxels)
     if "PixelData" not in ds:
         raise PromptError(f"The DICOM file {name} holds no pixel data.", status=415)
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
@@ -269,11 +272,11 @@ def read_video_stream(source: str | io.BytesIO, name: str, max_voxels: int | Non
                 raise PromptError(f"The file {name} holds no video stream.", status=415)
             stream = container.streams.video[0]
             rows, cols = stream.codec_context.height, stream.codec_context.width
-            _refuse_if_too_large(int(stream.frames or 0) * rows * cols, max_voxels)
+            refuse_if_too_large(int(stream.frames or 0) * rows * cols, max_voxels)
             for frame in container.decode(stream):
                 if not rows or not cols:
                     rows, cols = frame.height, frame.width
-                _refuse_if_too_large((len(grey_frames) + 1) * rows * cols, max_voxels)
+                refuse_if_too_large((len(grey_frames) + 1) * rows * cols, max_voxels)
                 rgb = frame.to_ndarray(format="rgb24", width=cols, height=rows)
                 grey_frames.append(luminance(rgb))
             rate = stream.average_rate or stream.guessed_rate

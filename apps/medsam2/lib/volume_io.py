@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .cine_io import FrameSequence, grey_from_channels, read_frame_sequence
+from .cine_io import FrameSequence, grey_from_channels, read_frame_sequence, refuse_if_too_large
 from .prompts import PromptError
 
 
@@ -29,6 +29,9 @@ class LoadedImage:
         return tuple(self.reference.GetSpacing())
 
 
+RESAMPLE = "Crop or resample the image"
+
+
 def _read(path: Path, max_voxels: int | None = None) -> sitk.Image:
     if path.is_dir():
         reader = sitk.ImageSeriesReader()
@@ -40,13 +43,8 @@ def _read(path: Path, max_voxels: int | None = None) -> sitk.Image:
             first = sitk.ImageFileReader()
             first.SetFileName(files[0])
             first.ReadImageInformation()
-            voxels = math.prod(first.GetSize()) * len(files)
-            if voxels > max_voxels:
-                raise PromptError(
-                    f"The DICOM series has {len(files):,} slices and {voxels:,} voxels, over this server's limit "
-                    f"of {max_voxels:,} (--conf max_voxels). Crop or resample the series, or raise the limit.",
-                    status=413,
-                )
+            has = f"The DICOM series has {len(files):,} slices and"
+            refuse_if_too_large(math.prod(first.GetSize()) * len(files), max_voxels, has, "Crop or resample the series")
         reader.SetFileNames(files)
         return reader.Execute()
     return sitk.ReadImage(str(path))
@@ -98,16 +96,21 @@ def _gzip_holds(path: Path, needed: int) -> bool:
     return total >= needed
 
 
-def _refuse_truncated_nifti(path: Path) -> None:
-    """ITK reads a NIfTI file (``.nii`` or ``.nii.gz``) whose voxel data is cut short without complaint (the
-    missing voxels become zeros): refuse it (415) when the file holds less data than its header describes."""
-    compressed = path.name.lower().endswith(".gz")
+def _read_header(path: Path) -> sitk.ImageFileReader | None:
+    """The file's image information (size, pixel type) without its voxels; None if ITK cannot read it."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError:
-        return  # unreadable: the full read says so
+        return None
+    return reader
+
+
+def _refuse_truncated_nifti(path: Path, reader: sitk.ImageFileReader) -> None:
+    """ITK reads a NIfTI file (``.nii`` or ``.nii.gz``) whose voxel data is cut short without complaint (the
+    missing voxels become zeros): refuse it (415) when the file holds less data than its header describes."""
+    compressed = path.name.lower().endswith(".gz")
     component_bytes = sitk.Image([1, 1], reader.GetPixelID()).GetSizeOfPixelComponent()
     data_bytes = math.prod(reader.GetSize()) * reader.GetNumberOfComponents() * component_bytes
     try:
@@ -138,22 +141,14 @@ def load_image(path: str | os.PathLike, max_voxels: int | None = None) -> Loaded
         sequence = read_frame_sequence(p, max_voxels)
         if sequence is not None:
             return _from_frames(sequence)
-    if max_voxels is not None and p.is_file():
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(p))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            raise PromptError(f"The image file {p.name} cannot be read as a medical image.", status=415) from None
-        voxels = int(np.prod(reader.GetSize()))
-        if voxels > max_voxels:
-            raise PromptError(
-                f"The image has {voxels:,} voxels, over this server's limit of {max_voxels:,} "
-                f"(--conf max_voxels). Crop or resample the image, or raise the limit.",
-                status=413,
-            )
-    if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")):
-        _refuse_truncated_nifti(p)
+    if p.is_file() and (max_voxels is not None or p.name.lower().endswith((".nii", ".nii.gz"))):
+        header = _read_header(p)
+        if header is None and max_voxels is not None:
+            raise PromptError(f"The image file {p.name} cannot be read as a medical image.", status=415)
+        if header is not None:  # else (no limit set) the full read below says why it cannot be read
+            refuse_if_too_large(math.prod(header.GetSize()), max_voxels, advice=RESAMPLE)
+            if p.name.lower().endswith((".nii", ".nii.gz")):
+                _refuse_truncated_nifti(p, header)
     try:
         image = _read(p, max_voxels)
     except RuntimeError as e:
@@ -167,8 +162,7 @@ def load_image(path: str | os.PathLike, max_voxels: int | None = None) -> Loaded
     if image.GetDimension() != 3:
         raise PromptError(f"Only 2D and 3D images are supported; this one has {image.GetDimension()} dimensions.", 415)
     array = sitk.GetArrayFromImage(image)
-    if max_voxels is not None and array.size > max_voxels:
-        raise PromptError(f"The image has {array.size:,} voxels, over the limit of {max_voxels:,}.", status=413)
+    refuse_if_too_large(array.size, max_voxels, advice=RESAMPLE)
     reference = sitk.Image(image.GetSize(), sitk.sitkUInt8)
     reference.CopyInformation(image)
     return LoadedImage(array, reference)
