@@ -14,7 +14,7 @@ import torch
 from conftest import start_server, stop_server, write_image
 from lib.checkpoints import MEDSAM2_CONFIG, build_model, load_model, resolve_checkpoint, save_checkpoint
 from lib.finetune import Study, TrainSettings, train
-from sam2_testing import SMALL_OVERRIDES
+from sam2_testing import SMALL_OVERRIDES, small_config_file
 
 
 def learnable_volume(seed: int, shape=(20, 48, 48)) -> tuple[np.ndarray, np.ndarray]:
@@ -60,20 +60,12 @@ def test_training_from_random_weights_raises_held_out_propagated_dice(tmp_path):
     assert all(0 <= e.val_nsd <= 1 for e in result.epochs) and result.epochs[-1].slices_per_second > 0
     # what was published is the best epoch, and it loads strictly through the users' code path
     assert published and max(d for d, _ in published) == pytest.approx(result.best_dice)
-    reloaded = load_model(resolve_checkpoint(str(published[-1][1]), config=_small_config(tmp_path)))
+    reloaded = load_model(resolve_checkpoint(str(published[-1][1]), config=small_config_file(tmp_path, 256)))
     assert reloaded is not None
 
 
-def _small_config(tmp_path):
-    """The MedSAM2 config at 256 input, as a YAML file a server can be started with (--conf model_config)."""
-    text = MEDSAM2_CONFIG.read_text().replace("image_size: 512", "image_size: 256").replace("[32, 32]", "[16, 16]")
-    path = tmp_path / "medsam2_256.yaml"
-    path.write_text(text)
-    return path
-
-
 def test_train_endpoint_publishes_weights_the_next_inference_uses(tmp_path):
-    config = _small_config(tmp_path)
+    config = small_config_file(tmp_path, 256)
     torch.manual_seed(0)
     ckpt = tmp_path / "random_small.pt"
     save_checkpoint(build_model(config), ckpt)
