@@ -34,6 +34,8 @@ from lib.cine_io import VIDEO_SUFFIXES, is_multiframe_dicom
 from lib.durable_datastore import DurableLocalDatastore
 from lib.infer_route import serve_infer_in_threads
 from lib.model_provider import pick_device
+from lib.pacs_datastore import DEFAULT_TIMEOUT_S, PacsDatastore, PacsUnavailable, PacsUploadFailed, TimeoutSession
+from lib.pacs_proxy import install_pacs_proxy
 from lib.prompts import PromptError
 from lib.request_guard import RequestRefused
 from lib.request_guard import install as install_request_guard
@@ -58,12 +60,33 @@ def _install_error_handlers() -> None:
     async def bad_json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
         return JSONResponse(status_code=400, content={"detail": f"'params' is not valid JSON: {exc.msg}."})
 
-    if json.JSONDecodeError not in server.exception_handlers:
-        server.add_exception_handler(json.JSONDecodeError, bad_json)
-        server.middleware_stack = None  # rebuilt with the handler on the next request
+    async def pacs_unavailable(request: Request, exc: PacsUnavailable) -> JSONResponse:
+        return JSONResponse(
+            status_code=exc.status, content={"detail": str(exc)}, headers={"Retry-After": str(exc.retry_after_s)}
+        )
+
+    async def pacs_upload_failed(request: Request, exc: PacsUploadFailed) -> JSONResponse:
+        return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
+
+    handlers = {json.JSONDecodeError: bad_json, PacsUnavailable: pacs_unavailable, PacsUploadFailed: pacs_upload_failed}
+    for exc_class, handler in handlers.items():
+        if exc_class not in server.exception_handlers:
+            server.add_exception_handler(exc_class, handler)
+            server.middleware_stack = None  # rebuilt with the handler on the next request
 
 
 AUTO_TRAIN_MODEL = "medsam2"
+
+
+def _dicomweb_timeout_s(conf: dict[str, str]) -> float:
+    text = conf.get("dicomweb_timeout_s", str(DEFAULT_TIMEOUT_S))
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise SystemExit(f"--conf dicomweb_timeout_s must be seconds between 0 and 3600, got {text!r}")
+    return value
 
 
 def _auto_train_after(conf: dict[str, str]) -> int:
@@ -143,6 +166,8 @@ class MedSAM2App(MONAILabelApp):
         serve_infer_in_threads(self.admission.settings.max_concurrent + self.admission.settings.max_queued + 4)
         self.auto_train = AutoTrain(_auto_train_after(conf))
         self._saved_label_tag = threading.local()
+        self.dicomweb_timeout_s = _dicomweb_timeout_s(conf)
+        install_pacs_proxy(self.dicomweb_timeout_s)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -155,7 +180,9 @@ class MedSAM2App(MONAILabelApp):
             logger.warning("--conf auto_train_after ignored: no %r trainer (training tasks are off)", AUTO_TRAIN_MODEL)
 
     def init_datastore(self) -> Datastore:
-        if self.studies.startswith(("http://", "https://")):
+        if self.studies.startswith(("http://", "https://")) and "googleapis.com" not in self.studies:
+            datastore = self._init_pacs_datastore()
+        elif self.studies.startswith(("http://", "https://")):
             datastore = super().init_datastore()
         else:
             patterns = [*settings.MONAI_LABEL_DATASTORE_FILE_EXT]
@@ -169,6 +196,33 @@ class MedSAM2App(MONAILabelApp):
         if self.auto_train.enabled:
             self._remember_label_tags(datastore)
         return datastore
+
+    def _init_pacs_datastore(self) -> PacsDatastore:
+        """DICOMweb with timeouts, 503s and SEG final labels (:mod:`lib.pacs_datastore`)."""
+        from monailabel.datastore.dicom import DICOMwebClientX
+
+        user = settings.MONAI_LABEL_DATASTORE_USERNAME or settings.MONAI_LABEL_DICOMWEB_USERNAME
+        password = settings.MONAI_LABEL_DATASTORE_PASSWORD or settings.MONAI_LABEL_DICOMWEB_PASSWORD
+        session = TimeoutSession(self.dicomweb_timeout_s, (user, password) if user and password else None)
+        client = DICOMwebClientX(
+            url=self.studies,
+            session=session,
+            qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+            wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+            stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
+        )
+        cache = (settings.MONAI_LABEL_DATASTORE_CACHE_PATH or settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
+        label_names: dict[str, int] = {}
+        for task_config in self.models.values():
+            label_names.update({k: v for k, v in getattr(task_config, "labels", {}).items() if k not in label_names})
+        return PacsDatastore(
+            client,
+            settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
+            cache or None,
+            label_names,
+            timeout_s=self.dicomweb_timeout_s,
+            fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+        )
 
     def _remember_label_tags(self, datastore: Datastore) -> None:
         """MONAI Label's ``on_save_label`` is not told the tag: note it when the datastore saves (same thread)."""

@@ -1,0 +1,388 @@
+"""MONAI Label's DICOMweb datastore, made fit to run next to a hospital PACS.
+
+What MONAI Label 0.8.5's ``DICOMWebDatastore`` does, and what this changes:
+
+- No timeout on any PACS request, and a PACS that is down turns into a 500 with a stack trace: here every
+  request has a connect/read timeout (``--conf dicomweb_timeout_s``) and failures answer 503 with a message
+  naming the PACS (:class:`PacsUnavailable`); ``/info`` keeps answering.
+- A series download that is interrupted stays in the cache as a partial series, used from then on: here a
+  series is downloaded into a temporary folder and renamed into place when complete.
+- The SEG is written with label names taken by list position and uploaded before the label is kept: if the
+  upload fails the label is lost (500). Here the label is saved locally first, then sent; a failed upload keeps
+  it, marks it ``pacs_upload: failed`` and answers 502 saying so; later saves and ``datalist`` send it again,
+  and a label whose upload has not gone through is never removed to mirror the PACS.
+- Several SEGs of one series (every save uploads one) are listed as several labels, and which one a cold
+  cache reads is left to the PACS's answer order: here the newest SEG (SeriesDate/SeriesTime) is the label,
+  and one read on another cache or after a restart is resampled onto the image's voxel grid.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pydicom
+import requests
+import SimpleITK as sitk
+from dicomweb_client import DICOMwebClient
+from fastapi import HTTPException
+from filelock import FileLock
+from monailabel.datastore.dicom import DICOMWebDatastore
+from monailabel.datastore.utils.convert import binary_to_image, dicom_to_nifti
+from monailabel.interfaces.datastore import DefaultLabelTag
+from pydicom.dataset import Dataset
+
+from lib.dicom_seg import (
+    SegError,
+    label_on_image_grid,
+    read_dicom_seg,
+    referenced_series,
+    segments_for,
+    write_dicom_seg,
+)
+from lib.durable_datastore import DurableLocalDatastore, check_writable_names
+
+logger = logging.getLogger(__name__)
+
+FINAL = DefaultLabelTag.FINAL.value
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class PacsUnavailable(Exception):
+    """The PACS did not answer (down, unreachable, too slow) or answered with a server error."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after_s: int = 10):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class PacsUploadFailed(Exception):
+    """The label is kept on this server, but the PACS did not take its DICOM SEG."""
+
+    status = 502
+
+
+class TimeoutSession(requests.Session):
+    """A requests session whose every request has a (connect, read) timeout unless the caller gives one."""
+
+    def __init__(self, timeout_s: float, auth: tuple[str, str] | None = None):
+        super().__init__()
+        self.timeout_s = timeout_s
+        if auth:
+            self.auth = auth
+
+    def request(self, method, url, **kwargs):  # type: ignore[override]
+        kwargs.setdefault("timeout", (min(self.timeout_s, 10.0), self.timeout_s))
+        return super().request(method, url, **kwargs)
+
+
+def describe_failure(base_url: str, what: str, error: Exception, timeout_s: float) -> str:
+    """One sentence an administrator can act on."""
+    if isinstance(error, requests.Timeout):
+        cause = f"it did not answer within {timeout_s:g} s (--conf dicomweb_timeout_s)"
+    elif isinstance(error, requests.ConnectionError):
+        cause = "it could not be reached (is it running, and is the address right?)"
+    elif isinstance(error, requests.HTTPError) and error.response is not None:
+        cause = f"it answered HTTP {error.response.status_code}"
+    else:
+        cause = f"{type(error).__name__}: {str(error)[:200]}"
+    return f"The PACS at {base_url} failed while {what}: {cause}. Retry when the PACS is back."
+
+
+class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
+    """DICOMweb images and DICOM SEG final labels, with a crash-safe local cache (see the module docstring)."""
+
+    def __init__(
+        self,
+        client: DICOMwebClient,
+        search_filter: dict[str, Any],
+        cache_path: str | None,
+        label_names: dict[str, int],
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        fetch_by_frame: bool = False,
+    ):
+        self.timeout_s = timeout_s
+        self.label_names = dict(label_names)
+        self._series_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._seg_view: tuple[float, dict[str, dict[str, str]]] | None = None
+        super().__init__(client, search_filter, cache_path, fetch_by_frame=fetch_by_frame, convert_to_nifti=True)
+        for folder in (self._datastore.image_path(), self._datastore.label_path(FINAL)):
+            if os.path.isdir(folder):  # downloads a killed server left half done
+                for name in os.listdir(folder):
+                    if ".partial-" in name:
+                        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+    # ----- calls to the PACS --------------------------------------------------------------------------------
+    def _pacs(self, what: str, call, *args, **kwargs):
+        try:
+            return call(*args, **kwargs)
+        except requests.RequestException as e:
+            if isinstance(e, requests.HTTPError) and e.response is not None and e.response.status_code < 500:
+                raise
+            message = describe_failure(self._client.base_url, what, e, self.timeout_s)
+            logger.error(message)
+            raise PacsUnavailable(message) from None
+
+    def _series_lock(self, series_uid: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._series_locks.setdefault(series_uid, threading.Lock())
+
+    def list_images(self) -> list[str]:
+        return self._pacs("listing the image series", super().list_images)
+
+    def _dicom_info(self, series_id):
+        return self._pacs(f"looking up series {series_id}", super()._dicom_info, series_id)
+
+    def _download_series(self, series_uid: str, target: str) -> None:
+        """Download a series into ``target`` all at once: a temporary folder renamed when complete."""
+        if os.path.isdir(target) and os.listdir(target):
+            return
+        partial = f"{target}.partial-{os.getpid()}-{threading.get_ident()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            self._pacs(
+                f"sending series {series_uid}",
+                _download,
+                series_uid,
+                partial,
+                self._client,
+                self._fetch_by_frame,
+            )
+            if not os.listdir(partial):
+                raise HTTPException(status_code=404, detail=f"The PACS has no instances in series {series_uid}.")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(partial, target)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+
+    # ----- images -------------------------------------------------------------------------------------------
+    def get_image_uri(self, image_id: str) -> str:
+        check_writable_names(image_id)
+        image_nii = os.path.realpath(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
+        with self._series_lock(image_id):
+            if os.path.exists(image_nii) and image_id in self._datastore.objects:
+                return image_nii
+            series_dir = os.path.join(self._datastore.image_path(), image_id)
+            self._download_series(image_id, series_dir)
+            converted = dicom_to_nifti(series_dir)
+            try:
+                DurableLocalDatastore.add_image(self, image_id, converted, self._dicom_info(image_id))
+            finally:
+                os.unlink(converted)
+        return image_nii
+
+    # ----- labels: the PACS's view --------------------------------------------------------------------------
+    def latest_segs(self, max_age_s: float = 5.0) -> dict[str, dict[str, str]]:
+        """``{image series uid: {"seg": SEG series uid, "study": study uid}}``, the newest SEG per image series
+        among the listed images (SEGs that reference none of them are ignored)."""
+        if self._seg_view and time.time() - self._seg_view[0] < max_age_s:
+            return self._seg_view[1]
+        found = self._pacs(
+            "listing the DICOM SEG series",
+            self._client.search_for_series,
+            search_filters={"Modality": "SEG"},
+            fields=["SeriesDate", "SeriesTime"],
+        )
+        images = set(self.list_images())
+        newest: dict[str, tuple[str, dict[str, str]]] = {}
+        for item in found:
+            seg = Dataset.from_json(item)
+            seg_uid, study_uid = str(seg.SeriesInstanceUID), str(seg.StudyInstanceUID)
+            meta = self._pacs(
+                f"reading SEG series {seg_uid}", self._client.retrieve_series_metadata, study_uid, seg_uid
+            )
+            source = referenced_series(Dataset.from_json(meta[0])) if meta else ""
+            if source not in images:
+                continue
+            when = f"{seg.get('SeriesDate', '')}{str(seg.get('SeriesTime', '')).ljust(13, '0')}"
+            if source not in newest or when > newest[source][0]:
+                newest[source] = (when, {"seg": seg_uid, "study": study_uid})
+        view = {image: entry for image, (_, entry) in newest.items()}
+        self._seg_view = (time.time(), view)
+        return view
+
+    def _local_final(self, image_id: str) -> dict[str, Any] | None:
+        obj = self._datastore.objects.get(image_id)
+        label = obj.labels.get(FINAL) if obj else None
+        return label.info if label else None
+
+    def _unsent(self) -> list[str]:
+        return [
+            image_id
+            for image_id, obj in self._datastore.objects.items()
+            if FINAL in obj.labels and obj.labels[FINAL].info.get("pacs_upload", {}).get("status") != "sent"
+        ]
+
+    def _sync_final_labels(self) -> None:
+        """Make the local final labels the PACS's newest SEG per image; labels not yet sent are kept."""
+        view = self.latest_segs(max_age_s=0)
+        for image_id, entry in view.items():
+            info = self._local_final(image_id)
+            if info and info.get("SeriesInstanceUID") == entry["seg"] and os.path.exists(self._final_path(image_id)):
+                continue
+            if info and info.get("pacs_upload", {}).get("status") not in (None, "sent"):
+                continue  # a newer local label waits to be sent: it wins over the PACS's copy
+            self._read_seg_into_cache(image_id, entry)
+        for image_id in list(self._datastore.objects):
+            info = self._local_final(image_id)
+            if info is None or image_id in view:
+                continue
+            if info.get("pacs_upload", {}).get("status") == "sent":
+                logger.info("Final label of %s: its SEG is no longer in the PACS; removed from the cache", image_id)
+                DurableLocalDatastore.remove_label(self, image_id, FINAL)
+
+    def _final_path(self, image_id: str) -> str:
+        info = self._local_final(image_id) or {}
+        return os.path.join(self._datastore.label_path(FINAL), info.get("name", f"{image_id}.nii.gz"))
+
+    def _read_seg_into_cache(self, image_id: str, entry: dict[str, str]) -> None:
+        image_nii = self.get_image_uri(image_id)
+        seg_dir = os.path.join(self._datastore.label_path(FINAL), entry["seg"])
+        self._download_series(entry["seg"], seg_dir)
+        files = sorted(os.listdir(seg_dir))
+        label = read_dicom_seg(os.path.join(seg_dir, files[0]), sitk.ReadImage(image_nii), self.label_names)
+        with tempfile.TemporaryDirectory(prefix="medsam2-seg-") as tmp:
+            path = os.path.join(tmp, f"{image_id}.nii.gz")
+            sitk.WriteImage(label, path, True)
+            info = {"SeriesInstanceUID": entry["seg"], "pacs_upload": {"status": "sent"}, "source": "pacs"}
+            DurableLocalDatastore.save_label(self, image_id, path, FINAL, info)
+        shutil.rmtree(seg_dir, ignore_errors=True)
+
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        if label_tag != FINAL:
+            return DurableLocalDatastore.get_label_uri(self, label_id, label_tag)
+        image_id = image_id or label_id
+        if self._local_final(image_id) is None:
+            self._sync_final_labels()
+        return DurableLocalDatastore.get_label_uri(self, image_id, FINAL)
+
+    def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        if label_tag not in (None, FINAL):
+            return DurableLocalDatastore.get_labeled_images(self, label_tag, labels)
+        return sorted(set(self.latest_segs()) | set(self._unsent()))
+
+    def get_unlabeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        labeled = set(self.get_labeled_images(label_tag, labels))
+        return [image for image in self.list_images() if image not in labeled]
+
+    def status(self) -> dict[str, Any]:
+        """``/info``'s datastore part; a PACS that is down is reported, not raised."""
+        try:
+            return {
+                **DurableLocalDatastore.status(self),
+                "pacs": self._client.base_url,
+                "labels_not_sent": len(self._unsent()),
+            }
+        except PacsUnavailable as e:
+            return {"pacs": self._client.base_url, "error": str(e), "labels_not_sent": len(self._unsent())}
+
+    def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
+        """Image and final label files for training: unsent labels are sent first, then the PACS's newest SEG
+        of every image series is its label."""
+        self.send_unsent_labels()
+        self._sync_final_labels()
+        return DurableLocalDatastore.datalist(self, full_path)
+
+    # ----- saving -------------------------------------------------------------------------------------------
+    def save_label(
+        self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], label_id: str = ""
+    ) -> str:
+        """Keep the label on this server first; a final label then goes to the PACS as a DICOM SEG."""
+        check_writable_names(image_id, label_tag)
+        image_nii = self.get_image_uri(image_id)
+        converted = ""
+        if label_filename.endswith(".bin"):  # OHIF: raw voxels in the image's shape
+            try:
+                converted = label_filename = binary_to_image(image_nii, label_filename)
+            except ValueError as e:
+                raise HTTPException(
+                    status_code=422, detail=f"Label not saved: the raw label does not fit the image ({e})."
+                ) from None
+        try:
+            if label_tag != FINAL:
+                return DurableLocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+            try:
+                label = label_on_image_grid(label_filename, sitk.ReadImage(image_nii))
+            except SegError as e:
+                raise HTTPException(status_code=422, detail=f"Label not saved: {e}") from None
+            except RuntimeError as e:
+                detail = f"Label not saved: cannot read the label file ({e})."
+                raise HTTPException(status_code=415, detail=detail) from None
+            with tempfile.TemporaryDirectory(prefix="medsam2-label-") as tmp:
+                path = os.path.join(tmp, f"{image_id}.nii.gz")
+                sitk.WriteImage(label, path, True)
+                info = {**(label_info or {}), "pacs_upload": {"status": "pending"}}
+                DurableLocalDatastore.save_label(self, image_id, path, FINAL, info)
+        finally:
+            if converted:
+                os.unlink(converted)
+        self._seg_view = None
+        self._send(image_id, raise_on_failure=True)
+        self.send_unsent_labels()
+        return image_id
+
+    def send_unsent_labels(self) -> list[str]:
+        """Send every final label whose SEG has not reached the PACS yet; returns those still not sent."""
+        return [image_id for image_id in self._unsent() if not self._send(image_id, raise_on_failure=False)]
+
+    def _send(self, image_id: str, raise_on_failure: bool) -> bool:
+        info = self._local_final(image_id)
+        if info is None or info.get("pacs_upload", {}).get("status") == "sent":
+            return True
+        try:
+            self.get_image_uri(image_id)  # the series files the SEG references
+            label = sitk.ReadImage(self._final_path(image_id))
+            values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label)) if v]
+            segments = segments_for(values, info.get("label_info"), self.label_names)
+            seg = write_dicom_seg(
+                label,
+                os.path.join(self._datastore.image_path(), image_id),
+                segments,
+                series_description=f"MedSAM2 {info.get('model', '')}".strip(),
+                creator=str(info.get("user") or ""),
+            )
+            self._pacs(f"storing the DICOM SEG of series {image_id}", self._client.store_instances, [seg])
+            sent = {"status": "sent", "at": int(time.time())}
+            info = {**info, "SeriesInstanceUID": str(seg.SeriesInstanceUID), "pacs_upload": sent}
+        except (PacsUnavailable, requests.RequestException, SegError, RuntimeError, OSError) as e:
+            message = str(e) if isinstance(e, (PacsUnavailable, SegError)) else f"{type(e).__name__}: {e}"
+            failed = {"status": "failed", "error": message[:500], "at": int(time.time())}
+            self._update_label_info(image_id, {**info, "pacs_upload": failed})
+            logger.error("Final label of %s kept on this server, not in the PACS: %s", image_id, message)
+            if raise_on_failure:
+                raise PacsUploadFailed(
+                    f"The label of {image_id} is saved on the MONAI Label server, but storing it in the PACS as "
+                    f"DICOM SEG failed: {message} It is kept and sent again with the next save or training run."
+                ) from None
+            return False
+        self._update_label_info(image_id, info)
+        self._seg_view = None
+        return True
+
+    def _update_label_info(self, image_id: str, info: dict[str, Any]) -> None:
+        with FileLock(self._lock_file):
+            obj = self._datastore.objects.get(image_id)
+            if obj and FINAL in obj.labels:
+                obj.labels[FINAL].info = info
+                self._write_index(lock=False)
+
+
+def _download(series_uid: str, folder: str, client: DICOMwebClient, by_frame: bool) -> None:
+    from monailabel.datastore.utils.dicom import dicom_web_download_series
+
+    os.makedirs(folder, exist_ok=True)
+    try:
+        dicom_web_download_series(None, series_uid, folder, client, by_frame)
+    except IndexError:  # the series search found nothing
+        raise HTTPException(status_code=404, detail=f"The PACS has no series {series_uid}.") from None
+    for name in os.listdir(folder):  # a SEG or a series of files, each must parse
+        pydicom.dcmread(os.path.join(folder, name), stop_before_pixels=True)

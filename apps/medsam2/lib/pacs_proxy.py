@@ -1,0 +1,85 @@
+"""MONAI Label's DICOMweb proxy (``/proxy/dicom/...``, what OHIF loads studies through), with a timeout.
+
+MONAI Label 0.8.5 forwards each request with ``requests`` inside an ``async`` handler and no timeout: one
+request to a PACS that hangs blocks the server's event loop for good (every endpoint, ``/info/`` included),
+and a PACS that is down answers 500 with a stack trace. Here the forwarding runs in a thread with a
+(connect, read) timeout, and a PACS that fails answers 503 with a message naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import requests
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+logger = logging.getLogger(__name__)
+
+
+def _prefix(settings, op: str, path: str) -> str:
+    if op == "wado" or (op == "qido" and path.endswith("metadata")):  # some OHIF versions ask QIDO for metadata
+        return settings.MONAI_LABEL_WADO_PREFIX
+    if op == "qido":
+        return settings.MONAI_LABEL_QIDO_PREFIX
+    if op == "stow":
+        return settings.MONAI_LABEL_STOW_PREFIX
+    return ""
+
+
+def install_pacs_proxy(timeout_s: float) -> bool:
+    """Replace the function MONAI Label's proxy routes call; False outside the server."""
+    try:
+        from monailabel.config import settings
+        from monailabel.endpoints import proxy
+    except Exception:
+        return False
+    if getattr(proxy.proxy_dicom, "_medsam2_timeout", None) is not None:
+        proxy.proxy_dicom._medsam2_timeout = timeout_s
+        return True
+    google_proxy = proxy.proxy_dicom
+
+    async def proxy_dicom(request: Request, op: str, path: str):
+        server = settings.MONAI_LABEL_STUDIES.rstrip("/")
+        if "googleapis.com" in server:  # needs Google credentials: MONAI Label's own code
+            return await google_proxy(request, op, path)
+        prefix = _prefix(settings, op, path)
+        url = f"{server}/{prefix}/{path}" if prefix else f"{server}/{path}"
+        user = settings.MONAI_LABEL_DATASTORE_USERNAME or settings.MONAI_LABEL_DICOMWEB_USERNAME
+        password = settings.MONAI_LABEL_DATASTORE_PASSWORD or settings.MONAI_LABEL_DICOMWEB_PASSWORD
+        auth = (user, password) if user and password else None
+        body = await request.body() if request.method == "POST" else None
+        headers = dict(request.headers) if request.method == "POST" else {}
+        headers.pop("host", None)
+        limit = proxy_dicom._medsam2_timeout
+
+        def forward() -> requests.Response:
+            return requests.request(
+                request.method,
+                url,
+                params=dict(request.query_params),
+                data=body,
+                headers=headers,
+                auth=auth,
+                timeout=(min(limit, 10.0), limit),
+            )
+
+        try:
+            answer = await run_in_threadpool(forward)
+        except requests.RequestException as e:
+            from lib.pacs_datastore import describe_failure
+
+            message = describe_failure(server, f"serving {request.method} {op or 'dicom'}/{path}", e, limit)
+            logger.error(message)
+            return JSONResponse(status_code=503, content={"detail": message}, headers={"Retry-After": "10"})
+        passed = {
+            k: v
+            for k, v in answer.headers.items()
+            if k.lower() not in ("content-encoding", "content-length", "transfer-encoding", "connection")
+        }
+        return Response(content=answer.content, status_code=answer.status_code, headers=passed)
+
+    proxy_dicom._medsam2_timeout = timeout_s  # type: ignore[attr-defined]
+    proxy.proxy_dicom = proxy_dicom
+    return True
