@@ -78,14 +78,14 @@ def _install_error_handlers() -> None:
 AUTO_TRAIN_MODEL = "medsam2"
 
 
-def _dicomweb_timeout_s(conf: dict[str, str]) -> float:
-    text = conf.get("dicomweb_timeout_s", str(DEFAULT_TIMEOUT_S))
+def _seconds(conf: dict[str, str], key: str, default: float) -> float:
+    text = conf.get(key, str(default))
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not 0 < value <= 3600:
-        raise SystemExit(f"--conf dicomweb_timeout_s must be seconds between 0 and 3600, got {text!r}")
+        raise SystemExit(f"--conf {key} must be seconds between 0 and 3600, got {text!r}")
     return value
 
 
@@ -166,7 +166,7 @@ class MedSAM2App(MONAILabelApp):
         serve_infer_in_threads(self.admission.settings.max_concurrent + self.admission.settings.max_queued + 4)
         self.auto_train = AutoTrain(_auto_train_after(conf))
         self._saved_label_tag = threading.local()
-        self.dicomweb_timeout_s = _dicomweb_timeout_s(conf)
+        self.dicomweb_timeout_s = _seconds(conf, "dicomweb_timeout_s", DEFAULT_TIMEOUT_S)
         install_pacs_proxy(self.dicomweb_timeout_s)
         super().__init__(
             app_dir=app_dir,
@@ -222,6 +222,7 @@ class MedSAM2App(MONAILabelApp):
             label_names,
             timeout_s=self.dicomweb_timeout_s,
             fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+            resend_every_s=_seconds(self.conf, "pacs_resend_every_s", 30.0),
         )
 
     def _remember_label_tags(self, datastore: Datastore) -> None:

@@ -108,36 +108,61 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         label_names: dict[str, int],
         timeout_s: float = DEFAULT_TIMEOUT_S,
         fetch_by_frame: bool = False,
+        resend_every_s: float = 0.0,
     ):
         self.timeout_s = timeout_s
+        # dicomweb-client retries a failed request up to 5 times with back-off (~50 s at a 4 s timeout): one
+        # try, so a request fails within the configured timeout; the viewers and the resend thread retry.
+        client.set_http_retry_params(retry=False)
+        self._send_lock = threading.Lock()
         self.label_names = dict(label_names)
         self._series_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._seg_view: tuple[float, dict[str, dict[str, str]]] | None = None
+        self._seg_sources: dict[str, str] = {}  # SEG series uid -> image series uid (never changes)
+        self._known_images: list[str] = []
+        self._last_failure: str | None = None
         super().__init__(client, search_filter, cache_path, fetch_by_frame=fetch_by_frame, convert_to_nifti=True)
         for folder in (self._datastore.image_path(), self._datastore.label_path(FINAL)):
             if os.path.isdir(folder):  # downloads a killed server left half done
                 for name in os.listdir(folder):
                     if ".partial-" in name:
                         shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        if resend_every_s > 0:
+            threading.Thread(target=self._resend_loop, args=(resend_every_s,), daemon=True, name="pacs-resend").start()
+
+    def _resend_loop(self, every_s: float) -> None:
+        """Send labels whose upload failed (PACS down) once the PACS is back, without waiting for a user."""
+        while True:
+            time.sleep(every_s)
+            try:
+                if self._unsent():
+                    still = self.send_unsent_labels()
+                    logger.info("Labels not yet in the PACS: %d", len(still))
+            except Exception as e:  # never let the thread die: next round tries again
+                logger.warning("Sending labels to the PACS failed: %s", e)
 
     # ----- calls to the PACS --------------------------------------------------------------------------------
     def _pacs(self, what: str, call, *args, **kwargs):
         try:
-            return call(*args, **kwargs)
+            result = call(*args, **kwargs)
         except requests.RequestException as e:
             if isinstance(e, requests.HTTPError) and e.response is not None and e.response.status_code < 500:
                 raise
             message = describe_failure(self._client.base_url, what, e, self.timeout_s)
             logger.error(message)
+            self._last_failure = message
             raise PacsUnavailable(message) from None
+        self._last_failure = None
+        return result
 
     def _series_lock(self, series_uid: str) -> threading.Lock:
         with self._locks_guard:
             return self._series_locks.setdefault(series_uid, threading.Lock())
 
     def list_images(self) -> list[str]:
-        return self._pacs("listing the image series", super().list_images)
+        self._known_images = self._pacs("listing the image series", super().list_images)
+        return self._known_images
 
     def _dicom_info(self, series_id):
         return self._pacs(f"looking up series {series_id}", super()._dicom_info, series_id)
@@ -197,10 +222,12 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         for item in found:
             seg = Dataset.from_json(item)
             seg_uid, study_uid = str(seg.SeriesInstanceUID), str(seg.StudyInstanceUID)
-            meta = self._pacs(
-                f"reading SEG series {seg_uid}", self._client.retrieve_series_metadata, study_uid, seg_uid
-            )
-            source = referenced_series(Dataset.from_json(meta[0])) if meta else ""
+            if seg_uid not in self._seg_sources:
+                meta = self._pacs(
+                    f"reading SEG series {seg_uid}", self._client.retrieve_series_metadata, study_uid, seg_uid
+                )
+                self._seg_sources[seg_uid] = referenced_series(Dataset.from_json(meta[0])) if meta else ""
+            source = self._seg_sources[seg_uid]
             if source not in images:
                 continue
             when = f"{seg.get('SeriesDate', '')}{str(seg.get('SeriesTime', '')).ljust(13, '0')}"
@@ -275,15 +302,26 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         return [image for image in self.list_images() if image not in labeled]
 
     def status(self) -> dict[str, Any]:
-        """``/info``'s datastore part; a PACS that is down is reported, not raised."""
-        try:
-            return {
-                **DurableLocalDatastore.status(self),
-                "pacs": self._client.base_url,
-                "labels_not_sent": len(self._unsent()),
-            }
-        except PacsUnavailable as e:
-            return {"pacs": self._client.base_url, "error": str(e), "labels_not_sent": len(self._unsent())}
+        """``/info``'s datastore part, from what is known: it never waits for the PACS (``/info`` must answer
+        while the PACS hangs); ``error`` is the last PACS failure, until a request succeeds again."""
+        labeled = set(self._seg_view[1]) if self._seg_view else set()
+        status = {
+            "total": len(self._known_images),
+            "completed": len(labeled | set(self._unsent())),
+            "pacs": self._client.base_url,
+            "labels_not_sent": len(self._unsent()),
+        }
+        if self._last_failure:
+            status["error"] = self._last_failure
+        return status
+
+    def json(self) -> dict[str, Any]:
+        """``/datastore/?output=all``: every series the PACS lists (those not fetched yet without files)."""
+        listed = DurableLocalDatastore.json(self)
+        objects = listed.setdefault("objects", {})
+        for image_id in self.list_images():
+            objects.setdefault(image_id, {"image": {"info": {"SeriesInstanceUID": image_id}}, "labels": {}})
+        return listed
 
     def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
         """Image and final label files for training: unsent labels are sent first, then the PACS's newest SEG
@@ -312,6 +350,8 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
                 return DurableLocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
             try:
                 label = label_on_image_grid(label_filename, sitk.ReadImage(image_nii))
+                if not np.any(sitk.GetArrayViewFromImage(label)):
+                    raise SegError("the label is empty (a DICOM SEG needs at least one labelled voxel)")
             except SegError as e:
                 raise HTTPException(status_code=422, detail=f"Label not saved: {e}") from None
             except RuntimeError as e:
@@ -335,6 +375,10 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         return [image_id for image_id in self._unsent() if not self._send(image_id, raise_on_failure=False)]
 
     def _send(self, image_id: str, raise_on_failure: bool) -> bool:
+        with self._send_lock:
+            return self._send_locked(image_id, raise_on_failure)
+
+    def _send_locked(self, image_id: str, raise_on_failure: bool) -> bool:
         info = self._local_final(image_id)
         if info is None or info.get("pacs_upload", {}).get("status") == "sent":
             return True

@@ -365,13 +365,13 @@ def _key_slice_2d(
     notes: list[str],
 ) -> int:
     if raw is not None and raw != "":
-        key = _check_slice(_int_index(raw, "slice"), n_slices, axis)
+        key = _int_index(raw, "slice")
         if roi_slices is not None and not roi_slices[0] <= key <= roi_slices[1]:
             # Slicer 0.8.5 sends the slice *offset in mm* as `slice` for an ROI without clicks.
             middle = min(max((roi_slices[0] + roi_slices[1]) // 2, 0), n_slices - 1)
             notes.append(f"slice {key} is outside the ROI (slices {roi_slices[0]}..{roi_slices[1]}); used {middle}")
             key = middle
-        return key
+        return _check_slice(key, n_slices, axis)
     if roi_slices is not None:
         return min(max((roi_slices[0] + roi_slices[1]) // 2, 0), n_slices - 1)
     fg_slices = [s for s, pts in points_by_slice.items() if any(lab == 1 for _, _, lab in pts)]

@@ -46,6 +46,11 @@ class MedSAM2Infer(InferTask):
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         run = self.segmenter.segment_2d if self.dimension == 2 else self.segmenter.segment_3d
         label, result, reference = run(str(request.get("image") or ""), request)
+        if self.dimension == 3 and "result_extension" in request and request.get("label") is not None:
+            # The Slicer plugin (it alone sends result_extension) imports a 3D answer's value 1 into the segment
+            # of the label it asked for: answer that label as a 0/1 mask, not with its value in the label map.
+            label = (label == result["prompts"][0]["label_value"]).astype("uint8")
+            result["label_values"] = {str(request["label"]): 1}
         if "hint" in result:  # OHIF asks for the label image only: the server log is where its users see this
             logger.info("medsam2_3d on %s: %s", request.get("image"), result["hint"])
         with tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False) as f:
