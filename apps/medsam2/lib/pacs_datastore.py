@@ -132,15 +132,18 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
             threading.Thread(target=self._resend_loop, args=(resend_every_s,), daemon=True, name="pacs-resend").start()
 
     def _resend_loop(self, every_s: float) -> None:
-        """Send labels whose upload failed (PACS down) once the PACS is back, without waiting for a user."""
+        """Keep ``/info``'s view of the PACS fresh, and send labels whose upload failed (PACS down) once the
+        PACS is back, without waiting for a user."""
         while True:
-            time.sleep(every_s)
             try:
+                self.list_images()
+                self.latest_segs(max_age_s=0)
                 if self._unsent():
                     still = self.send_unsent_labels()
                     logger.info("Labels not yet in the PACS: %d", len(still))
             except Exception as e:  # never let the thread die: next round tries again
-                logger.warning("Sending labels to the PACS failed: %s", e)
+                logger.warning("PACS refresh failed: %s", e)
+            time.sleep(every_s)
 
     # ----- calls to the PACS --------------------------------------------------------------------------------
     def _pacs(self, what: str, call, *args, **kwargs):

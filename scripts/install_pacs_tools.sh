@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# System packages for the PACS and viewer tests (Debian/Ubuntu): Orthanc with its DICOMweb plugin, and Chromium
+# with ChromeDriver for the OHIF browser test. Idempotent; needs root (or sudo). The tests start their own
+# Orthanc on 127.0.0.1 with temporary storage: the Debian service is not used (and not started here).
+set -euo pipefail
+packages=(orthanc orthanc-dicomweb chromium chromium-driver)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install_pacs_tools: ${packages[*]} already installed"
+  exit 0
+fi
+run=()
+[ "$(id -u)" -eq 0 ] || run=(sudo)
+# policy-rc.d 101: the packages install without starting the system Orthanc service
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\nexit 101\n' | "${run[@]}" tee /usr/sbin/policy-rc.d >/dev/null
+  "${run[@]}" chmod +x /usr/sbin/policy-rc.d
+  trap '"${run[@]}" rm -f /usr/sbin/policy-rc.d' EXIT
+fi
+"${run[@]}" apt-get update -qq
+DEBIAN_FRONTEND=noninteractive "${run[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+echo "install_pacs_tools: installed ${missing[*]}"
