@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -234,7 +235,7 @@ def test_bad_saves_are_refused_and_nothing_saved_is_lost(pacs, pacs_server, tmp_
     assert len(orthanc.series_of_modality("SEG")) == 2
 
 
-def test_a_slow_pacs_answers_503_within_the_timeout_and_the_server_stays_responsive(pacs, pacs_server):
+def test_a_slow_pacs_answers_503_within_the_timeout_and_the_server_stays_responsive(pacs, pacs_server, tmp_path):
     orthanc, _, _, third = pacs  # a series the server has not fetched yet
     orthanc.pause()
     try:
@@ -247,6 +248,15 @@ def test_a_slow_pacs_answers_503_within_the_timeout_and_the_server_stays_respons
         assert "Retry-After" in r.headers and took < 4 * TIMEOUT_S + 10, took
         info = pacs_server.get("/info/", timeout=5)  # not blocked behind the hung PACS
         assert info.status_code == 200
+        with ThreadPoolExecutor(1) as pool:  # a save waits for the PACS in its own thread, not the event loop
+            label = as_image(np.ones(sitk.GetArrayViewFromImage(third.image).shape, np.uint8), third.image)
+            saving = pool.submit(save_final, pacs_server, third.series_uid, label, tmp_path)
+            time.sleep(1)
+            start = time.time()
+            assert pacs_server.get("/info/", timeout=5).status_code == 200 and time.time() - start < 2
+            assert pacs_server.get("/datastore/?output=stats", timeout=5).status_code == 200
+            saved = saving.result()
+        assert saved.status_code == 503 and "did not answer within" in saved.json()["detail"], saved.text
         start = time.time()
         proxied = pacs_server.get("/proxy/dicom/qido/studies", timeout=60)
         assert proxied.status_code == 503 and time.time() - start < 2 * TIMEOUT_S + 10, proxied.text

@@ -32,7 +32,7 @@ from lib.auto_train import AutoTrain
 from lib.checkpoints import CheckpointError, remove_unfinished_checkpoint_writes
 from lib.cine_io import VIDEO_SUFFIXES, is_multiframe_dicom
 from lib.durable_datastore import DurableLocalDatastore
-from lib.infer_route import serve_infer_in_threads
+from lib.infer_route import serve_datastore_routes_in_threads, serve_infer_in_threads
 from lib.model_provider import pick_device
 from lib.pacs_datastore import DEFAULT_TIMEOUT_S, PacsDatastore, PacsUnavailable, PacsUploadFailed, TimeoutSession
 from lib.pacs_proxy import install_pacs_proxy
@@ -168,6 +168,8 @@ class MedSAM2App(MONAILabelApp):
         self._saved_label_tag = threading.local()
         self.dicomweb_timeout_s = _seconds(conf, "dicomweb_timeout_s", DEFAULT_TIMEOUT_S)
         install_pacs_proxy(self.dicomweb_timeout_s)
+        if studies.startswith(("http://", "https://")):
+            serve_datastore_routes_in_threads()
         super().__init__(
             app_dir=app_dir,
             studies=studies,

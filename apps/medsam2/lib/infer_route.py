@@ -1,4 +1,4 @@
-"""Run ``POST /infer/{model}`` off the server's event loop.
+"""Run ``POST /infer/{model}`` (and, next to a PACS, the datastore routes) off the server's event loop.
 
 MONAI Label 0.8.5 declares that endpoint ``async`` but does all the work synchronously inside it, so one
 inference blocks the event loop: every other request (``/info/`` included) waits for it, unbounded and
@@ -26,8 +26,8 @@ def _executor(workers: int) -> ThreadPoolExecutor:
     return _EXECUTOR
 
 
-def _find_route(router, path: str, seen: set[int] | None = None):
-    """(owning router, index, route) of ``POST path``: FastAPI versions that copy included routes into the
+def _find_route(router, path: str, seen: set[int] | None = None, method: str = "POST"):
+    """(owning router, index, route) of ``method path``: FastAPI versions that copy included routes into the
     app keep it in the app's list; newer ones keep it in the included router (``original_router``)."""
     from fastapi.routing import APIRoute
 
@@ -36,14 +36,77 @@ def _find_route(router, path: str, seen: set[int] | None = None):
         return None
     seen.add(id(router))
     for index, route in enumerate(router.routes):
-        if isinstance(route, APIRoute) and route.path == path and "POST" in route.methods:
+        if isinstance(route, APIRoute) and route.path == path and method in route.methods:
             return router, index, route
         inner = getattr(route, "original_router", None)
         if inner is not None:
-            found = _find_route(inner, path, seen)
+            found = _find_route(inner, path, seen, method)
             if found:
                 return found
     return None
+
+
+def _replace_endpoint(found, endpoint) -> None:
+    owner, index, route = found
+    prefix = getattr(owner, "prefix", "") or ""
+    owner.add_api_route(  # an APIRouter adds its prefix again
+        route.path[len(prefix) :] if prefix and route.path.startswith(prefix) else route.path,
+        endpoint,
+        methods=sorted(route.methods),
+        summary=route.summary,
+        tags=route.tags,
+        responses=route.responses,
+        name=route.name,
+        include_in_schema=route.include_in_schema,
+    )
+    owner.routes[index] = owner.routes.pop()  # same place in the routing order and in the API docs
+    mark_changed = getattr(owner, "_mark_routes_changed", None)  # FastAPI versions that cache resolved routes
+    if mark_changed is not None:
+        mark_changed()
+
+
+# MONAI Label's routes that reach the datastore: with a PACS behind it, each may wait for the PACS.
+DATASTORE_ROUTES = [
+    ("GET", "/datastore/"),
+    ("PUT", "/datastore/label"),
+    ("GET", "/datastore/label"),
+    ("HEAD", "/datastore/label"),
+    ("GET", "/datastore/image"),
+    ("HEAD", "/datastore/image"),
+    ("GET", "/datastore/image/info"),
+    ("POST", "/activelearning/{strategy}"),
+]
+
+
+def serve_datastore_routes_in_threads(workers: int = 8) -> int:
+    """Run MONAI Label's datastore and active-learning handlers (``async`` functions that block on the
+    datastore) in threads of their own, so a PACS that is slow to answer holds up its own request, not the
+    event loop and with it every other request. Returns the number of routes moved."""
+    try:
+        from monailabel.app import app as server
+        from monailabel.config import settings
+    except Exception:
+        return 0
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medsam2-datastore")
+    moved = 0
+    for method, path in DATASTORE_ROUTES:
+        found = _find_route(server.router, settings.MONAI_LABEL_API_STR + path, method=method)
+        if not found or getattr(found[2].endpoint, "_medsam2_threaded", False):
+            continue
+        original = found[2].endpoint
+
+        def bind(original):
+            @functools.wraps(original)
+            async def in_thread(**kwargs):
+                return await asyncio.get_running_loop().run_in_executor(pool, lambda: asyncio.run(original(**kwargs)))
+
+            in_thread._medsam2_threaded = True  # type: ignore[attr-defined]
+            return in_thread
+
+        _replace_endpoint(found, bind(original))
+        moved += 1
+    server.openapi_schema = None
+    return moved
 
 
 def serve_infer_in_threads(workers: int) -> bool:
@@ -60,8 +123,7 @@ def serve_infer_in_threads(workers: int) -> bool:
     if not found:
         logger.warning("No POST %s route found: inference stays on the event loop", INFER_PATH)
         return False
-    owner, index, route = found
-    original = getattr(route.endpoint, "__wrapped__", route.endpoint)
+    original = getattr(found[2].endpoint, "__wrapped__", found[2].endpoint)
     pool = _executor(workers)
 
     @functools.wraps(original)  # FastAPI reads the parameters (form fields, files, auth) from the signature
@@ -70,19 +132,6 @@ def serve_infer_in_threads(workers: int) -> bool:
         call = functools.partial(infer_endpoints.run_inference, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(pool, call)
 
-    prefix = getattr(owner, "prefix", "") or ""
-    owner.add_api_route(  # an APIRouter adds its prefix again
-        route.path[len(prefix) :] if prefix and route.path.startswith(prefix) else route.path,
-        run_in_thread,
-        methods=sorted(route.methods),
-        summary=route.summary,
-        tags=route.tags,
-        responses=route.responses,
-        name=route.name,
-    )
-    owner.routes[index] = owner.routes.pop()  # same place in the routing order and in the API docs
-    mark_changed = getattr(owner, "_mark_routes_changed", None)  # FastAPI versions that cache resolved routes
-    if mark_changed is not None:
-        mark_changed()
+    _replace_endpoint(found, run_in_thread)
     server.openapi_schema = None
     return True
