@@ -138,7 +138,8 @@ class LabelMap:
         known = ", ".join(f"{k} ({v})" for k, v in self.by_name.items())
         raise PromptError(
             f"Unknown label {label!r}. This model is configured with the labels: {known}. "
-            f"Rename the segment to one of these, or start the server with --conf labels '{{\"name\": 1, ...}}'."
+            f"Rename the segment to one of these, or start the server with --conf labels '{{\"name\":1,...}}' "
+            "(no spaces: the monailabel launcher splits arguments at them)."
         )
 
 

@@ -168,8 +168,17 @@ def load_image(path: str | os.PathLike, max_voxels: int | None = None) -> Loaded
     return LoadedImage(array, reference)
 
 
-def write_label(label_kji: np.ndarray, reference: sitk.Image, path: str | os.PathLike) -> None:
-    """Write a uint8 label volume with the reference image's origin, spacing and direction."""
+LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd")
+
+
+def label_suffix(requested: object) -> str:
+    """The label file type a viewer asks for (``result_extension``; OHIF's panel parses NRRD only), else NIfTI."""
+    return requested if isinstance(requested, str) and requested in LABEL_SUFFIXES else ".nii.gz"
+
+
+def write_label(label_kji: np.ndarray, reference: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
+    """Write a uint8 label volume with the reference image's origin, spacing and direction (the file type
+    follows the suffix of ``path``)."""
     image = sitk.GetImageFromArray(np.ascontiguousarray(label_kji.astype(np.uint8)))
     image.CopyInformation(reference)
-    sitk.WriteImage(image, str(path), useCompression=True)
+    sitk.WriteImage(image, str(path), useCompression=compress)

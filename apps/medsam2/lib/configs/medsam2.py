@@ -47,7 +47,8 @@ class MedSAM2(TaskConfig):
             self.labels = json.loads(conf.get("labels", "")) if conf.get("labels") else dict(DEFAULT_LABELS)
             LabelMap(self.labels)
         except (ValueError, TypeError) as e:
-            raise SystemExit(f'--conf labels must be a JSON object like {{"lesion": 1}}: {e}') from None
+            example = '{"lesion":1,"organ":2}'
+            raise SystemExit(f"--conf labels must be a JSON object without spaces like {example}: {e}") from None
         try:
             self.window = parse_window(conf.get("window", "auto"))
         except ValueError as e:

@@ -9,7 +9,7 @@ from typing import Any
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.segmenter import MedSAM2Segmenter
-from lib.volume_io import write_label
+from lib.volume_io import label_suffix, write_label
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ class MedSAM2Infer(InferTask):
             result["label_values"] = {str(request["label"]): 1}
         if "hint" in result:  # OHIF asks for the label image only: the server log is where its users see this
             logger.info("medsam2_3d on %s: %s", request.get("image"), result["hint"])
-        with tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False) as f:
+        # the viewers name the file type they parse: OHIF's panel raw NRRD (result_compress false), Slicer any
+        with tempfile.NamedTemporaryFile(suffix=label_suffix(request.get("result_extension")), delete=False) as f:
             path = f.name
-        write_label(label, reference, path)
+        write_label(label, reference, path, compress=request.get("result_compress") is not False)
         return path, result
