@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -72,9 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--studies", orthanc.dicomweb, "--host", args.host, "--port", str(args.port), *server_args]
         print(f"OHIF: http://{args.host}:{args.port}/ohif/   Slicer: server http://{args.host}:{args.port}", flush=True)
 
-        return subprocess.call(cmd, env=env, cwd=str(REPO))
-    except KeyboardInterrupt:
-        return 130
+        server = subprocess.Popen(cmd, env=env, cwd=str(REPO))
+
+        def stop_server(signum, frame):  # SIGTERM/SIGINT: stop the server, then Orthanc (finally below)
+            server.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, stop_server)
+        signal.signal(signal.SIGINT, stop_server)
+        return server.wait()
     finally:
         orthanc.stop()
 
