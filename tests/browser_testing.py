@@ -95,3 +95,19 @@ def overlay_iou(pixels: np.ndarray, mask: np.ndarray, min_chroma: int = 40) -> f
     expected = np.asarray(resized) > 0
     union = np.logical_or(shown, expected).sum()
     return float(np.logical_and(shown, expected).sum() / union) if union else 0.0
+
+
+AXIAL_VIEWPORT = ("css selector", "[data-viewport-uid='mpr-axial']")
+
+
+def open_monai_label_viewer(driver: webdriver.Chrome, server_url: str, study_uid: str) -> None:
+    """Open a study in OHIF's MONAI Label mode with the panel pointed at ``server_url`` (its cookie; the panel
+    defaults to port 8000) and wait for the axial viewport."""
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.execute_script(
+        "document.cookie = 'MONAILABEL_SERVER_URL=' + escape(arguments[0]) + '; path=/';", server_url + "/"
+    )
+    driver.get(f"{server_url}/ohif/monai-label?StudyInstanceUIDs={study_uid}")
+    WebDriverWait(driver, 60).until(expected_conditions.presence_of_element_located(AXIAL_VIEWPORT))

@@ -230,11 +230,13 @@ def test_ohif_shows_the_study_and_the_medsam2_seg_over_the_ct(pacs_app, saved_se
     if importlib.util.find_spec("selenium") is None:
         (pytest.fail if REQUIRED else pytest.skip)("selenium is not installed (requirements-dev.txt)")
     from browser_testing import (
+        AXIAL_VIEWPORT,
         chromium,
         coloured_fraction,
         element_pixels,
         grey_std,
         image_box,
+        open_monai_label_viewer,
         overlay_iou,
         screenshot,
     )
@@ -258,13 +260,9 @@ def test_ohif_shows_the_study_and_the_medsam2_seg_over_the_ct(pacs_app, saved_se
             screenshot(driver, SHOTS / "1_study_list.png")
 
             # 2. the viewer in MONAI Label mode, the panel pointed at this server (its cookie, default port 8000)
-            driver.execute_script(
-                "document.cookie = 'MONAILABEL_SERVER_URL=' + escape(arguments[0]) + '; path=/';", server.url + "/"
-            )
-            driver.get(f"{server.url}/ohif/monai-label?StudyInstanceUIDs={ct.study_uid}")
+            open_monai_label_viewer(driver, server.url, ct.study_uid)
             wait = WebDriverWait(driver, 60)
-            axial_selector = (By.CSS_SELECTOR, "[data-viewport-uid='mpr-axial']")
-            wait.until(ec.presence_of_element_located(axial_selector))
+            axial_selector = AXIAL_VIEWPORT
 
             def axial():  # found anew each time: OHIF replaces the element when the viewport's data changes
                 return driver.find_element(*axial_selector)
@@ -378,7 +376,7 @@ def test_ohif_panel_point_prompt_run_in_the_browser(pacs_app):
     require([CHROMIUM, CHROMEDRIVER], "Chromium and chromedriver (Debian chromium, chromium-driver)")
     if importlib.util.find_spec("selenium") is None:
         (pytest.fail if REQUIRED else pytest.skip)("selenium is not installed (requirements-dev.txt)")
-    from browser_testing import chromium, grey_std, screenshot
+    from browser_testing import AXIAL_VIEWPORT, chromium, grey_std, open_monai_label_viewer, screenshot
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -392,13 +390,9 @@ def test_ohif_panel_point_prompt_run_in_the_browser(pacs_app):
     with chromium() as driver:
         try:
             driver.get(server.url + "/ohif/")
-            driver.execute_script(
-                "document.cookie = 'MONAILABEL_SERVER_URL=' + escape(arguments[0]) + '; path=/';", server.url + "/"
-            )
-            driver.get(f"{server.url}/ohif/monai-label?StudyInstanceUIDs={ct.study_uid}")
+            open_monai_label_viewer(driver, server.url, ct.study_uid)
             wait = WebDriverWait(driver, 60)
-            axial_selector = (By.CSS_SELECTOR, "[data-viewport-uid='mpr-axial']")
-            wait.until(ec.presence_of_element_located(axial_selector))
+            axial_selector = AXIAL_VIEWPORT
             for button in driver.find_elements(By.XPATH, "//button[normalize-space()='Confirm and Hide']"):
                 button.click()
             driver.find_element(By.CSS_SELECTOR, "[data-cy='Layout']").click()

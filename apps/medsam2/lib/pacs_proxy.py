@@ -58,7 +58,7 @@ def install_pacs_proxy(timeout_s: float) -> bool:
             return requests.request(
                 request.method,
                 url,
-                params=dict(request.query_params),
+                params=request.query_params.multi_items(),  # repeated keys such as includefield
                 data=body,
                 headers=headers,
                 auth=auth,
