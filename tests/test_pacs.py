@@ -4,6 +4,7 @@ voxel for voxel (also on a cold cache, as the trainer does), and survives the PA
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ import pytest
 import requests
 import SimpleITK as sitk
 from pacs_testing import CtSeries, Orthanc, lung_ct, write_ct_series
+from pydicom.uid import generate_uid
 
 from conftest import start_server, stop_server
 from sam2_testing import small_config_file
@@ -172,7 +174,7 @@ def test_final_label_is_stored_as_a_dicom_seg_of_the_series(pacs, pacs_server, t
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(path))), expected)
 
 
-def cold_datalist(orthanc: Orthanc, cache: Path) -> list[dict]:
+def cold_datalist(orthanc: Orthanc, cache: Path, unreadable: list[str] | None = None) -> list[dict]:
     """What a trainer on another machine (or after the cache is wiped) reads: the datastore on an empty cache."""
     from dicomweb_client import DICOMwebClient
 
@@ -180,7 +182,10 @@ def cold_datalist(orthanc: Orthanc, cache: Path) -> list[dict]:
 
     client = DICOMwebClient(orthanc.dicomweb, session=TimeoutSession(TIMEOUT_S))
     store = PacsDatastore(client, {"Modality": "CT"}, str(cache), {"lesion": 1, "organ": 2, "vessel": 3})
-    return store.datalist()
+    items = store.datalist()
+    if unreadable is not None:
+        unreadable.extend(store.status().get("unreadable_segs", []))
+    return items
 
 
 def test_second_save_replaces_the_label_and_a_cold_cache_reads_the_newest_seg(pacs, pacs_server, tmp_path):
@@ -233,6 +238,26 @@ def test_bad_saves_are_refused_and_nothing_saved_is_lost(pacs, pacs_server, tmp_
     r = pacs_server.post("/infer/medsam2_3d?image=1.2.3.4.5", data={"params": json.dumps({"foreground": [[1, 1, 1]]})})
     assert r.status_code == 404 and "1.2.3.4.5" in r.json()["detail"], r.text
     assert len(orthanc.series_of_modality("SEG")) == 2
+
+
+def test_an_unreadable_seg_from_another_tool_leaves_out_its_series_only(pacs, tmp_path):
+    orthanc, first, second, _ = pacs
+    (good,) = orthanc.instances_of_series(orthanc.series_of_modality("SEG")[-1]["0020000E"]["Value"][0])
+    broken = copy.deepcopy(good)  # claims more frames than its pixel data holds
+    broken.SeriesInstanceUID, broken.SOPInstanceUID = generate_uid(), generate_uid()
+    broken.file_meta.MediaStorageSOPInstanceUID = broken.SOPInstanceUID
+    broken.StudyInstanceUID, broken.PatientID = second.study_uid, "MEDSAM2-2"
+    broken.ReferencedSeriesSequence[0].SeriesInstanceUID = second.series_uid
+    broken.NumberOfFrames = int(good.NumberOfFrames) * 4
+    broken.SeriesTime = "235959.999999"
+    path = tmp_path / "broken_seg.dcm"
+    broken.save_as(str(path))
+    orthanc.upload([path])
+
+    unreadable: list[str] = []
+    items = cold_datalist(orthanc, tmp_path / "cold", unreadable)
+    assert [Path(i["image"]).name for i in items] == [f"{first.series_uid}.nii.gz"]
+    assert len(unreadable) == 1 and broken.SeriesInstanceUID in unreadable[0] and "left out" in unreadable[0]
 
 
 def test_a_slow_pacs_answers_503_within_the_timeout_and_the_server_stays_responsive(pacs, pacs_server, tmp_path):
@@ -295,13 +320,13 @@ def test_pacs_down_keeps_the_label_and_sends_it_when_the_pacs_is_back(pacs, pacs
         pacs[0].proc = back.proc  # the module fixture stops this one
     deadline = time.time() + 60
     while time.time() < deadline:  # the server sends it by itself (pacs_resend_every_s)
-        segs = [s for s in back.series_of_modality("SEG") if s["0020000D"]["Value"][0] == second.study_uid]
-        if segs:
+        objects = pacs_server.get("/datastore/?output=all").json()["objects"]
+        info = objects[second.series_uid]["labels"]["final"]["info"]
+        if info["pacs_upload"]["status"] == "sent":
             break
         time.sleep(1)
-    assert segs, pacs_server.log.read_text()[-3000:]
-    info = pacs_server.get("/datastore/?output=all").json()["objects"][second.series_uid]["labels"]["final"]["info"]
-    assert info["pacs_upload"]["status"] == "sent"
-    (seg,) = back.instances_of_series(segs[0]["0020000E"]["Value"][0])
+    assert info["pacs_upload"]["status"] == "sent", pacs_server.log.read_text()[-3000:]
+    (seg,) = back.instances_of_series(info["SeriesInstanceUID"])
+    assert seg.StudyInstanceUID == second.study_uid
     check_seg_frames(seg, second, label, back)
     assert pacs_server.get("/info/").json()["datastore"]["labels_not_sent"] == 0

@@ -122,6 +122,7 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         self._seg_sources: dict[str, str] = {}  # SEG series uid -> image series uid (never changes)
         self._known_images: list[str] = []
         self._last_failure: str | None = None
+        self.unreadable_segs: dict[str, str] = {}  # SEG series uid -> why it was left out
         super().__init__(client, search_filter, cache_path, fetch_by_frame=fetch_by_frame, convert_to_nifti=True)
         for folder in (self._datastore.image_path(), self._datastore.label_path(FINAL)):
             if os.path.isdir(folder):  # downloads a killed server left half done
@@ -261,7 +262,17 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
                 continue
             if info and info.get("pacs_upload", {}).get("status") not in (None, "sent"):
                 continue  # a newer local label waits to be sent: it wins over the PACS's copy
-            self._read_seg_into_cache(image_id, entry)
+            if entry["seg"] in self.unreadable_segs:
+                continue
+            try:
+                self._read_seg_into_cache(image_id, entry)
+            except (PacsUnavailable, HTTPException):
+                raise
+            except Exception as e:  # one SEG another tool wrote badly must not stop training on the others
+                kept = "its earlier label is used" if info else "the series is left out of training"
+                message = f"SEG {entry['seg']} of series {image_id} cannot be read ({type(e).__name__}: {e}); {kept}"
+                logger.error(message)
+                self.unreadable_segs[entry["seg"]] = message[:500]
         for image_id in list(self._datastore.objects):
             info = self._local_final(image_id)
             if info is None or image_id in view:
@@ -277,15 +288,17 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
     def _read_seg_into_cache(self, image_id: str, entry: dict[str, str]) -> None:
         image_nii = self.get_image_uri(image_id)
         seg_dir = os.path.join(self._datastore.label_path(FINAL), entry["seg"])
-        self._download_series(entry["seg"], seg_dir)
-        files = sorted(os.listdir(seg_dir))
-        label = read_dicom_seg(os.path.join(seg_dir, files[0]), sitk.ReadImage(image_nii), self.label_names)
-        with tempfile.TemporaryDirectory(prefix="medsam2-seg-") as tmp:
-            path = os.path.join(tmp, f"{image_id}.nii.gz")
-            sitk.WriteImage(label, path, True)
-            info = {"SeriesInstanceUID": entry["seg"], "pacs_upload": {"status": "sent"}, "source": "pacs"}
-            DurableLocalDatastore.save_label(self, image_id, path, FINAL, info)
-        shutil.rmtree(seg_dir, ignore_errors=True)
+        try:
+            self._download_series(entry["seg"], seg_dir)
+            files = sorted(os.listdir(seg_dir))
+            label = read_dicom_seg(os.path.join(seg_dir, files[0]), sitk.ReadImage(image_nii), self.label_names)
+            with tempfile.TemporaryDirectory(prefix="medsam2-seg-") as tmp:
+                path = os.path.join(tmp, f"{image_id}.nii.gz")
+                sitk.WriteImage(label, path, True)
+                info = {"SeriesInstanceUID": entry["seg"], "pacs_upload": {"status": "sent"}, "source": "pacs"}
+                DurableLocalDatastore.save_label(self, image_id, path, FINAL, info)
+        finally:
+            shutil.rmtree(seg_dir, ignore_errors=True)
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         if label_tag != FINAL:
@@ -316,6 +329,8 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         }
         if self._last_failure:
             status["error"] = self._last_failure
+        if self.unreadable_segs:
+            status["unreadable_segs"] = list(self.unreadable_segs.values())[-10:]
         return status
 
     def json(self) -> dict[str, Any]:
