@@ -230,7 +230,9 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
                 meta = self._pacs(
                     f"reading SEG series {seg_uid}", self._client.retrieve_series_metadata, study_uid, seg_uid
                 )
-                self._seg_sources[seg_uid] = referenced_series(Dataset.from_json(meta[0])) if meta else ""
+                # the pixel data stays behind its bulk-data URI: only the references are read here
+                header = Dataset.from_json(meta[0], bulk_data_uri_handler=lambda *_: None) if meta else None
+                self._seg_sources[seg_uid] = referenced_series(header) if header is not None else ""
             source = self._seg_sources[seg_uid]
             if source not in images:
                 continue
