@@ -168,8 +168,7 @@ class MedSAM2App(MONAILabelApp):
         self._saved_label_tag = threading.local()
         self.dicomweb_timeout_s = _seconds(conf, "dicomweb_timeout_s", DEFAULT_TIMEOUT_S)
         install_pacs_proxy(self.dicomweb_timeout_s)
-        if studies.startswith(("http://", "https://")):
-            serve_datastore_routes_in_threads()
+        serve_datastore_routes_in_threads()  # a PACS that hangs, or a large label file, holds up only its request
         super().__init__(
             app_dir=app_dir,
             studies=studies,

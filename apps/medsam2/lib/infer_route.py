@@ -65,7 +65,7 @@ def _replace_endpoint(found, endpoint) -> None:
         mark_changed()
 
 
-# MONAI Label's routes that reach the datastore: with a PACS behind it, each may wait for the PACS.
+# MONAI Label's routes that reach the datastore: each may wait for a PACS, or write a large label file.
 DATASTORE_ROUTES = [
     ("GET", "/datastore/"),
     ("PUT", "/datastore/label"),
