@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 from datetime import datetime
@@ -136,6 +137,22 @@ class CineLocalDatastore(DurableLocalDatastore):
 
 class MedSAM2App(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
+        try:
+            self._setup(app_dir, studies, conf)
+        except (SystemExit, CheckpointError) as e:
+            if "start_server" not in sys.argv:  # e.g. a training process: its caller reports the failure
+                raise
+            # inside uvicorn's startup an exception is printed as a long traceback around the one line that
+            # matters; an administrator gets that line alone, and the exit status 2
+            message = str(e.code if isinstance(e, SystemExit) else e)
+            logger.critical("The MedSAM2 app cannot start: %s", message)
+            print(f"\nThe MedSAM2 app cannot start: {message}\n", file=sys.stderr, flush=True)
+            os._exit(2)
+
+    def _setup(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        # settings checked before any checkpoint download: a typo is reported at once
+        self.dicomweb_timeout_s = _seconds(conf, "dicomweb_timeout_s", DEFAULT_TIMEOUT_S)
+        _seconds(conf, "pacs_resend_every_s", 30.0)
         self.model_dir = os.path.join(app_dir, "model")
         configs = {c.split(".")[-2].lower(): c for c in get_class_names(lib.configs, "TaskConfig")}
         wanted = [m.strip() for m in conf.get("models", "all").split(",") if m.strip()]
@@ -166,7 +183,6 @@ class MedSAM2App(MONAILabelApp):
         serve_infer_in_threads(self.admission.settings.max_concurrent + self.admission.settings.max_queued + 4)
         self.auto_train = AutoTrain(_auto_train_after(conf))
         self._saved_label_tag = threading.local()
-        self.dicomweb_timeout_s = _seconds(conf, "dicomweb_timeout_s", DEFAULT_TIMEOUT_S)
         install_pacs_proxy(self.dicomweb_timeout_s)
         serve_datastore_routes_in_threads()  # a PACS that hangs, or a large label file, holds up only its request
         super().__init__(

@@ -1,0 +1,33 @@
+"""A server that cannot start says why in one line (exit status 2), not inside a uvicorn traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, free_port
+from sam2_testing import APP_DIR
+
+
+@pytest.mark.parametrize(
+    ("conf", "expected"),
+    [
+        (["window", "sunset"], "Unknown intensity window 'sunset'"),
+        (["checkpoint", "/nonexistent/medsam2.pt"], "/nonexistent/medsam2.pt"),
+        (["dicomweb_timeout_s", "-1"], "--conf dicomweb_timeout_s must be seconds"),
+    ],
+)
+def test_bad_settings_stop_the_server_with_one_clear_line(tmp_path: Path, conf: list[str], expected: str) -> None:
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    cmd = ["monailabel", "start_server", "--app", str(APP_DIR), "--studies", str(tmp_path), "--port", str(free_port())]
+    cmd += ["--conf", *conf, "--conf", "finetuned_checkpoint", str(tmp_path / "finetuned.pt")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=str(REPO))
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-3000:]
+    line = next((x for x in output.splitlines() if x.startswith("The MedSAM2 app cannot start: ")), "")
+    assert expected in line, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
