@@ -239,7 +239,8 @@ class MedSAM2App(MONAILabelApp):
             label_names,
             timeout_s=self.dicomweb_timeout_s,
             fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
-            resend_every_s=_seconds(self.conf, "pacs_resend_every_s", 30.0),
+            # only the server resends; a training process reads labels and leaves
+            resend_every_s=_seconds(self.conf, "pacs_resend_every_s", 30.0) if "start_server" in sys.argv else 0,
         )
 
     def _remember_label_tags(self, datastore: Datastore) -> None:

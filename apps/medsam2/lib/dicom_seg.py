@@ -2,7 +2,8 @@
 decode a SEG back onto the source image's voxel grid (pydicom-seg, then a nearest-neighbour resample).
 
 Label values 1..n become segment numbers 1..n (``--useLabelIDAsSegmentNumber``); other values are numbered in
-order, and reading maps a segment back to a value by its name (the app's label names), else by its number.
+order. Each segment's description ends with "(label value N)", which reading takes first; a SEG of another tool
+maps a segment to a value by its name (the app's label names), else by its number.
 Names and colours come from the save request's ``label_info``, else from the app's label names.
 """
 
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +46,9 @@ class Segment:
 
 def _color(entry: dict[str, Any], value: int) -> tuple[int, int, int]:
     color = entry.get("color")
-    if isinstance(color, (list, tuple)) and len(color) >= 3:
+    if isinstance(color, (list, tuple)) and len(color) >= 3 and all(isinstance(c, (int, float)) for c in color[:3]):
         rgb = [float(c) for c in color[:3]]
-        if all(0.0 <= c <= 1.0 for c in rgb) and any(c != int(c) for c in rgb):  # Slicer gives 0-1 floats
+        if all(0.0 <= c <= 1.0 for c in rgb):  # Slicer's 0-1 scale ((1, 0, 0) is red, not near-black)
             rgb = [c * 255.0 for c in rgb]
         return tuple(int(round(min(max(c, 0.0), 255.0))) for c in rgb)  # type: ignore[return-value]
     return PALETTE[(value - 1) % len(PALETTE)]
@@ -77,7 +79,7 @@ def _dcmqi_metadata(segments: list[Segment], series_description: str, creator: s
         {
             "labelID": s.value,
             "SegmentLabel": s.name,
-            "SegmentDescription": s.name,
+            "SegmentDescription": f"{s.name} (label value {s.value})",
             "SegmentAlgorithmType": "SEMIAUTOMATIC",
             "SegmentAlgorithmName": "MedSAM2",
             "SegmentedPropertyCategoryCodeSequence": {
@@ -169,25 +171,49 @@ def write_dicom_seg(
             tail = (done.stdout + done.stderr).strip()[-800:]
             raise RuntimeError(f"itkimage2segimage failed (exit {done.returncode}): {tail}")
         seg = pydicom.dcmread(out)
-    now = time.time()
-    stamp = time.strftime("%Y%m%d", time.localtime(now)), time.strftime("%H%M%S", time.localtime(now))
-    fraction = f"{now % 1:.6f}"[1:]
-    seg.SeriesDate = seg.ContentDate = stamp[0]
-    seg.SeriesTime = seg.ContentTime = stamp[1] + fraction
+    now = datetime.now(UTC)
+    seg.SeriesDate = seg.ContentDate = now.strftime("%Y%m%d")
+    seg.SeriesTime = seg.ContentTime = now.strftime("%H%M%S.%f")
+    seg.TimezoneOffsetFromUTC = "+0000"
     return seg
 
 
+def seg_time_utc(seg: pydicom.Dataset) -> str:
+    """When a SEG series was made, as a sortable UTC 'YYYYmmddHHMMSS.ffffff' ('' when it does not say); a time
+    without TimezoneOffsetFromUTC is taken as UTC."""
+    date, clock = str(seg.get("SeriesDate", "") or ""), str(seg.get("SeriesTime", "") or "")
+    if len(date) != 8 or not date.isdigit():
+        return ""
+    digits, _, fraction = clock.partition(".")
+    digits = digits.ljust(6, "0")[:6] if digits.isdigit() else "000000"
+    try:
+        when = datetime.strptime(date + digits, "%Y%m%d%H%M%S")
+    except ValueError:
+        return ""
+    offset = str(seg.get("TimezoneOffsetFromUTC", "") or "")
+    if len(offset) == 5 and offset[0] in "+-" and offset[1:].isdigit():
+        sign = 1 if offset[0] == "+" else -1
+        when -= sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[3:]))
+    micro = fraction[:6].ljust(6, "0") if fraction.isdigit() else "000000"
+    return when.strftime("%Y%m%d%H%M%S") + "." + micro
+
+
 def read_dicom_seg(seg_path: str, image: sitk.Image, label_names: dict[str, int] | None = None) -> sitk.Image:
-    """A DICOM SEG file as a uint16 label on ``image``'s voxel grid: a segment named like one of ``label_names``
-    gets that value, any other its segment number."""
+    """A DICOM SEG file as a uint16 label on ``image``'s voxel grid: a segment gets the value its description
+    records (this app's SEGs), else that of its name in ``label_names``, else its segment number."""
     import pydicom_seg
 
     dataset = pydicom.dcmread(seg_path)
     decoded = pydicom_seg.MultiClassReader().read(dataset).image
     names = label_names or {}
-    values = {
-        int(s.SegmentNumber): names.get(str(s.SegmentLabel), int(s.SegmentNumber)) for s in dataset.SegmentSequence
-    }
+
+    def value_of(segment: pydicom.Dataset) -> int:
+        written = re.search(r"\(label value (\d+)\)$", str(segment.get("SegmentDescription", "")))
+        if written:  # written by this app
+            return int(written.group(1))
+        return names.get(str(segment.SegmentLabel), int(segment.SegmentNumber))
+
+    values = {int(s.SegmentNumber): value_of(s) for s in dataset.SegmentSequence}
     if any(number != value for number, value in values.items()):
         arr = sitk.GetArrayFromImage(decoded)
         lookup = np.arange(max(int(arr.max()), *values) + 1, dtype=np.uint16)
@@ -206,5 +232,7 @@ def read_dicom_seg(seg_path: str, image: sitk.Image, label_names: dict[str, int]
 
 def referenced_series(seg: pydicom.Dataset) -> str:
     """The SeriesInstanceUID of the image series a SEG was drawn on ('' when it does not say)."""
-    seq = seg.get("ReferencedSeriesSequence")
-    return str(seq[0].SeriesInstanceUID) if seq else ""
+    try:
+        return str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return ""

@@ -16,12 +16,13 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
 from filelock import FileLock
-from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.exception import ImageNotFoundException
 
 from lib.durable_files import atomic_write, remove_stale_temp_files
@@ -89,8 +90,27 @@ class DurableLocalDatastore(LocalDatastore):
             Path(tmp).write_text(text)
         self._config_ts = os.stat(self._datastore_config_path).st_mtime
 
-    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
-        """Save (or replace) the label of ``image_id`` under ``label_tag``; returns the label id (the image id)."""
+    def reload_index_locked(self) -> None:
+        """Read the index again if another process rewrote it; the caller holds the datastore's file lock."""
+        path = self._datastore_config_path
+        if os.path.exists(path) and os.stat(path).st_mtime != self._config_ts:
+            ts = os.stat(path).st_mtime
+            self._datastore = LocalDatastoreModel.model_validate_json(Path(path).read_text())
+            self._datastore.base_path = self._datastore_path
+            self._config_ts = ts
+
+    def save_label(
+        self,
+        image_id: str,
+        label_filename: str,
+        label_tag: str,
+        label_info: dict[str, Any],
+        only_if: Callable[[dict[str, Any] | None], bool] | None = None,
+    ) -> str:
+        """Save (or replace) the label of ``image_id`` under ``label_tag``; returns the label id (the image id).
+
+        ``only_if``: called under the lock with the label's current info (as any process last wrote it); when
+        it answers False nothing is written and '' is returned (a newer save won the race)."""
         check_writable_names(image_id, label_tag)
         logger.info(f"Saving Label for Image: {image_id}; Tag: {label_tag}; Info: {label_info}")
         _, label_ext = self._to_id(os.path.basename(label_filename))
@@ -98,9 +118,15 @@ class DurableLocalDatastore(LocalDatastore):
         name = self._filename(image_id, label_ext)
         with FileLock(self._lock_file):
             # looked up under the lock: a reload of the index (file watcher) replaces the objects under it too
+            if only_if is not None:
+                self.reload_index_locked()
             obj = self._datastore.objects.get(image_id)
             if not obj:
                 raise ImageNotFoundException(f"Image {image_id} not found")
+            if only_if is not None:
+                current = obj.labels.get(label_tag)
+                if not only_if(current.info if current else None):
+                    return ""
             os.makedirs(label_path, exist_ok=True)
             with atomic_write(os.path.join(label_path, name), pause_at="label_save_before_label_replace") as tmp:
                 shutil.copyfile(label_filename, tmp)

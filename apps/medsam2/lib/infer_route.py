@@ -74,6 +74,8 @@ DATASTORE_ROUTES = [
     ("GET", "/datastore/image"),
     ("HEAD", "/datastore/image"),
     ("GET", "/datastore/image/info"),
+    ("DELETE", "/datastore/label"),
+    ("GET", "/datastore/dataset"),
     ("POST", "/activelearning/{strategy}"),
 ]
 

@@ -21,13 +21,16 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from typing import Any
 
 import numpy as np
 import pydicom
+import pydicom.errors
 import requests
 import SimpleITK as sitk
 from dicomweb_client import DICOMwebClient
@@ -43,6 +46,7 @@ from lib.dicom_seg import (
     label_on_image_grid,
     read_dicom_seg,
     referenced_series,
+    seg_time_utc,
     segments_for,
     write_dicom_seg,
 )
@@ -119,7 +123,8 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         self._series_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._seg_view: tuple[float, dict[str, dict[str, str]]] | None = None
-        self._seg_sources: dict[str, str] = {}  # SEG series uid -> image series uid (never changes)
+        self._seg_sources: dict[str, tuple[str, str]] = {}  # SEG uid -> (image series uid, UTC time): fixed
+        self._all_segs: set[str] = set()
         self._known_images: list[str] = []
         self._last_failure: str | None = None
         self.unreadable_segs: dict[str, str] = {}  # SEG series uid -> why it was left out
@@ -150,10 +155,19 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
     def _pacs(self, what: str, call, *args, **kwargs):
         try:
             result = call(*args, **kwargs)
-        except requests.RequestException as e:
-            if isinstance(e, requests.HTTPError) and e.response is not None and e.response.status_code < 500:
-                raise
-            message = describe_failure(self._client.base_url, what, e, self.timeout_s)
+        except (requests.RequestException, pydicom.errors.InvalidDicomError) as e:
+            code = e.response.status_code if isinstance(e, requests.HTTPError) and e.response is not None else 0
+            if code == 404:
+                raise HTTPException(status_code=404, detail=f"Not found in the PACS while {what}.") from None
+            if isinstance(e, pydicom.errors.InvalidDicomError):
+                message = f"The PACS at {self._client.base_url} sent something that is not DICOM while {what}."
+            elif code in (401, 403):
+                message = (
+                    f"The PACS at {self._client.base_url} refused access (HTTP {code}) while {what}: check "
+                    "MONAI_LABEL_DATASTORE_USERNAME / MONAI_LABEL_DATASTORE_PASSWORD and the PACS's permissions."
+                )
+            else:
+                message = describe_failure(self._client.base_url, what, e, self.timeout_s)
             logger.error(message)
             self._last_failure = message
             raise PacsUnavailable(message) from None
@@ -169,7 +183,10 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         return self._known_images
 
     def _dicom_info(self, series_id):
-        return self._pacs(f"looking up series {series_id}", super()._dicom_info, series_id)
+        try:
+            return self._pacs(f"looking up series {series_id}", super()._dicom_info, series_id)
+        except IndexError:  # the search found nothing: keep what is known
+            return {"SeriesInstanceUID": series_id}
 
     def _download_series(self, series_uid: str, target: str) -> None:
         """Download a series into ``target`` all at once: a temporary folder renamed when complete."""
@@ -202,7 +219,11 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
                 return image_nii
             series_dir = os.path.join(self._datastore.image_path(), image_id)
             self._download_series(image_id, series_dir)
-            converted = dicom_to_nifti(series_dir)
+            try:
+                converted = dicom_to_nifti(series_dir)
+            except RuntimeError as e:  # ITK: e.g. a localizer, or slices of different sizes
+                detail = f"Series {image_id} cannot be read as one volume: {str(e).strip()[-300:]}"
+                raise HTTPException(status_code=422, detail=detail) from None
             try:
                 DurableLocalDatastore.add_image(self, image_id, converted, self._dicom_info(image_id))
             finally:
@@ -212,34 +233,44 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
     # ----- labels: the PACS's view --------------------------------------------------------------------------
     def latest_segs(self, max_age_s: float = 5.0) -> dict[str, dict[str, str]]:
         """``{image series uid: {"seg": SEG series uid, "study": study uid}}``, the newest SEG per image series
-        among the listed images (SEGs that reference none of them are ignored)."""
+        among the listed images (SEGs that reference none of them are ignored). Newest: the SEG's own
+        SeriesDate/SeriesTime (+ TimezoneOffsetFromUTC) read from its metadata; on a tie, the SEG this server
+        last stored for the series."""
         if self._seg_view and time.time() - self._seg_view[0] < max_age_s:
             return self._seg_view[1]
         found = self._pacs(
             "listing the DICOM SEG series",
             self._client.search_for_series,
             search_filters={"Modality": "SEG"},
-            fields=["SeriesDate", "SeriesTime"],
+            get_remaining=True,
         )
         images = set(self.list_images())
-        newest: dict[str, tuple[str, dict[str, str]]] = {}
+        all_segs: set[str] = set()
+        newest: dict[str, tuple[str, int, dict[str, str]]] = {}
         for item in found:
             seg = Dataset.from_json(item)
-            seg_uid, study_uid = str(seg.SeriesInstanceUID), str(seg.StudyInstanceUID)
+            seg_uid, study_uid = str(seg.get("SeriesInstanceUID", "")), str(seg.get("StudyInstanceUID", ""))
+            if not seg_uid or not study_uid:
+                continue
+            all_segs.add(seg_uid)
             if seg_uid not in self._seg_sources:
                 meta = self._pacs(
                     f"reading SEG series {seg_uid}", self._client.retrieve_series_metadata, study_uid, seg_uid
                 )
-                # the pixel data stays behind its bulk-data URI: only the references are read here
-                header = Dataset.from_json(meta[0], bulk_data_uri_handler=lambda *_: None) if meta else None
-                self._seg_sources[seg_uid] = referenced_series(header) if header is not None else ""
-            source = self._seg_sources[seg_uid]
+                if not meta:
+                    continue  # asked again next time
+                # the pixel data stays behind its bulk-data URI: only the header is read here
+                header = Dataset.from_json(meta[0], bulk_data_uri_handler=lambda *_: None)
+                self._seg_sources[seg_uid] = (referenced_series(header), seg_time_utc(header))
+            source, when = self._seg_sources[seg_uid]
             if source not in images:
                 continue
-            when = f"{seg.get('SeriesDate', '')}{str(seg.get('SeriesTime', '')).ljust(13, '0')}"
-            if source not in newest or when > newest[source][0]:
-                newest[source] = (when, {"seg": seg_uid, "study": study_uid})
-        view = {image: entry for image, (_, entry) in newest.items()}
+            info = self._local_final(source) or {}
+            mine = int(info.get("SeriesInstanceUID") == seg_uid)
+            if source not in newest or (when, mine) > newest[source][:2]:
+                newest[source] = (when, mine, {"seg": seg_uid, "study": study_uid})
+        view = {image: entry for image, (_, _, entry) in newest.items()}
+        self._all_segs = all_segs
         self._seg_view = (time.time(), view)
         return view
 
@@ -249,10 +280,11 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         return label.info if label else None
 
     def _unsent(self) -> list[str]:
+        """Final labels whose SEG has not reached the PACS (labels without upload record count as sent)."""
         return [
             image_id
-            for image_id, obj in self._datastore.objects.items()
-            if FINAL in obj.labels and obj.labels[FINAL].info.get("pacs_upload", {}).get("status") != "sent"
+            for image_id, obj in list(self._datastore.objects.items())
+            if FINAL in obj.labels and obj.labels[FINAL].info.get("pacs_upload", {}).get("status", "sent") != "sent"
         ]
 
     def _sync_final_labels(self) -> None:
@@ -262,43 +294,57 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
             info = self._local_final(image_id)
             if info and info.get("SeriesInstanceUID") == entry["seg"] and os.path.exists(self._final_path(image_id)):
                 continue
-            if info and info.get("pacs_upload", {}).get("status") not in (None, "sent"):
+            if info and info.get("pacs_upload", {}).get("status", "sent") != "sent":
                 continue  # a newer local label waits to be sent: it wins over the PACS's copy
             if entry["seg"] in self.unreadable_segs:
                 continue
-            try:
-                self._read_seg_into_cache(image_id, entry)
-            except (PacsUnavailable, HTTPException):
-                raise
-            except Exception as e:  # one SEG another tool wrote badly must not stop training on the others
-                kept = "its earlier label is used" if info else "the series is left out of training"
-                message = f"SEG {entry['seg']} of series {image_id} cannot be read ({type(e).__name__}: {e}); {kept}"
-                logger.error(message)
-                self.unreadable_segs[entry["seg"]] = message[:500]
+            self._read_seg_into_cache(image_id, entry, info)
         for image_id in list(self._datastore.objects):
             info = self._local_final(image_id)
-            if info is None or image_id in view:
+            if info is None or image_id in view or info.get("pacs_upload", {}).get("status", "sent") != "sent":
                 continue
-            if info.get("pacs_upload", {}).get("status") == "sent":
+            if info.get("SeriesInstanceUID") and info["SeriesInstanceUID"] not in self._all_segs:
                 logger.info("Final label of %s: its SEG is no longer in the PACS; removed from the cache", image_id)
-                DurableLocalDatastore.remove_label(self, image_id, FINAL)
+                self._remove_final(image_id, info)
+
+    def _remove_final(self, image_id: str, expected: dict[str, Any]) -> None:
+        with FileLock(self._lock_file):
+            self.reload_index_locked()
+            obj = self._datastore.objects.get(image_id)
+            label = obj.labels.get(FINAL) if obj else None
+            if label is None or label.info != expected:  # saved again meanwhile
+                return
+            path = os.path.join(self._datastore.label_path(FINAL), label.info.get("name", ""))
+            del obj.labels[FINAL]
+            self._write_index(lock=False)
+        if os.path.isfile(path):
+            os.unlink(path)
 
     def _final_path(self, image_id: str) -> str:
         info = self._local_final(image_id) or {}
         return os.path.join(self._datastore.label_path(FINAL), info.get("name", f"{image_id}.nii.gz"))
 
-    def _read_seg_into_cache(self, image_id: str, entry: dict[str, str]) -> None:
+    def _read_seg_into_cache(self, image_id: str, entry: dict[str, str], expected: dict[str, Any] | None) -> None:
+        """Fetch a SEG and keep it as the image's final label, unless the label changed since ``expected`` was
+        read (a save in this or another process wins)."""
         image_nii = self.get_image_uri(image_id)
-        seg_dir = os.path.join(self._datastore.label_path(FINAL), entry["seg"])
+        seg_dir = os.path.join(self._datastore.label_path(FINAL), f"{entry['seg']}.{uuid.uuid4().hex}")
         try:
             self._download_series(entry["seg"], seg_dir)
             files = sorted(os.listdir(seg_dir))
-            label = read_dicom_seg(os.path.join(seg_dir, files[0]), sitk.ReadImage(image_nii), self.label_names)
+            try:
+                label = read_dicom_seg(os.path.join(seg_dir, files[0]), sitk.ReadImage(image_nii), self.label_names)
+            except Exception as e:  # one SEG another tool wrote badly must not stop training on the others
+                kept = "its earlier label is used" if expected else "the series is left out of training"
+                message = f"SEG {entry['seg']} of series {image_id} cannot be read ({type(e).__name__}: {e}); {kept}"
+                logger.error(message)
+                self.unreadable_segs[entry["seg"]] = message[:500]
+                return
             with tempfile.TemporaryDirectory(prefix="medsam2-seg-") as tmp:
                 path = os.path.join(tmp, f"{image_id}.nii.gz")
                 sitk.WriteImage(label, path, True)
                 info = {"SeriesInstanceUID": entry["seg"], "pacs_upload": {"status": "sent"}, "source": "pacs"}
-                DurableLocalDatastore.save_label(self, image_id, path, FINAL, info)
+                DurableLocalDatastore.save_label(self, image_id, path, FINAL, info, only_if=lambda now: now == expected)
         finally:
             shutil.rmtree(seg_dir, ignore_errors=True)
 
@@ -306,7 +352,7 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         if label_tag != FINAL:
             return DurableLocalDatastore.get_label_uri(self, label_id, label_tag)
         image_id = image_id or label_id
-        if self._local_final(image_id) is None:
+        if self._local_final(image_id) is None and image_id in self.latest_segs():
             self._sync_final_labels()
         return DurableLocalDatastore.get_label_uri(self, image_id, FINAL)
 
@@ -380,14 +426,13 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
             with tempfile.TemporaryDirectory(prefix="medsam2-label-") as tmp:
                 path = os.path.join(tmp, f"{image_id}.nii.gz")
                 sitk.WriteImage(label, path, True)
-                info = {**(label_info or {}), "pacs_upload": {"status": "pending"}}
+                info = {**(label_info or {}), "pacs_upload": {"status": "pending"}, "save_id": uuid.uuid4().hex}
                 DurableLocalDatastore.save_label(self, image_id, path, FINAL, info)
         finally:
             if converted:
                 os.unlink(converted)
         self._seg_view = None
-        self._send(image_id, raise_on_failure=True)
-        self.send_unsent_labels()
+        self._send(image_id, raise_on_failure=True)  # other unsent labels: the resend thread
         return image_id
 
     def send_unsent_labels(self) -> list[str]:
@@ -400,8 +445,9 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
 
     def _send_locked(self, image_id: str, raise_on_failure: bool) -> bool:
         info = self._local_final(image_id)
-        if info is None or info.get("pacs_upload", {}).get("status") == "sent":
+        if info is None or info.get("pacs_upload", {}).get("status", "sent") == "sent":
             return True
+        sending = info
         try:
             self.get_image_uri(image_id)  # the series files the SEG references
             label = sitk.ReadImage(self._final_path(image_id))
@@ -417,10 +463,23 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
             self._pacs(f"storing the DICOM SEG of series {image_id}", self._client.store_instances, [seg])
             sent = {"status": "sent", "at": int(time.time())}
             info = {**info, "SeriesInstanceUID": str(seg.SeriesInstanceUID), "pacs_upload": sent}
-        except (PacsUnavailable, requests.RequestException, SegError, RuntimeError, OSError) as e:
-            message = str(e) if isinstance(e, (PacsUnavailable, SegError)) else f"{type(e).__name__}: {e}"
+        except (
+            PacsUnavailable,
+            HTTPException,
+            requests.RequestException,
+            SegError,
+            RuntimeError,
+            OSError,
+            subprocess.SubprocessError,  # dcmqi ran past its timeout
+        ) as e:
+            if isinstance(e, HTTPException):
+                message = str(e.detail)
+            elif isinstance(e, (PacsUnavailable, SegError)):
+                message = str(e)
+            else:
+                message = f"{type(e).__name__}: {e}"
             failed = {"status": "failed", "error": message[:500], "at": int(time.time())}
-            self._update_label_info(image_id, {**info, "pacs_upload": failed})
+            self._update_label_info(image_id, sending, {**info, "pacs_upload": failed})
             logger.error("Final label of %s kept on this server, not in the PACS: %s", image_id, message)
             if raise_on_failure:
                 raise PacsUploadFailed(
@@ -428,14 +487,16 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
                     f"DICOM SEG failed: {message} It is kept and sent again with the next save or training run."
                 ) from None
             return False
-        self._update_label_info(image_id, info)
+        self._update_label_info(image_id, sending, info)
         self._seg_view = None
         return True
 
-    def _update_label_info(self, image_id: str, info: dict[str, Any]) -> None:
+    def _update_label_info(self, image_id: str, expected: dict[str, Any], info: dict[str, Any]) -> None:
+        """Record how sending went, unless the label was saved again meanwhile (its own send records that)."""
         with FileLock(self._lock_file):
+            self.reload_index_locked()
             obj = self._datastore.objects.get(image_id)
-            if obj and FINAL in obj.labels:
+            if obj and FINAL in obj.labels and obj.labels[FINAL].info.get("save_id") == expected.get("save_id"):
                 obj.labels[FINAL].info = info
                 self._write_index(lock=False)
 
