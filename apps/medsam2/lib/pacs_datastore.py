@@ -152,7 +152,9 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
             time.sleep(every_s)
 
     # ----- calls to the PACS --------------------------------------------------------------------------------
-    def _pacs(self, what: str, call, *args, **kwargs):
+    def _pacs(self, what: str, call, *args, cached: bool = False, **kwargs):
+        """Call the PACS; failures become :class:`PacsUnavailable` (503) or 404. ``cached``: the call may be
+        answered from a cache, so its success says nothing about the PACS now."""
         try:
             result = call(*args, **kwargs)
         except (requests.RequestException, pydicom.errors.InvalidDicomError) as e:
@@ -171,7 +173,8 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
             logger.error(message)
             self._last_failure = message
             raise PacsUnavailable(message) from None
-        self._last_failure = None
+        if not cached:
+            self._last_failure = None
         return result
 
     def _series_lock(self, series_uid: str) -> threading.Lock:
@@ -179,7 +182,7 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
             return self._series_locks.setdefault(series_uid, threading.Lock())
 
     def list_images(self) -> list[str]:
-        self._known_images = self._pacs("listing the image series", super().list_images)
+        self._known_images = self._pacs("listing the image series", super().list_images, cached=True)
         return self._known_images
 
     def _dicom_info(self, series_id):

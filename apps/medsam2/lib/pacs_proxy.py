@@ -8,14 +8,17 @@ and a PACS that is down answers 500 with a stack trace. Here the forwarding runs
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import requests
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 
 logger = logging.getLogger(__name__)
+# its own threads: requests waiting for a slow PACS must not take the pool that serves file up/downloads
+_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="medsam2-pacs-proxy")
 
 
 def _prefix(settings, op: str, path: str) -> str:
@@ -66,7 +69,7 @@ def install_pacs_proxy(timeout_s: float) -> bool:
             )
 
         try:
-            answer = await run_in_threadpool(forward)
+            answer = await asyncio.get_running_loop().run_in_executor(_POOL, forward)
         except requests.RequestException as e:
             from lib.pacs_datastore import describe_failure
 
