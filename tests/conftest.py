@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,12 +20,8 @@ from sam2_testing import APP_DIR, blob_volume, object_present_bias
 
 REPO = APP_DIR.parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from local_orthanc import free_port  # noqa: E402, F401  (the tests import it from here)
 
 
 @pytest.fixture(scope="session")
@@ -139,6 +134,16 @@ def kill_server(server: Server) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"processes of group {pgid} survived SIGKILL")
+
+
+def wait_for_training(server: Server, timeout_s: float) -> dict:
+    """Poll ``GET /train/`` until the run is DONE or ERROR (or ``timeout_s`` passed); its last status."""
+    deadline = time.time() + timeout_s
+    while True:
+        status = server.get("/train/").json()
+        if status.get("status") in ("DONE", "ERROR") or time.time() > deadline:
+            return status
+        time.sleep(2)
 
 
 def stop_server(server: Server) -> None:

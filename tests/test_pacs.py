@@ -17,8 +17,9 @@ import requests
 import SimpleITK as sitk
 from pacs_testing import CtSeries, Orthanc, lung_ct, write_ct_series
 from pydicom.uid import generate_uid
+from test_server_2d import split_multipart
 
-from conftest import start_server, stop_server
+from conftest import start_server, stop_server, wait_for_training
 from sam2_testing import small_config_file
 
 TIMEOUT_S = 4.0  # --conf dicomweb_timeout_s of the test server
@@ -53,12 +54,6 @@ def pacs_server(pacs, random_checkpoint, tmp_path_factory):
     server = start_server(orthanc.dicomweb, conf, folder / "server.log", env=env)  # type: ignore[arg-type]
     yield server
     stop_server(server)
-
-
-def multipart_label(r: requests.Response) -> sitk.Image:
-    from test_server_2d import split_multipart
-
-    return split_multipart(r)[0]
 
 
 def save_final(server, series_uid: str, label: sitk.Image, tmp: Path, label_info=LABEL_INFO) -> requests.Response:
@@ -135,7 +130,7 @@ def test_lists_the_series_and_propagates_in_its_geometry(pacs, pacs_server):
         data={"params": json.dumps({"label": "lesion", "foreground": [[120, 128, 10]], "client_id": "pacs"})},
     )
     assert r.status_code == 200, r.text
-    label = multipart_label(r)
+    label, _ = split_multipart(r)
     image = first.image
     assert label.GetSize() == image.GetSize()
     assert np.allclose(label.GetOrigin(), image.GetOrigin(), atol=1e-3)
@@ -216,12 +211,7 @@ def test_trainer_trains_on_the_labels_read_from_the_segs(pacs, pacs_server):
     options = {"epochs": 1, "steps_per_epoch": 2, "clip_length": 3, "max_objects": 2}
     r = pacs_server.post("/train/medsam2", json=options)
     assert r.status_code == 200, r.text
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        status = pacs_server.get("/train/").json()
-        if status.get("status") in ("DONE", "ERROR"):
-            break
-        time.sleep(2)
+    status = wait_for_training(pacs_server, 300)
     assert status.get("status") == "DONE", (status, pacs_server.log.read_text()[-3000:])
     stats = pacs_server.get("/info/").json()["train_stats"]["medsam2"]
     assert stats["train_studies"] == [f"{first.series_uid}.nii.gz"], stats

@@ -4,14 +4,13 @@ server a training run publishes weights that the next inference uses without a r
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import start_server, stop_server, write_image
+from conftest import start_server, stop_server, wait_for_training, write_image
 from lib.checkpoints import MEDSAM2_CONFIG, build_model, load_model, resolve_checkpoint, save_checkpoint
 from lib.finetune import Study, TrainSettings, train
 from sam2_testing import SMALL_OVERRIDES, small_config_file
@@ -95,12 +94,7 @@ def test_train_endpoint_publishes_weights_the_next_inference_uses(tmp_path):
         options["p_box"] = 1.0  # the learning test's recipe: it learns within these steps from random weights
         r = server.post("/train/medsam2", json=options)
         assert r.status_code == 200, r.text
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            status = server.get("/train/").json()
-            if status.get("status") in ("DONE", "ERROR"):
-                break
-            time.sleep(2)
+        status = wait_for_training(server, 600)
         assert status.get("status") == "DONE", (status, server.log.read_text()[-3000:])
         stats = server.get("/info/").json()["train_stats"]["medsam2"]
         assert stats["status"] == "DONE" and len(stats["epochs"]) == 2

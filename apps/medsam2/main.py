@@ -35,7 +35,14 @@ from lib.cine_io import VIDEO_SUFFIXES, is_multiframe_dicom
 from lib.durable_datastore import DurableLocalDatastore
 from lib.infer_route import serve_datastore_routes_in_threads, serve_infer_in_threads
 from lib.model_provider import pick_device
-from lib.pacs_datastore import DEFAULT_TIMEOUT_S, PacsDatastore, PacsUnavailable, PacsUploadFailed, TimeoutSession
+from lib.pacs_datastore import (
+    DEFAULT_TIMEOUT_S,
+    PacsDatastore,
+    PacsUnavailable,
+    PacsUploadFailed,
+    TimeoutSession,
+    pacs_credentials,
+)
 from lib.pacs_proxy import install_pacs_proxy
 from lib.prompts import PromptError
 from lib.request_guard import RequestRefused
@@ -152,7 +159,7 @@ class MedSAM2App(MONAILabelApp):
     def _setup(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         # settings checked before any checkpoint download: a typo is reported at once
         self.dicomweb_timeout_s = _seconds(conf, "dicomweb_timeout_s", DEFAULT_TIMEOUT_S)
-        _seconds(conf, "pacs_resend_every_s", 30.0)
+        self.pacs_resend_every_s = _seconds(conf, "pacs_resend_every_s", 30.0)
         self.model_dir = os.path.join(app_dir, "model")
         configs = {c.split(".")[-2].lower(): c for c in get_class_names(lib.configs, "TaskConfig")}
         wanted = [m.strip() for m in conf.get("models", "all").split(",") if m.strip()]
@@ -218,9 +225,7 @@ class MedSAM2App(MONAILabelApp):
         """DICOMweb with timeouts, 503s and SEG final labels (:mod:`lib.pacs_datastore`)."""
         from monailabel.datastore.dicom import DICOMwebClientX
 
-        user = settings.MONAI_LABEL_DATASTORE_USERNAME or settings.MONAI_LABEL_DICOMWEB_USERNAME
-        password = settings.MONAI_LABEL_DATASTORE_PASSWORD or settings.MONAI_LABEL_DICOMWEB_PASSWORD
-        session = TimeoutSession(self.dicomweb_timeout_s, (user, password) if user and password else None)
+        session = TimeoutSession(self.dicomweb_timeout_s, pacs_credentials(settings))
         client = DICOMwebClientX(
             url=self.studies,
             session=session,
@@ -240,7 +245,7 @@ class MedSAM2App(MONAILabelApp):
             timeout_s=self.dicomweb_timeout_s,
             fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
             # only the server resends; a training process reads labels and leaves
-            resend_every_s=_seconds(self.conf, "pacs_resend_every_s", 30.0) if "start_server" in sys.argv else 0,
+            resend_every_s=self.pacs_resend_every_s if "start_server" in sys.argv else 0,
         )
 
     def _remember_label_tags(self, datastore: Datastore) -> None:

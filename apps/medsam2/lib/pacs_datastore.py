@@ -88,6 +88,14 @@ class TimeoutSession(requests.Session):
         return super().request(method, url, **kwargs)
 
 
+def pacs_credentials(settings) -> tuple[str, str] | None:
+    """Basic-auth user and password for the PACS from MONAI Label's settings (DATASTORE_*, else the older
+    DICOMWEB_* names), or None."""
+    user = settings.MONAI_LABEL_DATASTORE_USERNAME or settings.MONAI_LABEL_DICOMWEB_USERNAME
+    password = settings.MONAI_LABEL_DATASTORE_PASSWORD or settings.MONAI_LABEL_DICOMWEB_PASSWORD
+    return (user, password) if user and password else None
+
+
 def describe_failure(base_url: str, what: str, error: Exception, timeout_s: float) -> str:
     """One sentence an administrator can act on."""
     if isinstance(error, requests.Timeout):
@@ -372,11 +380,12 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         """``/info``'s datastore part, from what is known: it never waits for the PACS (``/info`` must answer
         while the PACS hangs); ``error`` is the last PACS failure, until a request succeeds again."""
         labeled = set(self._seg_view[1]) if self._seg_view else set()
+        unsent = self._unsent()
         status = {
             "total": len(self._known_images),
-            "completed": len(labeled | set(self._unsent())),
+            "completed": len(labeled | set(unsent)),
             "pacs": self._client.base_url,
-            "labels_not_sent": len(self._unsent()),
+            "labels_not_sent": len(unsent),
         }
         if self._last_failure:
             status["error"] = self._last_failure

@@ -16,6 +16,8 @@ import requests
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from lib.pacs_datastore import describe_failure, pacs_credentials
+
 logger = logging.getLogger(__name__)
 # its own threads: requests waiting for a slow PACS must not take the pool that serves file up/downloads
 _POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="medsam2-pacs-proxy")
@@ -49,9 +51,7 @@ def install_pacs_proxy(timeout_s: float) -> bool:
             return await google_proxy(request, op, path)
         prefix = _prefix(settings, op, path)
         url = f"{server}/{prefix}/{path}" if prefix else f"{server}/{path}"
-        user = settings.MONAI_LABEL_DATASTORE_USERNAME or settings.MONAI_LABEL_DICOMWEB_USERNAME
-        password = settings.MONAI_LABEL_DATASTORE_PASSWORD or settings.MONAI_LABEL_DICOMWEB_PASSWORD
-        auth = (user, password) if user and password else None
+        auth = pacs_credentials(settings)
         body = await request.body() if request.method == "POST" else None
         headers = dict(request.headers) if request.method == "POST" else {}
         headers.pop("host", None)
@@ -71,8 +71,6 @@ def install_pacs_proxy(timeout_s: float) -> bool:
         try:
             answer = await asyncio.get_running_loop().run_in_executor(_POOL, forward)
         except requests.RequestException as e:
-            from lib.pacs_datastore import describe_failure
-
             message = describe_failure(server, f"serving {request.method} {op or 'dicom'}/{path}", e, limit)
             logger.error(message)
             return JSONResponse(status_code=503, content={"detail": message}, headers={"Retry-After": "10"})
