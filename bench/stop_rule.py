@@ -27,10 +27,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "apps" / "medsam2"))
 
-from lib.checkpoints import MEDSAM2_CONFIG, build_model, image_size_overrides  # noqa: E402
-from lib.finetune import Study, TrainSettings, dice_score, key_slice_prompts, train  # noqa: E402
-from lib.propagation import StopRule, propagate_volume  # noqa: E402
-from lib.volume_session import VolumeSession, compute_dtype_for  # noqa: E402
+from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, image_size_overrides  # noqa: E402
+from lib.engine.propagation import StopRule, propagate_volume  # noqa: E402
+from lib.engine.volume_session import VolumeSession, compute_dtype_for  # noqa: E402
+from lib.training.finetune import Study, TrainSettings, dice_score, key_slice_prompts, train  # noqa: E402
 
 
 def ending_object_study(seed: int, slices: int, size: int) -> Study:

@@ -15,7 +15,7 @@ import requests
 import SimpleITK as sitk
 import torch
 
-from lib.checkpoints import MEDSAM2_CONFIG, build_model, save_checkpoint
+from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, save_checkpoint
 from sam2_testing import APP_DIR, blob_volume, object_present_bias
 
 REPO = APP_DIR.parents[1]

@@ -12,7 +12,7 @@ APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "medsam2"
 if str(APP_DIR) not in sys.path:
     sys.path.insert(0, str(APP_DIR))
 
-from lib.checkpoints import MEDSAM2_CONFIG, build_model, image_size_overrides  # noqa: E402
+from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, image_size_overrides  # noqa: E402
 
 # hiera-t at 256x256 input: the MedSAM2 architecture at a quarter of the pixels, for CPU speed.
 SMALL_OVERRIDES = image_size_overrides(256)
@@ -52,7 +52,7 @@ def blob_volume(shape=(24, 64, 80), center=None, radius=10.0, seed: int = 0) -> 
 
 
 class FixedModelProvider:
-    """Stands in for lib.model_provider.ModelProvider: always serves ``model`` on the CPU in fp32."""
+    """Stands in for lib.engine.model_provider.ModelProvider: always serves ``model`` on the CPU in fp32."""
 
     checkpoint = type("Checkpoint", (), {"name": "random", "is_random": True})()
     device = torch.device("cpu")

@@ -13,8 +13,8 @@ import requests
 import torch
 
 from conftest import start_server, stop_server, write_image
-from lib.admission import AdmissionGate, AdmissionSettings, ServerBusy
-from lib.checkpoints import build_model, save_checkpoint
+from lib.engine.checkpoints import build_model, save_checkpoint
+from lib.server.admission import AdmissionGate, AdmissionSettings, ServerBusy
 from sam2_testing import blob_volume, object_present_bias, small_config_file
 
 

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from conftest import free_port, start_server, stop_server, write_image
-from lib.access_control import (
+from lib.server.access_control import (
     AccessError,
     ClaimNames,
     RealmPublicKey,
@@ -47,7 +47,7 @@ ALL_ROLES = (ADMIN, REVIEWER, ANNOTATOR, USER)
 CLIENT_ID = "medsam2-test-client"
 PASSWORDS = {"alice": "correct horse"}
 
-# Open without a token, on purpose (see lib/access_control.py): API description, static viewer files, login.
+# Open without a token, on purpose (see lib/server/access_control.py): API description, static viewer files, login.
 PUBLIC = {("GET", "/"), ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/favicon.ico")}
 PUBLIC |= {("GET", "/auth/"), ("POST", "/auth/token")}
 # Admin-only, though MONAI Label checks nothing (/reload) or only the annotator role (model weights).

@@ -13,8 +13,8 @@ import torch
 from test_training import learnable_volume
 
 from conftest import start_server, stop_server, write_image
-from lib.auto_train import AutoTrain
-from lib.checkpoints import build_model, save_checkpoint
+from lib.engine.checkpoints import build_model, save_checkpoint
+from lib.server.auto_train import AutoTrain
 from sam2_testing import small_config_file
 
 

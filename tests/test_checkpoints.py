@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.checkpoints import (
+from lib.engine.checkpoints import (
     KNOWN_CHECKPOINTS,
     MEDSAM2_CONFIG,
     CheckpointError,

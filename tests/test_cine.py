@@ -21,9 +21,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from test_server_2d import infer, split_multipart
 
 from conftest import start_server, stop_server
-from lib.cine_io import luminance
-from lib.prompts import PromptError
-from lib.volume_io import load_image
+from lib.engine.prompts import PromptError
+from lib.imaging.cine_io import luminance
+from lib.imaging.volume_io import load_image
 
 US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
 VIDEO_ENDOSCOPIC = "1.2.840.10008.5.1.4.1.1.77.1.1.1"

@@ -3,7 +3,7 @@ label save, a training epoch and a checkpoint publish, and at a random moment of
 each restart on the same studies folder every acknowledged label (HTTP 200 to PUT /datastore/label) is intact,
 the served checkpoint loads, and training runs again.
 
-The exact windows are hit with the app's test hook ``MEDSAM2_TEST_PAUSE_AT`` (lib/durable_files.py): the server
+The exact windows are hit with the app's test hook ``MEDSAM2_TEST_PAUSE_AT`` (lib/atomic_files.py): the server
 writes a marker file and sleeps at the named point, and the test kills it there.
 """
 
@@ -26,8 +26,8 @@ import torch
 from test_training import learnable_volume
 
 from conftest import Server, kill_server, start_server, stop_server, write_image
-from lib.checkpoints import build_model, save_checkpoint
-from lib.durable_files import PAUSE_AT_ENV, PAUSE_MARKER_ENV, atomic_write, remove_stale_temp_files
+from lib.atomic_files import PAUSE_AT_ENV, PAUSE_MARKER_ENV, atomic_write, remove_stale_temp_files
+from lib.engine.checkpoints import build_model, save_checkpoint
 from sam2_testing import small_config_file
 
 GEOMETRY = dict(spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
@@ -271,7 +271,7 @@ def _umask() -> int:
 def test_an_index_truncated_by_a_crash_of_stock_monai_label_is_rebuilt_at_start(tmp_path):
     from monailabel.datastore.local import LocalDatastore
 
-    from lib.durable_datastore import DurableLocalDatastore
+    from lib.storage.local_datastore import DurableLocalDatastore
 
     (tmp_path / "labels" / "final").mkdir(parents=True)
     write_image(learnable_volume(0, SHAPE)[0].astype(np.int16), tmp_path / "case0.nii.gz", **GEOMETRY)

@@ -11,7 +11,14 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from lib.dicom_seg import SegError, label_on_image_grid, read_dicom_seg, seg_time_utc, segments_for, write_dicom_seg
+from lib.imaging.dicom_seg import (
+    SegError,
+    label_on_image_grid,
+    read_dicom_seg,
+    seg_time_utc,
+    segments_for,
+    write_dicom_seg,
+)
 from sam2_testing import APP_DIR, blob_volume
 
 sys.path.insert(0, str(APP_DIR.parents[1] / "scripts"))

@@ -952,8 +952,8 @@ def test_volume_over_max_voxels_is_refused_up_front(small_limit_server):
 def test_dicom_series_over_max_voxels_is_refused_before_decoding(tmp_path):
     """A DICOM series folder (how DICOMweb studies arrive) is measured from its first header and the file count,
     before any slice is decoded (only that check words its answer this way); within the limit it loads."""
-    from lib.prompts import PromptError
-    from lib.volume_io import load_image
+    from lib.engine.prompts import PromptError
+    from lib.imaging.volume_io import load_image
 
     source_ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))  # 128 x 128
     series = pydicom.uid.generate_uid()

@@ -173,7 +173,7 @@ def cold_datalist(orthanc: Orthanc, cache: Path, unreadable: list[str] | None = 
     """What a trainer on another machine (or after the cache is wiped) reads: the datastore on an empty cache."""
     from dicomweb_client import DICOMwebClient
 
-    from lib.pacs_datastore import PacsDatastore, TimeoutSession
+    from lib.storage.pacs_datastore import PacsDatastore, TimeoutSession
 
     client = DICOMwebClient(orthanc.dicomweb, session=TimeoutSession(TIMEOUT_S))
     store = PacsDatastore(client, {"Modality": "CT"}, str(cache), {"lesion": 1, "organ": 2, "vessel": 3})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.preprocessing import (
+from lib.engine.preprocessing import (
     CT_WINDOWS,
     IMAGENET_MEAN,
     IMAGENET_STD,

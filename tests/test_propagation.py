@@ -7,11 +7,11 @@ import threading
 import numpy as np
 import pytest
 
-from lib.preprocessing import parse_window, to_uint8
-from lib.prompts import KeySlicePrompt, LabelMap
-from lib.propagation import propagate_volume
-from lib.segmenter import MedSAM2Segmenter, SegmenterSettings
-from lib.volume_session import SessionCache, VolumeSession, frames_along_axis, frames_to_volume
+from lib.engine.preprocessing import parse_window, to_uint8
+from lib.engine.prompts import KeySlicePrompt, LabelMap
+from lib.engine.propagation import propagate_volume
+from lib.engine.segmenter import MedSAM2Segmenter, SegmenterSettings
+from lib.engine.volume_session import SessionCache, VolumeSession, frames_along_axis, frames_to_volume
 from sam2_testing import FixedModelProvider, blob_volume, small_model
 
 
@@ -130,8 +130,8 @@ def test_segmenter_sessions_are_isolated_between_users_and_images(model, frames,
 def test_volume_over_the_size_limit_is_refused_before_loading(tmp_path):
     import SimpleITK as sitk
 
-    from lib.prompts import PromptError
-    from lib.volume_io import load_image
+    from lib.engine.prompts import PromptError
+    from lib.imaging.volume_io import load_image
 
     path = tmp_path / "big.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((30, 40, 50), np.int16)), str(path))

@@ -6,10 +6,10 @@ import pytest
 import sam2.sam2_video_predictor as stock_module
 import torch
 
-from lib.preprocessing import frames_to_model_input, parse_window, to_uint8
-from lib.prompts import KeySlicePrompt
-from lib.propagation import propagate_volume, segment_key_slice, upsample_logits
-from lib.volume_session import VolumeSession
+from lib.engine.preprocessing import frames_to_model_input, parse_window, to_uint8
+from lib.engine.prompts import KeySlicePrompt
+from lib.engine.propagation import propagate_volume, segment_key_slice, upsample_logits
+from lib.engine.volume_session import VolumeSession
 from sam2_testing import blob_volume, small_model
 
 TOL = 1e-3  # max |logit difference| allowed (fp32 on CPU; memory features are stored in bf16 by both)

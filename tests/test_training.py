@@ -11,8 +11,8 @@ import SimpleITK as sitk
 import torch
 
 from conftest import start_server, stop_server, wait_for_training, write_image
-from lib.checkpoints import MEDSAM2_CONFIG, build_model, load_model, resolve_checkpoint, save_checkpoint
-from lib.finetune import Study, TrainSettings, train
+from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, load_model, resolve_checkpoint, save_checkpoint
+from lib.training.finetune import Study, TrainSettings, train
 from sam2_testing import SMALL_OVERRIDES, small_config_file
 
 

@@ -15,9 +15,9 @@ from monailabel.interfaces.exception import MONAILabelException
 from test_training import learnable_volume
 from torch.multiprocessing import ProcessRaisedException
 
-import lib.finetune as finetune
+import lib.training.finetune as finetune
 from conftest import write_image
-from lib.checkpoints import (
+from lib.engine.checkpoints import (
     MEDSAM2_CONFIG,
     build_model,
     image_size_overrides,
@@ -25,11 +25,11 @@ from lib.checkpoints import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from lib.distributed import CPU_RANKS_ENV, DistributedContext, DistributedPlan, launch, plan_distributed
-from lib.finetune import Study, TrainSettings, configure_trainable, train
-from lib.model_provider import ModelProvider
-from lib.preprocessing import parse_window
+from lib.engine.model_provider import ModelProvider
+from lib.engine.preprocessing import parse_window
 from lib.trainers.medsam2 import MedSAM2Trainer
+from lib.training.distributed import CPU_RANKS_ENV, DistributedContext, DistributedPlan, launch, plan_distributed
+from lib.training.finetune import Study, TrainSettings, configure_trainable, train
 from sam2_testing import small_config_file
 
 TWO_CPU_RANKS = DistributedPlan("gloo", ("cpu", "cpu"))

@@ -27,15 +27,18 @@ from monailabel.utils.async_tasks.utils import processes, tasks
 from monailabel.utils.others.class_utils import get_class_names
 
 import lib.configs
-from lib import access_control
-from lib.admission import AdmissionGate, AdmissionSettings, ServerBusy
-from lib.auto_train import AutoTrain
-from lib.checkpoints import CheckpointError, remove_unfinished_checkpoint_writes
-from lib.cine_io import VIDEO_SUFFIXES, is_multiframe_dicom
-from lib.durable_datastore import DurableLocalDatastore
-from lib.infer_route import serve_datastore_routes_in_threads, serve_infer_in_threads
-from lib.model_provider import pick_device
-from lib.pacs_datastore import (
+from lib.engine.checkpoints import CheckpointError, remove_unfinished_checkpoint_writes
+from lib.engine.model_provider import pick_device
+from lib.engine.prompts import PromptError
+from lib.server import access_control
+from lib.server.admission import AdmissionGate, AdmissionSettings, ServerBusy
+from lib.server.auto_train import AutoTrain
+from lib.server.pacs_proxy import install_pacs_proxy
+from lib.server.request_guard import RequestRefused
+from lib.server.request_guard import install as install_request_guard
+from lib.server.threaded_routes import serve_datastore_routes_in_threads, serve_infer_in_threads
+from lib.storage.local_datastore import CINE_PATTERNS, CineLocalDatastore
+from lib.storage.pacs_datastore import (
     DEFAULT_TIMEOUT_S,
     PacsDatastore,
     PacsUnavailable,
@@ -43,10 +46,6 @@ from lib.pacs_datastore import (
     TimeoutSession,
     pacs_credentials,
 )
-from lib.pacs_proxy import install_pacs_proxy
-from lib.prompts import PromptError
-from lib.request_guard import RequestRefused
-from lib.request_guard import install as install_request_guard
 
 logger = logging.getLogger(__name__)
 
@@ -122,24 +121,6 @@ def _last_training_start() -> float | None:
         except (KeyError, TypeError, ValueError):
             continue
     return max(starts, default=None)
-
-
-CINE_PATTERNS = [f"*{suffix}" for suffix in (".dcm", *VIDEO_SUFFIXES)]
-
-
-class CineLocalDatastore(DurableLocalDatastore):
-    """MONAI Label's local datastore (crash-safe writes), also listing cine loops: multi-frame DICOM and video files.
-
-    Single-frame ``.dcm`` files (e.g. the slices of a series) stay unlisted, as before.
-    """
-
-    def _list_files(self, path: str, patterns: list[str]) -> dict[str, str]:
-        files = super()._list_files(path, patterns)
-        return {
-            name: file
-            for name, file in files.items()
-            if not name.lower().endswith(".dcm") or is_multiframe_dicom(os.path.join(path, file))
-        }
 
 
 class MedSAM2App(MONAILabelApp):
@@ -222,7 +203,7 @@ class MedSAM2App(MONAILabelApp):
         return datastore
 
     def _init_pacs_datastore(self) -> PacsDatastore:
-        """DICOMweb with timeouts, 503s and SEG final labels (:mod:`lib.pacs_datastore`)."""
+        """DICOMweb with timeouts, 503s and SEG final labels (:mod:`lib.storage.pacs_datastore`)."""
         from monailabel.datastore.dicom import DICOMwebClientX
 
         session = TimeoutSession(self.dicomweb_timeout_s, pacs_credentials(settings))

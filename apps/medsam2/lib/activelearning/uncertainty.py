@@ -9,8 +9,8 @@ from typing import Any
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.segmenter import MedSAM2Segmenter
-from lib.uncertainty import propagation_uncertainty
+from lib.engine.confidence import propagation_uncertainty
+from lib.engine.segmenter import MedSAM2Segmenter
 
 logger = logging.getLogger(__name__)
 

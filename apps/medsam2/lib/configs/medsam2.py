@@ -12,15 +12,15 @@ import torch
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
-from lib.checkpoints import DEFAULT_CHECKPOINT, ResolvedCheckpoint, ensure_checkpoint_file, resolve_checkpoint
-from lib.finetune import TrainSettings
+from lib.engine.checkpoints import DEFAULT_CHECKPOINT, ResolvedCheckpoint, ensure_checkpoint_file, resolve_checkpoint
+from lib.engine.model_provider import ModelProvider, pick_device
+from lib.engine.preprocessing import parse_window
+from lib.engine.prompts import LabelMap
+from lib.engine.propagation import StopRule
+from lib.engine.segmenter import MedSAM2Segmenter, SegmenterSettings
+from lib.engine.volume_session import SessionCache, compute_dtype_for
 from lib.infers.medsam2 import MedSAM2Infer
-from lib.model_provider import ModelProvider, pick_device
-from lib.preprocessing import parse_window
-from lib.prompts import LabelMap
-from lib.propagation import StopRule
-from lib.segmenter import MedSAM2Segmenter, SegmenterSettings
-from lib.volume_session import SessionCache, compute_dtype_for
+from lib.training.finetune import TrainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class MedSAM2(TaskConfig):
     """``--conf checkpoint``, ``window``, ``labels``, ``device``, ``precision``, ``max_sessions``,
     ``max_session_gb``, ``max_voxels``, ``encode_batch``, ``model_config``, ``finetuned_checkpoint``,
     ``stop_rule``, ``slices_to_check``, and every training option (``epochs``, ``train_parts``, ``loss``, ...:
-    the fields of :class:`lib.finetune.TrainSettings`)."""
+    the fields of :class:`lib.training.finetune.TrainSettings`)."""
 
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)

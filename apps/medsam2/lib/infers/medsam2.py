@@ -1,4 +1,4 @@
-"""Thin MONAI Label inference tasks over :class:`lib.segmenter.MedSAM2Segmenter`."""
+"""Thin MONAI Label inference tasks over :class:`lib.engine.segmenter.MedSAM2Segmenter`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from lib.segmenter import MedSAM2Segmenter
-from lib.volume_io import label_suffix, write_label
+from lib.engine.segmenter import MedSAM2Segmenter
+from lib.imaging.volume_io import label_suffix, write_label
 
 logger = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
 
-from lib.checkpoints import ResolvedCheckpoint, load_model, save_checkpoint
-from lib.distributed import DistributedContext, DistributedPlan, cpu_ranks_from_env, launch, plan_distributed
-from lib.finetune import EpochReport, TrainResult, TrainSettings, load_study, train
-from lib.model_provider import ModelProvider
-from lib.preprocessing import IntensityWindow
-from lib.train_options import check_train_body, parse_train_settings
+from lib.engine.checkpoints import ResolvedCheckpoint, load_model, save_checkpoint
+from lib.engine.model_provider import ModelProvider
+from lib.engine.preprocessing import IntensityWindow
+from lib.training.distributed import DistributedContext, DistributedPlan, cpu_ranks_from_env, launch, plan_distributed
+from lib.training.finetune import EpochReport, TrainResult, TrainSettings, load_study, train
+from lib.training.options import check_train_body, parse_train_settings
 
 logger = logging.getLogger(__name__)
 
@@ -214,5 +214,5 @@ def _run(job: _Job, device: torch.device, distributed: DistributedContext | None
 
 
 def _distributed_worker(context: DistributedContext, device: torch.device, job: _Job) -> None:
-    """One rank of a multi-GPU run (started by :func:`lib.distributed.launch`)."""
+    """One rank of a multi-GPU run (started by :func:`lib.training.distributed.launch`)."""
     _run(job, device, context)

@@ -16,7 +16,7 @@ import requests
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from lib.pacs_datastore import describe_failure, pacs_credentials
+from lib.storage.pacs_datastore import describe_failure, pacs_credentials
 
 logger = logging.getLogger(__name__)
 # its own threads: requests waiting for a slow PACS must not take the pool that serves file up/downloads

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .preprocessing import frames_to_model_input
+from lib.engine.preprocessing import frames_to_model_input
 
 
 def autocast_for(device: torch.device, dtype: torch.dtype | None):

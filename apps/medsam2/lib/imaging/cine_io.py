@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .prompts import PromptError
+from lib.engine.prompts import PromptError
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".gif")
 

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .confidence import check_hint, slice_confidence, slices_to_check
-from .model_provider import ModelProvider
-from .preprocessing import IntensityWindow, resolve_window, to_uint8
-from .prompts import (
+from lib.engine.confidence import check_hint, slice_confidence, slices_to_check
+from lib.engine.model_provider import ModelProvider
+from lib.engine.preprocessing import IntensityWindow, resolve_window, to_uint8
+from lib.engine.prompts import (
     AXIS_NAMES,
     KeySlicePrompt,
     LabelMap,
@@ -26,9 +26,9 @@ from .prompts import (
     parse_request,
     parse_stop_options,
 )
-from .propagation import StopRule, compose_labels, propagate_volume, segment_key_slice
-from .volume_io import LoadedImage, load_image
-from .volume_session import SessionCache, VolumeSession, frames_along_axis, frames_to_volume, tensor_bytes
+from lib.engine.propagation import StopRule, compose_labels, propagate_volume, segment_key_slice
+from lib.engine.volume_session import SessionCache, VolumeSession, frames_along_axis, frames_to_volume, tensor_bytes
+from lib.imaging.volume_io import LoadedImage, load_image
 
 logger = logging.getLogger(__name__)
 

@@ -21,10 +21,11 @@ from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any
 
+from lib.storage.names import SAFE_LABEL_TAG, is_path_like
+
 logger = logging.getLogger(__name__)
 
 MAX_PARAMS_DEPTH = 16  # our prompts nest 4 deep ({"prompts": [{"box": [...]}]})
-SAFE_LABEL_TAG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SAFE_SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,8}$")
 
 
@@ -35,11 +36,6 @@ class RequestRefused(Exception):
         super().__init__(detail)
         self.status = status
         self.detail = detail
-
-
-def is_path_like(text: str) -> bool:
-    """An id that would name a file or folder outside the place it is looked up in."""
-    return "/" in text or "\\" in text or "\x00" in text or text in (".", "..")
 
 
 def _depth(value: Any) -> int:
@@ -142,8 +138,9 @@ _check_train: Callable[[str, Any], None] | None = None  # the current app's (POS
 
 def install(check_train: Callable[[str, Any], None]) -> bool:
     """Wrap MONAI Label's ``run_inference`` and ``run_model``/``run`` (train) with these checks; its routes look
-    them up at call time, so the threaded infer route of :mod:`lib.infer_route` gets them too. ``check_train``
-    raises :class:`RequestRefused` for a train request that must not start. False outside the server."""
+    them up at call time, so the threaded infer route of :mod:`lib.server.threaded_routes` gets them too.
+    ``check_train`` raises :class:`RequestRefused` for a train request that must not start. False outside the
+    server."""
     global _check_train
     _check_train = check_train
     try:

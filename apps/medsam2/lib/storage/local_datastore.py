@@ -3,7 +3,7 @@
 MONAI Label 0.8.5 copies a label over its file (``shutil.copy``) and rewrites ``datastore_v2.json`` in place
 (``open(path, "w")``). A process killed inside either write leaves a truncated file: a truncated label (also
 when it overwrites a label saved earlier), or a truncated index, with which the server does not start again
-(pydantic cannot parse it). Here both go through :func:`lib.durable_files.atomic_write` (temporary file,
+(pydantic cannot parse it). Here both go through :func:`lib.atomic_files.atomic_write` (temporary file,
 fsync, rename), a start removes the temporary files of killed writes, and an unreadable index found at start
 (e.g. left by a MONAI Label without this fix) is moved aside and rebuilt from the files instead of stopping
 the server.
@@ -25,8 +25,9 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.exception import ImageNotFoundException
 
-from lib.durable_files import atomic_write, remove_stale_temp_files
-from lib.request_guard import SAFE_LABEL_TAG, is_path_like
+from lib.atomic_files import atomic_write, remove_stale_temp_files
+from lib.imaging.cine_io import VIDEO_SUFFIXES, is_multiframe_dicom
+from lib.storage.names import SAFE_LABEL_TAG, is_path_like
 
 logger = logging.getLogger(__name__)
 
@@ -149,3 +150,21 @@ class DurableLocalDatastore(LocalDatastore):
             self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext))
             self._write_index(lock=False)
         return image_id
+
+
+CINE_PATTERNS = [f"*{suffix}" for suffix in (".dcm", *VIDEO_SUFFIXES)]
+
+
+class CineLocalDatastore(DurableLocalDatastore):
+    """MONAI Label's local datastore (crash-safe writes), also listing cine loops: multi-frame DICOM and video files.
+
+    Single-frame ``.dcm`` files (e.g. the slices of a series) stay unlisted, as before.
+    """
+
+    def _list_files(self, path: str, patterns: list[str]) -> dict[str, str]:
+        files = super()._list_files(path, patterns)
+        return {
+            name: file
+            for name, file in files.items()
+            if not name.lower().endswith(".dcm") or is_multiframe_dicom(os.path.join(path, file))
+        }

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .cine_io import FrameSequence, grey_from_channels, read_frame_sequence, refuse_if_too_large
-from .prompts import PromptError
+from lib.engine.prompts import PromptError
+from lib.imaging.cine_io import FrameSequence, grey_from_channels, read_frame_sequence, refuse_if_too_large
 
 
 @dataclass

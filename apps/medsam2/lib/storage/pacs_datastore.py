@@ -41,7 +41,7 @@ from monailabel.datastore.utils.convert import binary_to_image, dicom_to_nifti
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
-from lib.dicom_seg import (
+from lib.imaging.dicom_seg import (
     SegError,
     label_on_image_grid,
     read_dicom_seg,
@@ -50,7 +50,7 @@ from lib.dicom_seg import (
     segments_for,
     write_dicom_seg,
 )
-from lib.durable_datastore import DurableLocalDatastore, check_writable_names
+from lib.storage.local_datastore import DurableLocalDatastore, check_writable_names
 
 logger = logging.getLogger(__name__)
 

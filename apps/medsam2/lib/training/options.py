@@ -8,7 +8,7 @@ import math
 import re
 from typing import Any
 
-from .finetune import TrainSettings
+from lib.training.finetune import TrainSettings
 
 # inclusive bounds of numeric options; a field added to TrainSettings later is only type- and finiteness-checked
 BOUNDS: dict[str, tuple[float, float]] = {

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .distributed import DistributedContext, any_rank, sum_over_ranks
-from .preprocessing import IntensityWindow, frames_to_model_input, resolve_window, to_uint8
-from .prompts import KeySlicePrompt
-from .propagation import propagate_volume
-from .volume_session import VolumeSession
+from lib.engine.preprocessing import IntensityWindow, frames_to_model_input, resolve_window, to_uint8
+from lib.engine.prompts import KeySlicePrompt
+from lib.engine.propagation import propagate_volume
+from lib.engine.volume_session import VolumeSession
+from lib.training.distributed import DistributedContext, any_rank, sum_over_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Study:
 
 
 def load_study(name: str, image_path: str, label_path: str, window: IntensityWindow) -> Study:
-    from .volume_io import load_image  # SimpleITK: only needed for files
+    from lib.imaging.volume_io import load_image  # SimpleITK: only needed for files
 
     image = load_image(image_path)
     label = load_image(label_path).array
@@ -438,7 +438,7 @@ def train(
 ) -> TrainResult:
     """Fine-tune ``model`` in place; ``publish`` is called with the model whenever validation Dice improves.
 
-    ``distributed``: this process is one rank of an initialised process group (see :mod:`lib.distributed`).
+    ``distributed``: this process is one rank of an initialised process group (see :mod:`lib.training.distributed`).
     Each rank samples its own clips (seed + rank), an epoch's ``steps_per_epoch`` clips are split across the
     ranks (rounded up to a multiple of the world size), DDP averages the gradients, and a stop requested on any
     rank stops all of them. Only rank 0 validates, publishes and calls ``on_epoch``; its epoch reports carry

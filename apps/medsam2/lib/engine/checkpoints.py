@@ -17,11 +17,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from .durable_files import atomic_write, remove_stale_temp_files, temp_pattern
+from lib.atomic_files import atomic_write, remove_stale_temp_files, temp_pattern
 
 logger = logging.getLogger(__name__)
 
-APP_MODEL_DIR = Path(__file__).resolve().parents[1] / "model"
+APP_MODEL_DIR = Path(__file__).resolve().parents[2] / "model"
 MEDSAM2_CONFIG = APP_MODEL_DIR / "configs" / "sam2.1_hiera_t512.yaml"
 _SAM2_CONFIGS = Path(sam2.__file__).resolve().parent / "configs" / "sam2.1"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import CheckpointError, ResolvedCheckpoint, load_model
+from lib.engine.checkpoints import CheckpointError, ResolvedCheckpoint, load_model
 
 logger = logging.getLogger(__name__)
 
