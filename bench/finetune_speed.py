@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "apps" / "medsam2"))
 
 from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, image_size_overrides  # noqa: E402
-from lib.engine.volume_session import compute_dtype_for  # noqa: E402
+from lib.engine.precision import compute_dtype_for  # noqa: E402
 from lib.training.finetune import Study, TrainSettings, train  # noqa: E402
 
 

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import start_server, stop_server, write_image  # noqa: E402
 from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, save_checkpoint  # noqa: E402
-from lib.engine.volume_session import compute_dtype_for  # noqa: E402
+from lib.engine.precision import compute_dtype_for  # noqa: E402
 from sam2_testing import blob_volume, object_present_bias, small_config_file  # noqa: E402
 
 KINDS = ["2d_new", "2d_encoded", "3d", "correction", "3d_add_label"]

@@ -29,10 +29,11 @@ sys.path.insert(0, str(REPO / "apps" / "medsam2"))
 import sam2.sam2_video_predictor as stock_module  # noqa: E402
 
 from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, image_size_overrides  # noqa: E402
+from lib.engine.precision import autocast_for, compute_dtype_for  # noqa: E402
 from lib.engine.preprocessing import frames_to_model_input, parse_window, to_uint8  # noqa: E402
 from lib.engine.prompts import KeySlicePrompt  # noqa: E402
 from lib.engine.propagation import propagate_volume  # noqa: E402
-from lib.engine.volume_session import VolumeSession, autocast_for, compute_dtype_for  # noqa: E402
+from lib.engine.volume_session import VolumeSession  # noqa: E402
 
 # (centre j, centre i, radius) of five organ-like blobs, in [-1, 1] coordinates
 OBJECTS = [(0.0, 0.0, 0.25), (-0.4, 0.4, 0.15), (0.4, -0.4, 0.2), (0.3, 0.5, 0.1), (-0.5, -0.3, 0.12)]

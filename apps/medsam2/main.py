@@ -28,7 +28,7 @@ from monailabel.utils.others.class_utils import get_class_names
 
 import lib.configs
 from lib.engine.checkpoints import CheckpointError, remove_unfinished_checkpoint_writes
-from lib.engine.model_provider import pick_device
+from lib.engine.precision import pick_device
 from lib.engine.prompts import PromptError
 from lib.server import access_control
 from lib.server.admission import AdmissionGate, AdmissionSettings, ServerBusy

@@ -13,12 +13,13 @@ from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from lib.engine.checkpoints import DEFAULT_CHECKPOINT, ResolvedCheckpoint, ensure_checkpoint_file, resolve_checkpoint
-from lib.engine.model_provider import ModelProvider, pick_device
+from lib.engine.model_provider import ModelProvider
+from lib.engine.precision import compute_dtype_for, pick_device
 from lib.engine.preprocessing import parse_window
 from lib.engine.prompts import LabelMap
 from lib.engine.propagation import StopRule
 from lib.engine.segmenter import MedSAM2Segmenter, SegmenterSettings
-from lib.engine.volume_session import SessionCache, compute_dtype_for
+from lib.engine.volume_session import SessionCache
 from lib.infers.medsam2 import MedSAM2Infer
 from lib.training.finetune import TrainSettings
 

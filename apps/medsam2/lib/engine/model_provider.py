@@ -17,13 +17,6 @@ from lib.engine.checkpoints import CheckpointError, ResolvedCheckpoint, load_mod
 logger = logging.getLogger(__name__)
 
 
-def pick_device(spec: str | None) -> torch.device:
-    """``auto`` (default): CUDA when available, else CPU."""
-    if not spec or spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
-
-
 class ModelProvider:
     """Lazily loads the model; ``get()`` returns ``(model, version)``.
 

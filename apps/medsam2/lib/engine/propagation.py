@@ -24,9 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lib.engine.precision import autocast_for
 from lib.engine.prompts import KeySlicePrompt
 from lib.engine.static_tracking import StaticTracker, borrowed_tracker, static_tracking_supported
-from lib.engine.volume_session import VolumeSession, autocast_for
+from lib.engine.volume_session import VolumeSession
 
 try:  # SAM2's optional CUDA extension, used for its small-hole filling post-processing
     from sam2 import _C  # noqa: F401

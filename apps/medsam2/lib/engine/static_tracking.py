@@ -16,10 +16,12 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from sam2.modeling.sam2_utils import get_1d_sine_pe
+
+from lib.engine.precision import autocast_for
 
 
 def static_tracking_supported(model) -> bool:
@@ -132,9 +134,7 @@ class StaticTracker:
         return low_res_masks, obj_ptr, object_score_logits, best_iou, new_mem.to(torch.bfloat16)
 
     def _autocast(self):
-        if self.compute_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype, cache_enabled=False)
+        return autocast_for(self.device, self.compute_dtype, cache_enabled=False)
 
     def _graph_for(self, key: tuple[int, int]) -> tuple:
         if key not in self._graphs:

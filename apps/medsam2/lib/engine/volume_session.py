@@ -7,42 +7,14 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from lib.engine.precision import autocast_for
 from lib.engine.preprocessing import frames_to_model_input
-
-
-def autocast_for(device: torch.device, dtype: torch.dtype | None):
-    """bf16/fp16 autocast when asked for (CUDA, or bf16 on a CPU); a no-op otherwise. Entered and exited per call."""
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast("cuda", dtype=dtype)
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        return torch.autocast("cpu", dtype=dtype)
-    return nullcontext()
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True where oneDNN runs bf16 matrix products natively (AVX512-BF16 or AMX): about 2x faster than fp32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def compute_dtype_for(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """``auto``: bf16 autocast on CUDA and on CPUs with native bf16; ``fp32``: none; ``bf16``: always."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16" or device.type == "cuda":
-        return torch.bfloat16
-    if precision != "auto":
-        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
 def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:

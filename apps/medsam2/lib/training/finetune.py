@@ -10,7 +10,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lib.engine.precision import autocast_for
 from lib.engine.preprocessing import IntensityWindow, frames_to_model_input, resolve_window, to_uint8
 from lib.engine.prompts import KeySlicePrompt
 from lib.engine.propagation import propagate_volume
@@ -457,7 +457,7 @@ def train(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
     )
-    autocast = torch.autocast(device.type, dtype=compute_dtype) if compute_dtype is not None else nullcontext()
+    autocast = autocast_for(device, compute_dtype)
     usable = [s for s in train_studies if s.label.any()]
     if not usable:
         raise ValueError("none of the training studies has a labelled voxel")
