@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import tempfile
-import threading
 from datetime import datetime
 from typing import Any
 
 import monailabel
-from fastapi import HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
@@ -30,19 +27,15 @@ import lib.configs
 from lib.engine.checkpoints import CheckpointError, remove_unfinished_checkpoint_writes
 from lib.engine.precision import pick_device
 from lib.engine.prompts import PromptError
-from lib.server import access_control
 from lib.server.admission import AdmissionGate, AdmissionSettings, ServerBusy
 from lib.server.auto_train import AutoTrain
-from lib.server.pacs_proxy import install_pacs_proxy
+from lib.server.patches import PatchContext, in_server, install_all
 from lib.server.request_guard import RequestRefused
-from lib.server.request_guard import install as install_request_guard
-from lib.server.threaded_routes import serve_datastore_routes_in_threads, serve_infer_in_threads
+from lib.server.saved_label_tag import tag_being_saved
 from lib.storage.local_datastore import CINE_PATTERNS, CineLocalDatastore
 from lib.storage.pacs_datastore import (
     DEFAULT_TIMEOUT_S,
     PacsDatastore,
-    PacsUnavailable,
-    PacsUploadFailed,
     TimeoutSession,
     pacs_credentials,
 )
@@ -55,31 +48,6 @@ def _is_upload(path: str) -> bool:
     absolute path as the image id (a relative id such as ``apps`` is never an upload, even when the server runs
     from a folder under the temp folder)."""
     return os.path.isabs(path) and os.path.dirname(os.path.realpath(path)) == os.path.realpath(tempfile.gettempdir())
-
-
-def _install_error_handlers() -> None:
-    """MONAI Label parses ``params`` with json.loads and answers 500 on bad JSON; answer 400 instead."""
-    try:
-        from monailabel.app import app as server
-    except Exception:  # not running inside the server (e.g. a training subprocess)
-        return
-
-    async def bad_json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
-        return JSONResponse(status_code=400, content={"detail": f"'params' is not valid JSON: {exc.msg}."})
-
-    async def pacs_unavailable(request: Request, exc: PacsUnavailable) -> JSONResponse:
-        return JSONResponse(
-            status_code=exc.status, content={"detail": str(exc)}, headers={"Retry-After": str(exc.retry_after_s)}
-        )
-
-    async def pacs_upload_failed(request: Request, exc: PacsUploadFailed) -> JSONResponse:
-        return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
-
-    handlers = {json.JSONDecodeError: bad_json, PacsUnavailable: pacs_unavailable, PacsUploadFailed: pacs_upload_failed}
-    for exc_class, handler in handlers.items():
-        if exc_class not in server.exception_handlers:
-            server.add_exception_handler(exc_class, handler)
-            server.middleware_stack = None  # rebuilt with the handler on the next request
 
 
 AUTO_TRAIN_MODEL = "medsam2"
@@ -128,7 +96,7 @@ class MedSAM2App(MONAILabelApp):
         try:
             self._setup(app_dir, studies, conf)
         except (SystemExit, CheckpointError) as e:
-            if "start_server" not in sys.argv:  # e.g. a training process: its caller reports the failure
+            if not in_server():  # e.g. a training process: its caller reports the failure
                 raise
             # inside uvicorn's startup an exception is printed as a long traceback around the one line that
             # matters; an administrator gets that line alone, and the exit status 2
@@ -160,19 +128,20 @@ class MedSAM2App(MONAILabelApp):
             if provider is not None:
                 remove_unfinished_checkpoint_writes(provider.published)
                 remove_unfinished_checkpoint_writes(provider.base.path)
-        _install_error_handlers()
-        install_request_guard(self._check_train_request)
-        access_control.install(settings)
         try:
             self.admission = AdmissionGate(AdmissionSettings.from_conf(conf, pick_device(conf.get("device")).type))
         except ValueError as e:
             raise SystemExit(str(e)) from None
-        # threads beyond the gate's limits only refuse (503): a few spare ones keep refusals immediate
-        serve_infer_in_threads(self.admission.settings.max_concurrent + self.admission.settings.max_queued + 4)
         self.auto_train = AutoTrain(_auto_train_after(conf))
-        self._saved_label_tag = threading.local()
-        install_pacs_proxy(self.dicomweb_timeout_s)
-        serve_datastore_routes_in_threads()  # a PACS that hangs, or a large label file, holds up only its request
+        self.patches = install_all(
+            PatchContext(
+                settings=settings,
+                check_train=self._check_train_request,
+                # threads beyond the gate's limits only refuse (503): a few spare ones keep refusals immediate
+                infer_workers=self.admission.settings.max_concurrent + self.admission.settings.max_queued + 4,
+                dicomweb_timeout_s=self.dicomweb_timeout_s,
+            )
+        )
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -198,8 +167,6 @@ class MedSAM2App(MONAILabelApp):
                 auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                 read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
             )
-        if self.auto_train.enabled:
-            self._remember_label_tags(datastore)
         return datastore
 
     def _init_pacs_datastore(self) -> PacsDatastore:
@@ -226,26 +193,14 @@ class MedSAM2App(MONAILabelApp):
             timeout_s=self.dicomweb_timeout_s,
             fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
             # only the server resends; a training process reads labels and leaves
-            resend_every_s=self.pacs_resend_every_s if "start_server" in sys.argv else 0,
+            resend_every_s=self.pacs_resend_every_s if in_server() else 0,
         )
-
-    def _remember_label_tags(self, datastore: Datastore) -> None:
-        """MONAI Label's ``on_save_label`` is not told the tag: note it when the datastore saves (same thread)."""
-        save_label = datastore.save_label
-
-        def save_label_noting_tag(image_id: str, label_filename: str, label_tag: str, label_info, *args, **kwargs):
-            label_id = save_label(image_id, label_filename, label_tag, label_info, *args, **kwargs)
-            self._saved_label_tag.value = label_tag
-            return label_id
-
-        datastore.save_label = save_label_noting_tag  # type: ignore[method-assign]
 
     def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:
         """``PUT /datastore/label``: with ``--conf auto_train_after N``, the N-th final label since the last
         training start starts training (not while a run is under way)."""
         super().on_save_label(image_id, label_id)
-        tag = getattr(self._saved_label_tag, "value", None)
-        self._saved_label_tag.value = None
+        tag = tag_being_saved()
         if not self.auto_train.enabled or AUTO_TRAIN_MODEL not in self._trainers:
             return {}
         started = self.auto_train.label_saved(
@@ -328,6 +283,7 @@ class MedSAM2App(MONAILabelApp):
         if any(v["random_weights"] for v in meta["checkpoints"].values()):
             meta["warning"] = "RANDOM WEIGHTS: started with --conf checkpoint random; masks are meaningless."
         meta["admission"] = self.admission.snapshot()
+        meta["patches"] = self.patches.as_dict()
         caches = {n: c.segmenter.cache for n, c in self.models.items() if hasattr(c, "segmenter")}
         meta["session_cache"] = {n: cache.stats() for n, cache in caches.items()}
         return meta

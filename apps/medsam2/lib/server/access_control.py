@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import textwrap
 import threading
 import time
@@ -32,6 +31,8 @@ from typing import Any
 import jwt
 import requests
 from starlette.concurrency import run_in_threadpool
+
+from lib.server.patches import in_server
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +296,7 @@ def install(settings: Any) -> bool:
 
     Idempotent (the app is re-created on ``POST /reload``). False when auth is off or no server runs.
     """
-    if not settings.MONAI_LABEL_AUTH_ENABLE or "monailabel.app" not in sys.modules:
+    if not settings.MONAI_LABEL_AUTH_ENABLE or not in_server():
         return False
     from monailabel.app import app as server
     from monailabel.endpoints.user import auth
@@ -343,6 +344,15 @@ def install(settings: Any) -> bool:
         logger.warning("Authentication is on, but: %s Every request will be refused until it answers.", e.detail)
     logger.info("Access control on: realm %s, roles %s", settings.MONAI_LABEL_AUTH_REALM_URI, roles.all())
     return True
+
+
+def is_installed() -> bool:
+    """MONAI Label's role checks use this module's token validator and the middleware is in the server."""
+    from monailabel.app import app as server
+    from monailabel.endpoints.user import auth
+
+    ours = getattr(auth.from_token, "__module__", None) == __name__
+    return ours and any(_is_access_control(m.cls) for m in server.user_middleware)
 
 
 def _is_access_control(cls: Any) -> bool:

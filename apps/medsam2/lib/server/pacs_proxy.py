@@ -16,6 +16,7 @@ import requests
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from lib.server.patches import in_server
 from lib.storage.pacs_datastore import describe_failure, pacs_credentials
 
 logger = logging.getLogger(__name__)
@@ -35,11 +36,11 @@ def _prefix(settings, op: str, path: str) -> str:
 
 def install_pacs_proxy(timeout_s: float) -> bool:
     """Replace the function MONAI Label's proxy routes call; False outside the server."""
-    try:
-        from monailabel.config import settings
-        from monailabel.endpoints import proxy
-    except Exception:
+    if not in_server():
         return False
+    from monailabel.config import settings
+    from monailabel.endpoints import proxy
+
     if getattr(proxy.proxy_dicom, "_medsam2_timeout", None) is not None:
         proxy.proxy_dicom._medsam2_timeout = timeout_s
         return True

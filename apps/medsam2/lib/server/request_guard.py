@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any
 
+from lib.server.patches import in_server
 from lib.storage.names import SAFE_LABEL_TAG, is_path_like
 
 logger = logging.getLogger(__name__)
@@ -143,11 +144,10 @@ def install(check_train: Callable[[str, Any], None]) -> bool:
     server."""
     global _check_train
     _check_train = check_train
-    try:
-        from monailabel.endpoints import infer as infer_endpoints
-        from monailabel.endpoints import train as train_endpoints
-    except Exception:
+    if not in_server():
         return False
+    from monailabel.endpoints import infer as infer_endpoints
+    from monailabel.endpoints import train as train_endpoints
 
     if not getattr(infer_endpoints.run_inference, "_medsam2_guard", False):
         run_inference = infer_endpoints.run_inference
@@ -210,6 +210,18 @@ def install(check_train: Callable[[str, Any], None]) -> bool:
             return run_all(params, run_sync)
 
         guarded_run_model._medsam2_guard = True  # type: ignore[attr-defined]
+        guarded_run_all._medsam2_guard = True  # type: ignore[attr-defined]
         train_endpoints.run_model = guarded_run_model
         train_endpoints.run = guarded_run_all
     return True
+
+
+def is_installed() -> bool:
+    """The guarded functions are the ones MONAI Label's infer and train routes will call."""
+    from monailabel.endpoints import infer as infer_endpoints
+    from monailabel.endpoints import train as train_endpoints
+
+    return all(
+        getattr(f, "_medsam2_guard", False)
+        for f in (infer_endpoints.run_inference, train_endpoints.run_model, train_endpoints.run)
+    )

@@ -13,6 +13,8 @@ import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+from lib.server.patches import in_server
+
 logger = logging.getLogger(__name__)
 
 INFER_PATH = "/infer/{model}"
@@ -84,11 +86,11 @@ def serve_datastore_routes_in_threads(workers: int = 8) -> int:
     """Run MONAI Label's datastore and active-learning handlers (``async`` functions that block on the
     datastore) in threads of their own, so a PACS that is slow to answer holds up its own request, not the
     event loop and with it every other request. Returns the number of routes moved."""
-    try:
-        from monailabel.app import app as server
-        from monailabel.config import settings
-    except Exception:
+    if not in_server():
         return 0
+    from monailabel.app import app as server
+    from monailabel.config import settings
+
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medsam2-datastore")
     moved = 0
     for method, path in DATASTORE_ROUTES:
@@ -111,16 +113,29 @@ def serve_datastore_routes_in_threads(workers: int = 8) -> int:
     return moved
 
 
+def unthreaded_datastore_routes() -> list[tuple[str, str]]:
+    """The routes of :data:`DATASTORE_ROUTES` that do not run in threads (missing, or not replaced)."""
+    from monailabel.app import app as server
+    from monailabel.config import settings
+
+    missing = []
+    for method, path in DATASTORE_ROUTES:
+        found = _find_route(server.router, settings.MONAI_LABEL_API_STR + path, method=method)
+        if not found or not getattr(found[2].endpoint, "_medsam2_threaded", False):
+            missing.append((method, path))
+    return missing
+
+
 def serve_infer_in_threads(workers: int) -> bool:
     """Replace the ``/infer/{model}`` route of the running MONAI Label server by one that runs MONAI Label's
     handler in ``workers`` threads. Threads beyond the admission limits only refuse, so a few spare ones keep
     refusals immediate. Returns False when not inside the server (e.g. a training subprocess)."""
-    try:
-        from monailabel.app import app as server
-        from monailabel.config import settings
-        from monailabel.endpoints import infer as infer_endpoints
-    except Exception:
+    if not in_server():
         return False
+    from monailabel.app import app as server
+    from monailabel.config import settings
+    from monailabel.endpoints import infer as infer_endpoints
+
     found = _find_route(server.router, settings.MONAI_LABEL_API_STR + INFER_PATH)
     if not found:
         logger.warning("No POST %s route found: inference stays on the event loop", INFER_PATH)

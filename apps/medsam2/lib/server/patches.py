@@ -1,0 +1,277 @@
+"""Every change this app makes to MONAI Label's server, declared in one place and applied by one function.
+
+Each :class:`Patch` says what it replaces in MONAI Label (or FastAPI), why, and whether it is a security fix.
+:func:`install_all` runs once when the app starts inside the server: it compares the installed ``monailabel``
+with the version these patches were written and tested for, applies each patch, and then checks that it really
+took (the replaced function is in place *and* the route that should reach it still looks it up by that name).
+A security patch that cannot apply stops the server with one line naming it (:class:`PatchFailed`, exit 2);
+any other logs a warning and the server runs without it. ``/info`` lists the outcome (``patches``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TESTED_MONAILABEL_VERSION = "0.8.5"
+
+
+def in_server() -> bool:
+    """True inside the MONAI Label server process (``monailabel start_server`` imports ``monailabel.app`` before
+    it creates the app); False in a training subprocess, a benchmark or a unit test."""
+    return "monailabel.app" in sys.modules
+
+
+class PatchFailed(SystemExit):
+    """A security patch could not be applied: the server must not start without it."""
+
+
+class PatchTargetMissing(Exception):
+    """What a patch replaces is not where this MONAI Label version was known to keep it."""
+
+
+@dataclass(frozen=True)
+class PatchContext:
+    """What the patches need from the app that installs them."""
+
+    settings: Any  # monailabel.config.settings
+    check_train: Callable[[str, Any], None]
+    infer_workers: int
+    dicomweb_timeout_s: float
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One change to MONAI Label's server. ``apply`` returns False where it does not apply in this configuration
+    (e.g. access control with authentication off) and raises :class:`PatchTargetMissing` where it cannot."""
+
+    name: str
+    replaces: str
+    why: str
+    security: bool
+    apply: Callable[[PatchContext], bool]
+
+
+@dataclass
+class PatchReport:
+    """What :func:`install_all` did: ``/info`` shows it as ``patches``."""
+
+    monailabel_version: str
+    tested_version: str = TESTED_MONAILABEL_VERSION
+    applied: list[str] = field(default_factory=list)
+    not_needed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def version_matches(self) -> bool:
+        return self.monailabel_version == self.tested_version
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "monailabel": self.monailabel_version,
+            "tested_with": self.tested_version,
+            "version_matches": self.version_matches,
+            "applied": list(self.applied),
+            "not_needed": list(self.not_needed),
+            "failed": dict(self.failed),
+        }
+
+
+def looks_up(function: Any, name: str, module: Any) -> bool:
+    """``function`` (a route handler) reads ``name`` from ``module``'s globals at call time, so replacing
+    ``module.name`` reaches it."""
+    function = getattr(function, "__wrapped__", function)
+    code = getattr(function, "__code__", None)
+    return code is not None and name in code.co_names and function.__globals__ is vars(module)
+
+
+def require(condition: bool, missing: str) -> None:
+    """Raise :class:`PatchTargetMissing` with ``missing`` unless ``condition`` holds."""
+    if not condition:
+        raise PatchTargetMissing(missing)
+
+
+def _apply_request_guard(ctx: PatchContext) -> bool:
+    from monailabel.endpoints import infer, train
+
+    from lib.server import request_guard
+
+    for module, handler, name in (
+        (infer, "api_run_inference", "run_inference"),
+        (train, "api_run_model", "run_model"),
+        (train, "api_run", "run"),
+    ):
+        require(looks_up(getattr(module, handler, None), name, module), f"{module.__name__}.{handler} -> {name}")
+    require(request_guard.install(ctx.check_train), "monailabel.endpoints infer/train")
+    require(request_guard.is_installed(), "the guarded infer/train functions are not in place")
+    return True
+
+
+def _apply_access_control(ctx: PatchContext) -> bool:
+    if not ctx.settings.MONAI_LABEL_AUTH_ENABLE:
+        return False
+    from monailabel.endpoints.user import auth
+
+    from lib.server import access_control
+
+    require(looks_up(auth.get_current_user, "from_token", auth), "monailabel.endpoints.user.auth.get_current_user")
+    require(access_control.install(ctx.settings), "monailabel.app middleware")
+    require(access_control.is_installed(), "the token validator or the middleware is not in place")
+    return True
+
+
+def _apply_error_handlers(ctx: PatchContext) -> bool:
+    from lib.server import error_handlers
+
+    require(error_handlers.install(), "monailabel.app exception handlers")
+    return True
+
+
+def _apply_threaded_infer(ctx: PatchContext) -> bool:
+    from lib.server import threaded_routes
+
+    require(threaded_routes.serve_infer_in_threads(ctx.infer_workers), "POST /infer/{model}")
+    return True
+
+
+def _apply_threaded_datastore(ctx: PatchContext) -> bool:
+    from lib.server import threaded_routes
+
+    threaded_routes.serve_datastore_routes_in_threads()
+    missing = threaded_routes.unthreaded_datastore_routes()
+    require(not missing, ", ".join(f"{m} {p}" for m, p in missing))
+    return True
+
+
+def _apply_pacs_proxy(ctx: PatchContext) -> bool:
+    from monailabel.endpoints import proxy
+
+    from lib.server import pacs_proxy
+
+    for handler in ("proxy_wado", "proxy_qido", "proxy_stow", "proxy"):
+        require(looks_up(getattr(proxy, handler, None), "proxy_dicom", proxy), f"monailabel.endpoints.proxy.{handler}")
+    require(pacs_proxy.install_pacs_proxy(ctx.dicomweb_timeout_s), "monailabel.endpoints.proxy.proxy_dicom")
+    return True
+
+
+def _apply_saved_label_tag(ctx: PatchContext) -> bool:
+    from monailabel.endpoints import datastore
+
+    from lib.server import saved_label_tag
+
+    require(looks_up(datastore.api_save_label, "save_label", datastore), "monailabel.endpoints.datastore.save_label")
+    saved_label_tag.install()
+    return True
+
+
+def _check_local_datastore(ctx: PatchContext) -> bool:
+    from monailabel.datastore.local import LocalDatastore
+
+    from lib.storage.local_datastore import LOCAL_DATASTORE_FIELDS, LOCAL_DATASTORE_INTERNALS
+
+    missing = [name for name in LOCAL_DATASTORE_INTERNALS if not hasattr(LocalDatastore, name)]
+    assigned = LocalDatastore.__init__.__code__.co_names  # attribute names its __init__ stores
+    missing += [name for name in LOCAL_DATASTORE_FIELDS if name not in assigned]
+    require(not missing, f"LocalDatastore.{', LocalDatastore.'.join(missing)}")
+    return True
+
+
+PATCHES: tuple[Patch, ...] = (
+    Patch(
+        "request_guard",
+        "monailabel.endpoints.infer.run_inference, monailabel.endpoints.train.run_model and .run",
+        "hostile /infer params (path-like ids, label tags, session ids, upload names) and /train bodies got a 500, "
+        "a file outside the datastore, or a training run that crashes; now a 4xx before anything runs",
+        security=True,
+        apply=_apply_request_guard,
+    ),
+    Patch(
+        "access_control",
+        "monailabel.endpoints.user.auth.from_token; an ASGI middleware in monailabel.app",
+        "with authentication on, MONAI Label refuses every token (PyJWT 2), leaves /reload open and lets "
+        "annotators replace the model; now tokens are validated here and every non-public path needs one",
+        security=True,
+        apply=_apply_access_control,
+    ),
+    Patch(
+        "error_handlers",
+        "monailabel.app exception handlers",
+        "the app's errors (and MONAI Label's own) become a 4xx/5xx with a detail that says what to change, "
+        "not a 500 with a stack trace",
+        security=False,
+        apply=_apply_error_handlers,
+    ),
+    Patch(
+        "threaded_infer_route",
+        "the POST /infer/{model} route of monailabel.app",
+        "MONAI Label runs inference on the event loop: one request blocks every other (even /info); now in "
+        "threads behind the admission gate",
+        security=False,
+        apply=_apply_threaded_infer,
+    ),
+    Patch(
+        "threaded_datastore_routes",
+        "the datastore and active-learning routes of monailabel.app",
+        "async handlers that block on the datastore: a slow PACS held up the whole server",
+        security=False,
+        apply=_apply_threaded_datastore,
+    ),
+    Patch(
+        "pacs_proxy",
+        "monailabel.endpoints.proxy.proxy_dicom",
+        "OHIF's DICOMweb proxy had no timeout and blocked the event loop; now in threads, timed out, 503",
+        security=False,
+        apply=_apply_pacs_proxy,
+    ),
+    Patch(
+        "saved_label_tag",
+        "monailabel.endpoints.datastore.save_label",
+        "MONAI Label's on_save_label is not told the label tag; auto-retrain counts final labels only",
+        security=False,
+        apply=_apply_saved_label_tag,
+    ),
+    Patch(
+        "local_datastore_internals",
+        "monailabel.datastore.local.LocalDatastore (subclassed: crash-safe index and label writes)",
+        "MONAI Label writes its datastore index and labels in place: a crash mid-write loses them",
+        security=True,
+        apply=_check_local_datastore,
+    ),
+)
+
+
+def install_all(ctx: PatchContext, patches: tuple[Patch, ...] = PATCHES) -> PatchReport:
+    """Apply every patch (inside the server only) and return what happened; raises :class:`PatchFailed` when a
+    security patch cannot apply."""
+    import monailabel
+
+    report = PatchReport(monailabel_version=monailabel.__version__)
+    if not in_server():
+        return report
+    if not report.version_matches:
+        logger.warning(
+            "MONAI Label %s is installed; this app's patches of its server were written and tested for %s. "
+            "Each is checked below; pin monailabel==%s to be safe.",
+            report.monailabel_version,
+            report.tested_version,
+            report.tested_version,
+        )
+    for patch in patches:
+        try:
+            (report.applied if patch.apply(ctx) else report.not_needed).append(patch.name)
+        except Exception as e:  # any failure of a patch is reported the same way
+            reason = f"{type(e).__name__}: {e}" if not isinstance(e, PatchTargetMissing) else f"not found: {e}"
+            report.failed[patch.name] = reason
+            if patch.security:
+                raise PatchFailed(
+                    f"the security patch {patch.name!r} ({patch.replaces}) could not be applied to MONAI Label "
+                    f"{report.monailabel_version} ({reason}); install monailabel=={report.tested_version}."
+                ) from None
+            logger.warning("Patch %r not applied (%s): %s", patch.name, patch.replaces, reason)
+    logger.info("MONAI Label %s patched: %s", report.monailabel_version, ", ".join(report.applied) or "none")
+    return report
