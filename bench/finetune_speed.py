@@ -21,7 +21,9 @@ sys.path.insert(0, str(REPO / "apps" / "medsam2"))
 
 from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, image_size_overrides  # noqa: E402
 from lib.engine.precision import compute_dtype_for  # noqa: E402
-from lib.training.finetune import Study, TrainSettings, train  # noqa: E402
+from lib.training.data import Study  # noqa: E402
+from lib.training.loop import train  # noqa: E402
+from lib.training.settings import TrainSettings  # noqa: E402
 
 
 def generated_study(seed: int, slices: int, size: int) -> Study:

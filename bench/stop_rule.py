@@ -31,7 +31,11 @@ from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, image_size_overr
 from lib.engine.precision import compute_dtype_for  # noqa: E402
 from lib.engine.propagation import StopRule, propagate_volume  # noqa: E402
 from lib.engine.volume_session import VolumeSession  # noqa: E402
-from lib.training.finetune import Study, TrainSettings, dice_score, key_slice_prompts, train  # noqa: E402
+from lib.training.data import Study  # noqa: E402
+from lib.training.loop import train  # noqa: E402
+from lib.training.metrics import dice_score  # noqa: E402
+from lib.training.settings import TrainSettings  # noqa: E402
+from lib.training.validation import key_slice_prompts  # noqa: E402
 
 
 def ending_object_study(seed: int, slices: int, size: int) -> Study:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,59 @@ REPO = APP_DIR.parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 sys.path.insert(0, str(REPO / "scripts"))
 from local_orthanc import free_port  # noqa: E402, F401  (the tests import it from here)
+
+pytest_plugins = ["fuzz_testing"]  # the fuzz tests' fixtures (fuzz_server, report_counts)
+
+# Markers (registered in pyproject.toml). A test is marked by what it starts: the names below, called by the test,
+# by one of its fixtures or by a function of their module, mark it. The fast loop deselects the marked tests:
+#   pytest -m "not server and not pacs and not browser and not slow"
+STARTERS = {"start_server": "server", "Orthanc": "pacs", "chromium": "browser"}
+_running_test: pytest.Item | None = None
+
+
+def _names_called(func: types.FunctionType, seen: set[types.CodeType]) -> set[str]:
+    """Global and attribute names a function's code refers to, following nested code and its module's functions."""
+    names: set[str] = set()
+    codes = [func.__code__]
+    while codes:
+        code = codes.pop()
+        if code in seen:
+            continue
+        seen.add(code)
+        names.update(code.co_names)
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        module = sys.modules.get(func.__module__)
+        for name in code.co_names:
+            helper = getattr(module, name, None)
+            if inspect.isfunction(helper) and helper.__module__ == func.__module__:
+                codes.append(helper.__code__)
+    return names
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test ``server``/``pacs``/``browser`` by what it starts; skip ``gpu`` tests without CUDA."""
+    cuda = torch.cuda.is_available()
+    for item in items:
+        funcs = [item.function] if isinstance(item, pytest.Function) else []
+        for defs in item._fixtureinfo.name2fixturedefs.values():
+            funcs += [d.func for d in defs if inspect.isfunction(d.func)]
+        seen: set[types.CodeType] = set()
+        names = set().union(*(_names_called(f, seen) for f in funcs))
+        for marker in sorted({STARTERS[n] for n in names & STARTERS.keys()}):
+            item.add_marker(marker)
+        if not cuda and item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """Remember the running test, for the check in :func:`start_server`."""
+    global _running_test
+    _running_test = item
+    try:
+        return (yield)
+    finally:
+        _running_test = None
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +147,8 @@ def start_server(
 ) -> Server:
     """Start the server; ``env`` adds environment variables, ``ready_headers`` go with the readiness probe;
     ``own_process_group``: the server and the processes it starts can be killed together (:func:`kill_server`)."""
+    if _running_test is not None and not _running_test.get_closest_marker("server"):
+        raise RuntimeError(f"{_running_test.nodeid} starts a server but is not marked: see STARTERS in conftest.py")
     port = free_port()
     env = {**os.environ, **(env or {})}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")

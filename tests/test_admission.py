@@ -14,16 +14,22 @@ import torch
 
 from conftest import start_server, stop_server, write_image
 from lib.engine.checkpoints import build_model, save_checkpoint
-from lib.server.admission import AdmissionGate, AdmissionSettings, ServerBusy
+from lib.errors import ServerBusy
+from lib.server.admission import AdmissionGate, AdmissionSettings
+from lib.settings import parse_settings
 from sam2_testing import blob_volume, object_present_bias, small_config_file
 
 
+def from_conf(conf: dict[str, str], device_type: str = "cuda") -> AdmissionSettings:
+    return AdmissionSettings.from_settings(parse_settings(conf, cuda_available=device_type == "cuda"))
+
+
 def test_settings_from_conf():
-    assert AdmissionSettings.from_conf({}) == AdmissionSettings(1, 32, 120.0)  # a GPU: one at a time
-    assert AdmissionSettings.from_conf({}, "cpu") == AdmissionSettings(4, 32, 120.0)
-    assert AdmissionSettings.from_conf({"max_concurrent_infers": "1"}, "cpu").max_concurrent == 1
+    assert from_conf({}) == AdmissionSettings(1, 32, 120.0)  # a GPU: one at a time
+    assert from_conf({}, "cpu") == AdmissionSettings(4, 32, 120.0)
+    assert from_conf({"max_concurrent_infers": "1"}, "cpu").max_concurrent == 1
     conf = {"max_concurrent_infers": "2", "max_queued_infers": "0", "queue_timeout_s": "2.5"}
-    assert AdmissionSettings.from_conf(conf) == AdmissionSettings(2, 0, 2.5)
+    assert from_conf(conf) == AdmissionSettings(2, 0, 2.5)
 
 
 @pytest.mark.parametrize(
@@ -40,7 +46,7 @@ def test_settings_from_conf():
 )
 def test_bad_settings_name_the_key(key, value):
     with pytest.raises(ValueError, match=key):
-        AdmissionSettings.from_conf({key: value})
+        from_conf({key: value})
 
 
 class FakeClock:

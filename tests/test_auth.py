@@ -29,10 +29,11 @@ import requests
 import SimpleITK as sitk
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from route_listing import ROUTE_LISTER
 
 from conftest import free_port, start_server, stop_server, write_image
+from lib.errors import Refused
 from lib.server.access_control import (
-    AccessError,
     ClaimNames,
     RealmPublicKey,
     Roles,
@@ -182,42 +183,6 @@ def auth_server(idp, auth_env, random_checkpoint, tmp_path_factory):
     server.studies = studies
     yield server
     stop_server(server)
-
-
-ROUTE_LISTER = """
-import json
-from fastapi.routing import APIRoute
-from starlette.routing import Mount, Route
-from monailabel.app import app
-from monailabel.endpoints.user.auth import RBAC
-
-def rbac_roles(calls):
-    return [r for c in calls if isinstance(c, RBAC) for r in ([c.roles] if isinstance(c.roles, str) else c.roles)]
-
-def dependency_calls(dependant):
-    calls = []
-    for dep in dependant.dependencies:
-        calls += [dep.call] + dependency_calls(dep)
-    return calls
-
-def walk(routes, prefix="", router_calls=()):
-    for r in routes:
-        if hasattr(r, "original_router"):  # FastAPI >= 0.13x keeps included routers as such
-            context = r.include_context
-            calls = router_calls + tuple(d.dependency for d in context.dependencies)
-            yield from walk(r.original_router.routes, prefix + context.prefix, calls)
-        elif isinstance(r, APIRoute):
-            roles = rbac_roles(list(router_calls) + dependency_calls(r.dependant))
-            yield {"path": prefix + r.path, "methods": sorted(r.methods), "roles": roles}
-        elif isinstance(r, Route):
-            yield {"path": prefix + r.path, "methods": sorted(r.methods or []), "roles": rbac_roles(router_calls)}
-        elif isinstance(r, Mount):
-            yield {"path": prefix + r.path + "/{path:path}", "methods": ["GET"], "roles": [], "mount": True}
-        else:
-            raise SystemExit(f"unknown route type {type(r)}")
-
-print(json.dumps(list(walk(app.routes))))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -470,13 +435,13 @@ def test_user_fields_from_claims():
     claims = {"sub": "u-1", "resource_access": {"monailabel-app": {"roles": ["monailabel-user", 7]}}}
     assert user_fields(claims, names) == {"username": "u-1", "email": None, "name": None, "roles": ["monailabel-user"]}
     assert user_fields({"sub": "u-1", "resource_access": {"monailabel-app": {"roles": "admin"}}}, names)["roles"] == []
-    with pytest.raises(AccessError, match="names no user") as refused:
+    with pytest.raises(Refused, match="names no user") as refused:
         user_fields({"email": "a@b.example"}, ClaimNames())
     assert refused.value.status == 401
 
 
 def test_an_unreachable_identity_provider_is_named_in_a_503():
     realm = f"http://127.0.0.1:{free_port()}/realms/nowhere"  # nothing listens there
-    with pytest.raises(AccessError, match="MONAI_LABEL_AUTH_REALM_URI") as refused:
+    with pytest.raises(Refused, match="MONAI_LABEL_AUTH_REALM_URI") as refused:
         RealmPublicKey(realm, timeout_s=2).get()
     assert refused.value.status == 503 and realm in refused.value.detail

@@ -21,7 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from test_server_2d import infer, split_multipart
 
 from conftest import start_server, stop_server
-from lib.engine.prompts import PromptError
+from lib.errors import ImageUnreadable
 from lib.imaging.cine_io import luminance
 from lib.imaging.volume_io import load_image
 
@@ -219,10 +219,10 @@ def test_too_large_is_refused_before_decoding_and_broken_frames_are_415(tmp_path
     ds = pydicom.dcmread(path)
     ds.PixelData = ds.PixelData[:100]  # truncated: only the header can be read
     ds.save_as(str(path))
-    with pytest.raises(PromptError) as too_large:
+    with pytest.raises(ImageUnreadable) as too_large:
         load_image(path, max_voxels=FRAMES * ROWS * COLS - 1)
     assert too_large.value.status == 413 and "max_voxels" in str(too_large.value)
-    with pytest.raises(PromptError) as unreadable:
+    with pytest.raises(ImageUnreadable) as unreadable:
         load_image(path)
     assert unreadable.value.status == 415 and "broken.dcm" in str(unreadable.value)
 
@@ -272,7 +272,7 @@ def test_video_frames_are_the_sequence(tmp_path, suffix, fps, interval):
         x, y = disc_centre(frame)
         assert abs(x - cx) < 1.5 and abs(y - cy) < 1.5
     assert np.abs(image.array.astype(np.float32) - luminance(rgb)).mean() < 4  # grey, after compression
-    with pytest.raises(PromptError) as too_large:
+    with pytest.raises(ImageUnreadable) as too_large:
         load_image(path, max_voxels=5 * rgb.shape[1] * rgb.shape[2])
     assert too_large.value.status == 413
 
@@ -280,7 +280,7 @@ def test_video_frames_are_the_sequence(tmp_path, suffix, fps, interval):
 def test_unreadable_video_is_415(tmp_path):
     path = tmp_path / "broken.mp4"
     path.write_bytes(b"not a video at all" * 50)
-    with pytest.raises(PromptError) as unreadable:
+    with pytest.raises(ImageUnreadable) as unreadable:
         load_image(path)
     assert unreadable.value.status == 415 and "broken.mp4" in str(unreadable.value)
 

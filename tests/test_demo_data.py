@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 from monailabel.datastore.local import LocalDatastore
 
@@ -15,6 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "prepare_demo.py"
 CACHE = REPO / ".cache" / "demo"
 CASES = {"brain1", "brain2", "breast1", "lung1", "lung2"}
+
+pytestmark = pytest.mark.slow  # runs scripts/prepare_demo.py, which fetches the pyradiomics archive once
 
 
 def run_script(*args: str) -> str:

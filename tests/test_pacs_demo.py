@@ -8,8 +8,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 import requests
 from pacs_testing import DICOMWEB_PLUGIN, ORTHANC, REPO, free_port, require
+
+# scripts/pacs_demo.py starts Orthanc and the server as subprocesses
+pytestmark = [pytest.mark.server, pytest.mark.pacs]
 
 
 def test_pacs_demo_serves_the_demo_series_and_stops_orthanc_with_it(tmp_path):

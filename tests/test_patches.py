@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from reference_docs import PATCHES_DOC, with_patches
 
 from conftest import REPO, free_port
 from lib.server.patches import PATCHES, TESTED_MONAILABEL_VERSION
@@ -54,6 +55,7 @@ def test_every_patch_says_what_it_replaces_and_why() -> None:
     assert {"request_guard", "access_control", "local_datastore_internals"} <= {p.name for p in PATCHES if p.security}
 
 
+@pytest.mark.slow
 def test_every_patch_applies_to_the_tested_monailabel() -> None:
     report = _report(_install_all())
     assert report["monailabel"] == TESTED_MONAILABEL_VERSION and report["version_matches"] is True
@@ -61,6 +63,7 @@ def test_every_patch_applies_to_the_tested_monailabel() -> None:
     assert report["failed"] == {} and report["not_needed"] == []
 
 
+@pytest.mark.slow
 def test_outside_the_server_nothing_is_patched() -> None:
     code = f"import sys; sys.path.insert(0, {str(APP_DIR)!r})\n" + textwrap.dedent(
         """
@@ -76,6 +79,7 @@ def test_outside_the_server_nothing_is_patched() -> None:
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [False, [], False], done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_a_version_mismatch_is_reported() -> None:
     done = _install_all("import monailabel; monailabel.__version__ = '0.9.0'")
     report = _report(done)
@@ -84,6 +88,7 @@ def test_a_version_mismatch_is_reported() -> None:
     assert report["applied"] == [p.name for p in PATCHES]  # each patch still checked on its own
 
 
+@pytest.mark.slow
 def test_a_moved_non_security_target_is_a_warning() -> None:
     # a MONAI Label whose proxy routes no longer call proxy_dicom by name
     done = _install_all(
@@ -127,3 +132,8 @@ def test_a_missing_security_target_refuses_to_start(tmp_path: Path, sabotage: st
     line = next((x for x in output.splitlines() if x.startswith("The MedSAM2 app cannot start: ")), "")
     assert f"the security patch {patch!r}" in line and "install monailabel==0.8.5" in line, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
+
+
+def test_the_patch_reference_is_generated_from_the_table() -> None:
+    text = PATCHES_DOC.read_text(encoding="utf-8")
+    assert with_patches(text) == text, "run: .venv/bin/python scripts/reference_docs.py"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lib.engine.prompts import LabelMap, PromptError, ijk_to_slice, parse_request, slice_shape
+from lib.engine.prompts import LabelMap, ijk_to_slice, parse_request, slice_shape
+from lib.errors import PromptError
 
 LABELS = LabelMap({"lesion": 1, "organ": 2})
 SHAPE = (20, 60, 80)  # (k, j, i)

@@ -29,6 +29,7 @@ def lesion(slice_index, box=(10.0, 8.0, 36.0, 30.0), label="lesion", value=1):
     return KeySlicePrompt(label, value, slice_index, box=box)
 
 
+@pytest.mark.slow
 def test_covers_exactly_the_requested_slices(model, frames):
     session = VolumeSession(frames, model)
     full = propagate_volume(session, [lesion(5)])
@@ -40,6 +41,7 @@ def test_covers_exactly_the_requested_slices(model, frames):
     assert session.slices_encoded == 12  # the second request encoded nothing new
 
 
+@pytest.mark.slow
 def test_deterministic(model, frames):
     a = propagate_volume(VolumeSession(frames, model), [lesion(4)]).label_frames()
     b = propagate_volume(VolumeSession(frames, model), [lesion(4)]).label_frames()
@@ -59,6 +61,7 @@ def test_multilabel_one_pass_and_overlap_rule(model, frames):
     assert ((out > 0) == (m1 | m2)).all()  # every voxel in any mask is labelled
 
 
+@pytest.mark.slow
 def test_several_key_slices_for_one_label(model, frames):
     session = VolumeSession(frames, model)
     result = propagate_volume(session, [lesion(3), lesion(8, box=(12.0, 10.0, 30.0, 28.0))])
@@ -130,12 +133,12 @@ def test_segmenter_sessions_are_isolated_between_users_and_images(model, frames,
 def test_volume_over_the_size_limit_is_refused_before_loading(tmp_path):
     import SimpleITK as sitk
 
-    from lib.engine.prompts import PromptError
+    from lib.errors import ImageUnreadable
     from lib.imaging.volume_io import load_image
 
     path = tmp_path / "big.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((30, 40, 50), np.int16)), str(path))
-    with pytest.raises(PromptError) as err:
+    with pytest.raises(ImageUnreadable) as err:
         load_image(path, max_voxels=10_000)
     assert err.value.status == 413 and "max_voxels" in str(err.value)
     assert load_image(path, max_voxels=60_000).array.shape == (30, 40, 50)

@@ -12,6 +12,8 @@ from lib.engine.propagation import propagate_volume, segment_key_slice, upsample
 from lib.engine.volume_session import VolumeSession
 from sam2_testing import blob_volume, small_model
 
+pytestmark = pytest.mark.slow  # 12-115 s per test on 2 CPU cores
+
 TOL = 1e-3  # max |logit difference| allowed (fp32 on CPU; memory features are stored in bf16 by both)
 
 

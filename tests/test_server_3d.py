@@ -70,7 +70,7 @@ def test_sagittal_axis(server, studies):
     assert label.GetSize() == sitk.ReadImage(str(studies / "ct_blob.nii.gz")).GetSize()
 
 
-def test_guidance_stop_rule_and_a_correction_through_the_server(server):
+def test_confidence_stop_rule_and_a_correction_through_the_server(server):
     params = {"prompts": [{"label": "lesion", "slice": 8, "box": [30, 20, 70, 60]}], "client_id": "guide"}
     r = infer(server, "medsam2_3d", "ct_blob", params)
     assert r.status_code == 200, r.text

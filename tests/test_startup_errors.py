@@ -12,6 +12,8 @@ import pytest
 from conftest import REPO, free_port
 from sam2_testing import APP_DIR
 
+pytestmark = pytest.mark.server  # starts `monailabel start_server` (which must fail) as a subprocess
+
 
 @pytest.mark.parametrize(
     ("conf", "expected"),
@@ -19,6 +21,8 @@ from sam2_testing import APP_DIR
         (["window", "sunset"], "Unknown intensity window 'sunset'"),
         (["checkpoint", "/nonexistent/medsam2.pt"], "/nonexistent/medsam2.pt"),
         (["dicomweb_timeout_s", "-1"], "--conf dicomweb_timeout_s must be seconds"),
+        (["max_session_gb", "6GB"], "--conf max_session_gb must be a number of GiB, more than 0, got '6GB'"),
+        (["max_sesions", "8"], "Unknown --conf key 'max_sesions' (did you mean max_sessions?)"),
     ],
 )
 def test_bad_settings_stop_the_server_with_one_clear_line(tmp_path: Path, conf: list[str], expected: str) -> None:

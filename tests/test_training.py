@@ -12,7 +12,9 @@ import torch
 
 from conftest import start_server, stop_server, wait_for_training, write_image
 from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, load_model, resolve_checkpoint, save_checkpoint
-from lib.training.finetune import Study, TrainSettings, train
+from lib.training.data import Study
+from lib.training.loop import train
+from lib.training.settings import TrainSettings
 from sam2_testing import SMALL_OVERRIDES, small_config_file
 
 
@@ -37,6 +39,7 @@ def study(seed: int) -> Study:
     return Study(f"s{seed}", frames, label, (2.0, 1.0, 1.0))
 
 
+@pytest.mark.slow
 def test_training_from_random_weights_raises_held_out_propagated_dice(tmp_path):
     torch.manual_seed(0)
     model = build_model(MEDSAM2_CONFIG, "cpu", SMALL_OVERRIDES)

@@ -15,7 +15,7 @@ from monailabel.interfaces.exception import MONAILabelException
 from test_training import learnable_volume
 from torch.multiprocessing import ProcessRaisedException
 
-import lib.training.finetune as finetune
+import lib.training.loop as training_loop
 from conftest import write_image
 from lib.engine.checkpoints import (
     MEDSAM2_CONFIG,
@@ -28,8 +28,10 @@ from lib.engine.checkpoints import (
 from lib.engine.model_provider import ModelProvider
 from lib.engine.preprocessing import parse_window
 from lib.trainers.medsam2 import MedSAM2Trainer
+from lib.training.data import Study
 from lib.training.distributed import CPU_RANKS_ENV, DistributedContext, DistributedPlan, launch, plan_distributed
-from lib.training.finetune import Study, TrainSettings, configure_trainable, train
+from lib.training.loop import configure_trainable, train
+from lib.training.settings import TrainSettings
 from sam2_testing import small_config_file
 
 TWO_CPU_RANKS = DistributedPlan("gloo", ("cpu", "cpu"))
@@ -109,7 +111,7 @@ def _train_worker(context: DistributedContext, device: torch.device, out: Path, 
             raise RuntimeError("rank 1 failed on purpose")
         return rank == 1 and calls["steps"] == stop_at
 
-    finetune.evaluate = counting_evaluate  # this process only
+    training_loop.evaluate = counting_evaluate  # this process only
     model = _model()
     studies = [_study(s) for s in range(4)]
     result = train(
@@ -132,6 +134,7 @@ def _single_process_run(seed: int, steps: int) -> dict[str, torch.Tensor]:
     return _trainable(model)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_two_ranks_average_gradients_and_only_rank0_validates_and_publishes(tmp_path):
     launch(TWO_CPU_RANKS, _train_worker, (tmp_path, 0, 0))
@@ -161,6 +164,7 @@ def test_two_ranks_average_gradients_and_only_rank0_validates_and_publishes(tmp_
     assert all(torch.equal(state[k].detach(), ranks[0][k]) for k in start)  # the trained weights, loaded strictly
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_stop_or_a_failure_on_one_rank_ends_both_without_publishing(tmp_path):
     stopped, failed = tmp_path / "stopped", tmp_path / "failed"
@@ -204,6 +208,7 @@ def _studies(root: Path, n: int, broken: int | None = None) -> _FinalLabels:
     return _FinalLabels(root)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_trainer_multi_gpu_request_trains_on_two_cpu_ranks(tmp_path, monkeypatch):
     config = small_config_file(tmp_path, SIZE)

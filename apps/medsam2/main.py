@@ -10,7 +10,6 @@ from datetime import datetime
 from typing import Any
 
 import monailabel
-from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
@@ -25,20 +24,14 @@ from monailabel.utils.others.class_utils import get_class_names
 
 import lib.configs
 from lib.engine.checkpoints import CheckpointError, remove_unfinished_checkpoint_writes
-from lib.engine.precision import pick_device
-from lib.engine.prompts import PromptError
-from lib.server.admission import AdmissionGate, AdmissionSettings, ServerBusy
+from lib.errors import BadRequest, NotFound, Refused
+from lib.server.admission import AdmissionGate, AdmissionSettings
 from lib.server.auto_train import AutoTrain
 from lib.server.patches import PatchContext, in_server, install_all
-from lib.server.request_guard import RequestRefused
 from lib.server.saved_label_tag import tag_being_saved
+from lib.settings import SettingError, parse_settings
 from lib.storage.local_datastore import CINE_PATTERNS, CineLocalDatastore
-from lib.storage.pacs_datastore import (
-    DEFAULT_TIMEOUT_S,
-    PacsDatastore,
-    TimeoutSession,
-    pacs_credentials,
-)
+from lib.storage.pacs_datastore import PacsDatastore, TimeoutSession, pacs_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -51,28 +44,6 @@ def _is_upload(path: str) -> bool:
 
 
 AUTO_TRAIN_MODEL = "medsam2"
-
-
-def _seconds(conf: dict[str, str], key: str, default: float) -> float:
-    text = conf.get(key, str(default))
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 3600:
-        raise SystemExit(f"--conf {key} must be seconds between 0 and 3600, got {text!r}")
-    return value
-
-
-def _auto_train_after(conf: dict[str, str]) -> int:
-    text = conf.get("auto_train_after", "0")
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise SystemExit(f"--conf auto_train_after must be a whole number >= 0 (0: off), got {text!r}")
-    return value
 
 
 def _training_under_way() -> bool:
@@ -95,7 +66,7 @@ class MedSAM2App(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
         try:
             self._setup(app_dir, studies, conf)
-        except (SystemExit, CheckpointError) as e:
+        except (SystemExit, CheckpointError, SettingError) as e:
             if not in_server():  # e.g. a training process: its caller reports the failure
                 raise
             # inside uvicorn's startup an exception is printed as a long traceback around the one line that
@@ -106,33 +77,27 @@ class MedSAM2App(MONAILabelApp):
             os._exit(2)
 
     def _setup(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
-        # settings checked before any checkpoint download: a typo is reported at once
-        self.dicomweb_timeout_s = _seconds(conf, "dicomweb_timeout_s", DEFAULT_TIMEOUT_S)
-        self.pacs_resend_every_s = _seconds(conf, "pacs_resend_every_s", 30.0)
+        # every --conf value parsed and checked once, before any checkpoint download: a typo is reported at once
+        self.settings = parse_settings(conf)
+        self.dicomweb_timeout_s = self.settings.dicomweb_timeout_s
+        self.pacs_resend_every_s = self.settings.pacs_resend_every_s
         self.model_dir = os.path.join(app_dir, "model")
         configs = {c.split(".")[-2].lower(): c for c in get_class_names(lib.configs, "TaskConfig")}
-        wanted = [m.strip() for m in conf.get("models", "all").split(",") if m.strip()]
-        unknown = [m for m in wanted if m != "all" and m not in configs]
-        if unknown:
-            raise SystemExit(f"Unknown --conf models {unknown}; available: all, {', '.join(sorted(configs))}")
         self.models: dict[str, TaskConfig] = {}
         for name, cls_path in sorted(configs.items()):
-            if "all" in wanted or name in wanted:
+            if name in self.settings.models:
                 module_name, cls_name = cls_path.rsplit(".", 1)
                 module = __import__(module_name, fromlist=[cls_name])
                 task_config: TaskConfig = getattr(module, cls_name)()
-                task_config.init(name, self.model_dir, conf, None)
+                task_config.init(name, self.model_dir, conf, None, settings=self.settings)
                 self.models[name] = task_config
         for task_config in self.models.values():  # temporary files of a publish or download that was killed
             provider = getattr(task_config, "provider", None)
             if provider is not None:
                 remove_unfinished_checkpoint_writes(provider.published)
                 remove_unfinished_checkpoint_writes(provider.base.path)
-        try:
-            self.admission = AdmissionGate(AdmissionSettings.from_conf(conf, pick_device(conf.get("device")).type))
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-        self.auto_train = AutoTrain(_auto_train_after(conf))
+        self.admission = AdmissionGate(AdmissionSettings.from_settings(self.settings))
+        self.auto_train = AutoTrain(self.settings.auto_train_after)
         self.patches = install_all(
             PatchContext(
                 settings=settings,
@@ -216,15 +181,15 @@ class MedSAM2App(MONAILabelApp):
         training process starts."""
         trainer = self._trainers.get(model)
         if trainer is None:
-            raise RequestRefused(404, f"Unknown training task {model!r}; available: {sorted(self._trainers)}")
+            raise Refused(404, f"Unknown training task {model!r}; available: {sorted(self._trainers)}")
         if isinstance(body, dict) and body.get("model") not in (None, model):
-            raise RequestRefused(422, f"The body names model {body['model']!r} but the URL names {model!r}.")
+            raise Refused(422, f"The body names model {body['model']!r} but the URL names {model!r}.")
         check = getattr(trainer, "check_body", None)
         if check is not None:
             try:
                 check(body)
             except ValueError as e:
-                raise RequestRefused(422, f"Training not started: {str(e).rstrip('.')}.") from None
+                raise Refused(422, f"Training not started: {str(e).rstrip('.')}.") from None
 
     def init_infers(self) -> dict[str, InferTask]:
         infers: dict[str, InferTask] = {}
@@ -251,13 +216,13 @@ class MedSAM2App(MONAILabelApp):
     def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
         """Strategies that run the model take an inference slot first: MONAI Label runs them on its event loop,
         beside the inference threads, and two model calls at once are what ``max_concurrent_infers`` bounds."""
-        if request.get("strategy") in (None, "", "random", "first"):
+        strategy = request.get("strategy")
+        if strategy and strategy not in self._strategies:
+            raise NotFound(f"Unknown active-learning strategy {strategy!r}; available: {sorted(self._strategies)}.")
+        if strategy in (None, "", "random", "first"):
             return super().next_sample(request)
-        try:
-            with self.admission.admit():
-                return super().next_sample(request)
-        except ServerBusy as e:
-            raise HTTPException(status_code=503, detail=str(e), headers={"Retry-After": str(e.retry_after_s)}) from None
+        with self.admission.admit():
+            return super().next_sample(request)
 
     def info(self) -> dict[str, Any]:
         meta = super().info()
@@ -291,24 +256,13 @@ class MedSAM2App(MONAILabelApp):
     def infer(self, request: dict[str, Any], datastore=None) -> dict[str, Any]:
         image = request.get("image")
         if not isinstance(image, str) or not image:
-            raise HTTPException(status_code=400, detail="No image given: pass ?image=<image id> or upload a file.")
+            raise BadRequest("No image given: pass ?image=<image id> or upload a file.")
         if os.path.exists(image) and not _is_upload(image):
-            raise HTTPException(status_code=400, detail="Image ids name datastore images, not server file paths.")
+            raise BadRequest("Image ids name datastore images, not server file paths.")
         if request.get("model") not in self._infers:
-            raise HTTPException(
-                status_code=404, detail=f"Unknown model {request.get('model')!r}; available: {sorted(self._infers)}"
-            )
-        try:
-            with self.admission.admit() as waited_s:
-                result = super().infer(request, datastore)
-            if isinstance(result.get("params"), dict) and isinstance(result["params"].get("latencies"), dict):
-                result["params"]["latencies"]["queue_wait"] = round(waited_s, 4)
-            return result
-        except ServerBusy as e:
-            raise HTTPException(status_code=503, detail=str(e), headers={"Retry-After": str(e.retry_after_s)}) from None
-        except PromptError as e:
-            raise HTTPException(status_code=e.status, detail=str(e)) from None
-        except CheckpointError as e:
-            raise HTTPException(status_code=503, detail=f"The model could not be loaded: {e}") from None
-        except MemoryError:
-            raise HTTPException(status_code=503, detail="The server ran out of memory; retry later.") from None
+            raise NotFound(f"Unknown model {request.get('model')!r}; available: {sorted(self._infers)}")
+        with self.admission.admit() as waited_s:
+            result = super().infer(request, datastore)
+        if isinstance(result.get("params"), dict) and isinstance(result["params"].get("latencies"), dict):
+            result["params"]["latencies"]["queue_wait"] = round(waited_s, 4)
+        return result

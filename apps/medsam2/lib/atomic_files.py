@@ -1,24 +1,30 @@
-"""Crash-safe file replacement: a file is either its old or its new content, never a truncated mix.
+"""Crash-safe file and folder replacement: a file (or folder) is either its old or its new content, never a
+truncated mix. The one place the app writes files atomically.
 
-A writer fills a temporary file next to the target (``.<name>.<random>.part``), flushes it to disk and renames
-it over the target; a killed writer leaves only the temporary file, which :func:`remove_stale_temp_files`
-deletes on the next start. While it is being written the temporary file holds an exclusive ``flock``, which
-the kernel drops when the writer dies, so a cleanup never deletes the file of a writer that is still alive.
+A writer fills a temporary file (:func:`atomic_write`, :func:`write_json_atomic`) or folder
+(:func:`atomic_folder`) next to the target (``.<name>.<random>.part``), flushes it to disk, renames it over the
+target and flushes the folder; a killed writer leaves only the temporary file or folder, which
+:func:`remove_stale_temp_files` deletes (on the next start, or after a failed run). While it exists the
+temporary file or folder holds an exclusive ``flock``, which the kernel drops when the writer dies, so a cleanup
+never deletes what a writer that is still alive is writing.
 
-No MONAI Label imports: used by the datastore, the checkpoint writer and the tests.
+No MONAI Label imports: used by the datastores, the checkpoint writer, the trainer and the tests.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +40,7 @@ _pause_hits: dict[str, int] = {}
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
-# what tempfile.mkstemp names look like: "." + target name + "." + 8 random characters + ".part"
+# what tempfile.mkstemp/mkdtemp names look like: "." + target name + "." + 8 random characters + ".part"
 _TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + "$")
 
 
@@ -105,11 +111,70 @@ def atomic_write(path: Path | str, pause_at: str | None = None) -> Iterator[str]
             os.unlink(tmp_name)
 
 
-def remove_stale_temp_files(folder: Path | str, pattern: str = f".*{TEMP_SUFFIX}") -> list[Path]:
-    """Delete the temporary files (matching ``pattern``) that killed writers left in ``folder``; return them.
+def write_json_atomic(path: Path | str, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` with :func:`atomic_write`, creating its folder if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp_name, open(tmp_name, "w") as f:
+        json.dump(data, f, indent=1, default=str)
 
-    Only names that :func:`atomic_write` makes are considered, and files whose writer is alive (it holds
-    their ``flock``) are left alone.
+
+@contextmanager
+def atomic_folder(path: Path | str) -> Iterator[Path]:
+    """Yield a new empty temporary folder next to ``path`` (its parent created if needed); fill it inside the block.
+
+    On a normal exit every file in it and the folder itself are flushed to disk and it is renamed to ``path``
+    (an existing ``path`` is replaced: a reader sees the old folder, for an instant none, or the new one, never
+    part of one); on an exception it is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.chmod(tmp, 0o777 & ~_UMASK)  # as os.makedirs would make it (mkdtemp makes 0700 folders)
+        yield tmp
+        _fsync_tree(tmp)
+        _replace_folder(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        os.close(fd)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    """Rename ``new`` to ``path``; a non-empty ``path`` is first renamed aside (a rename cannot replace it)."""
+    if not (path.is_dir() and not path.is_symlink() and any(path.iterdir())):
+        os.replace(new, path)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
+    os.replace(path, aside)  # onto the empty folder just made
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(aside, path)  # the old folder back
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove_stale_temp_files(folder: Path | str, pattern: str = f".*{TEMP_SUFFIX}") -> list[Path]:
+    """Delete the temporary files and folders (matching ``pattern``) that killed writers left in ``folder``;
+    return them.
+
+    Only names that :func:`atomic_write` and :func:`atomic_folder` make are considered, and those whose writer
+    is alive (it holds their ``flock``) are left alone.
     """
     removed: list[Path] = []
     folder = Path(folder)
@@ -128,7 +193,10 @@ def remove_stale_temp_files(folder: Path | str, pattern: str = f".*{TEMP_SUFFIX}
             os.close(fd)
             continue
         try:
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink(missing_ok=True)
             removed.append(tmp)
         except OSError as e:  # e.g. a read-only folder: not worth refusing to start over
             logger.warning("Could not remove %s, left by a killed process: %s", tmp, e)

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lib.atomic_files import atomic_write, remove_stale_temp_files, temp_pattern
+from lib.errors import ModelUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ VIDEO_PREDICTOR_OVERRIDES = [
 ]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ModelUnavailable, RuntimeError):
     """A checkpoint cannot be found, downloaded or loaded; the message says what to do."""
 
 

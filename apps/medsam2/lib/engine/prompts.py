@@ -12,17 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lib.errors import PromptError
+
 # axis name -> index of the IJK axis the propagation runs along
 AXES: dict[str, int] = {"axial": 2, "k": 2, "coronal": 1, "j": 1, "sagittal": 0, "i": 0}
 AXIS_NAMES = {2: "axial", 1: "coronal", 0: "sagittal"}
-
-
-class PromptError(ValueError):
-    """A request that cannot be served as sent; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 422):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lib.engine import sam2_api
 from lib.engine.precision import autocast_for
 from lib.engine.prompts import KeySlicePrompt
 from lib.engine.static_tracking import StaticTracker, borrowed_tracker, static_tracking_supported
@@ -58,29 +59,6 @@ def point_inputs_for(prompt: KeySlicePrompt, rows: int, cols: int, image_size: i
         "point_coords": pts.to(device),
         "point_labels": torch.tensor(labels, dtype=torch.int32).view(1, -1).to(device),
     }
-
-
-def _track_step_with_iou(model, run_mem_encoder: bool, **step_inputs) -> dict:
-    """``SAM2Base.track_step``, keeping the predicted IoU of the chosen mask (``iou``) that track_step drops."""
-    out, sam_outputs, _, _ = model._track_step(**step_inputs)
-    _, _, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits = sam_outputs
-    out.update(
-        pred_masks=low_res_masks,
-        pred_masks_high_res=high_res_masks,
-        obj_ptr=obj_ptr,
-        object_score_logits=object_score_logits,
-        iou=ious.max(dim=-1).values,  # the mask SAM2 picks is the one with the highest predicted IoU
-    )
-    model._encode_memory_in_output(
-        step_inputs["current_vision_feats"],
-        step_inputs["feat_sizes"],
-        step_inputs["point_inputs"],
-        run_mem_encoder,
-        high_res_masks,
-        object_score_logits,
-        out,
-    )
-    return out
 
 
 def _compact(model, out: dict) -> dict:
@@ -140,7 +118,7 @@ def segment_key_slice(
     _, rows, cols = session.frames.shape
     with autocast_for(session.device, session.compute_dtype):
         feats = session.features([prompt.slice_index])
-        out = _track_step_with_iou(
+        out = sam2_api.track_step_with_iou(
             model,
             frame_idx=prompt.slice_index,
             is_init_cond_frame=True,
@@ -163,7 +141,8 @@ def segment_key_slice(
                 mode="bilinear",
                 align_corners=False,
             )
-            mem, mem_pos = model._encode_new_memory(
+            mem, mem_pos = sam2_api.encode_new_memory(
+                model,
                 current_vision_feats=feats.vision_feats,
                 feat_sizes=feats.feat_sizes,
                 pred_masks_high_res=high_res,
@@ -304,6 +283,221 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
+@dataclass
+class _Tracks:
+    """What the passes returned, per label and slice, within ``lo..hi``; and where the stop rule ended them."""
+
+    lo: int
+    hi: int
+    stop_rule: StopRule | None
+    labels: Sequence[str]
+    logits: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    scores: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    ious: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    stopped: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for per in (self.logits, self.scores, self.ious, self.stopped):
+            per.update({name: {} for name in self.labels})
+
+    def record(self, step: int, batch: list[_Pass], masks: torch.Tensor, scores: torch.Tensor, ious: torch.Tensor):
+        """Keep each pass's logits for its slice at ``step`` (the key slice: the max of both passes)."""
+        masks = masks.to(torch.float16)  # a copy: graph outputs are overwritten by the next replay
+        scores = scores.float().clone()
+        ious = ious.float().clone()
+        for pos, p in enumerate(batch):
+            frame = p.frame(step)
+            if step > p.length or not (self.lo <= frame <= self.hi or step in p.cond):
+                continue
+            prev = self.logits[p.label].get(frame)
+            self.logits[p.label][frame] = masks[pos, 0] if prev is None else torch.maximum(prev, masks[pos, 0])
+            self.scores[p.label][frame] = scores[pos, 0]
+            self.ious[p.label][frame] = ious[pos]
+            if self.stop_rule is not None and step > max(p.cond):
+                p.unchecked.append((step, scores[pos, 0]))
+
+    def apply_stop_rule(self, batch: list[_Pass]) -> None:
+        """End passes whose object score stayed low for ``patience`` slices; empty their slices from there on."""
+        waiting = [p for p in batch if p.unchecked]
+        if not waiting:
+            return
+        values = iter(torch.stack([v for p in waiting for _, v in p.unchecked]).cpu().tolist())
+        for p in waiting:
+            for step, _ in p.unchecked:
+                low = next(values) < self.stop_rule.min_object_score
+                if p.length >= step:
+                    self._count_low(p, step, low)
+            p.unchecked.clear()
+
+    def _count_low(self, p: _Pass, step: int, low: bool) -> None:
+        p.low_run = p.low_run + 1 if low else 0
+        if p.low_run < self.stop_rule.patience:
+            return
+        first_empty = step - p.low_run + 1
+        for s in range(first_empty, step + 1):
+            for per in (self.logits, self.scores, self.ious):
+                per[p.label].pop(p.frame(s), None)
+        p.length = first_empty - 1
+        self.stopped[p.label]["forward" if p.sign > 0 else "backward"] = p.frame(first_empty)
+
+
+@dataclass
+class _StepCount:
+    """Tracking steps run (all, and on static buffers), and when the first static step ended."""
+
+    steps: int = 0
+    static: int = 0
+    first_static_done: float | None = None
+
+
+def _group_prompts(prompts: Sequence[KeySlicePrompt]) -> tuple[dict[str, list[KeySlicePrompt]], dict[str, int]]:
+    by_label: dict[str, list[KeySlicePrompt]] = {}
+    label_values: dict[str, int] = {}
+    for p in prompts:
+        by_label.setdefault(p.label, []).append(p)
+        label_values[p.label] = p.label_value
+    return by_label, label_values
+
+
+def _conditioned_passes(
+    session: VolumeSession,
+    by_label: dict[str, list[KeySlicePrompt]],
+    lo: int,
+    hi: int,
+    mask_inputs: dict[tuple[str, int], torch.Tensor] | None,
+) -> list[_Pass]:
+    """Each label's key slices segmented, and its forward and backward pass seeded with them (per label: each
+    prompt has its own number of points)."""
+    passes: list[_Pass] = []
+    for label, items in by_label.items():
+        cond = {
+            p.slice_index: segment_key_slice(
+                session, p, encode_memory=True, prev_mask_logits=_prev_mask(mask_inputs, p, session.device)
+            )
+            for p in items
+        }
+        first, last = min(cond), max(cond)
+        passes.append(_Pass(label, +1, first, max(hi, last) - first, {s - first: o for s, o in cond.items()}))
+        passes.append(_Pass(label, -1, last, last - min(lo, first), {last - s: o for s, o in cond.items()}))
+    return passes
+
+
+def _stock_step(session: VolumeSession, od: dict, group: list[_Pass], active: list[int], step: int, horizon: int):
+    """One step of the passes ``active`` on SAM2's own ``track_step`` (memory read from ``od``)."""
+    frames = [group[a].frame(step) for a in active]
+    feats = session.features(frames)
+    raw = sam2_api.track_step_with_iou(
+        session.model,
+        frame_idx=step,
+        is_init_cond_frame=False,
+        current_vision_feats=feats.vision_feats,
+        current_vision_pos_embeds=feats.vision_pos_embeds,
+        feat_sizes=feats.feat_sizes,
+        point_inputs=None,
+        mask_inputs=None,
+        output_dict=od,
+        num_frames=session.frames.shape[0],
+        track_in_reverse=False,
+        run_mem_encoder=True,
+        prev_sam_mask_logits=None,
+    )
+    out = _compact(session.model, raw)
+    od["non_cond_frame_outputs"][step] = out
+    od["non_cond_frame_outputs"].pop(step - horizon, None)
+    return out
+
+
+def _open_static_tracker(session: VolumeSession, od: dict, group: list[_Pass], members: list[int], borrowed):
+    """Static buffers (and CUDA graphs on a GPU) for passes from one key slice, seeded with its output."""
+    frames = [group[a].frame(1) for a in members]
+    feats = session.features(frames)
+    return borrowed.enter_context(
+        borrowed_tracker(
+            session.model,
+            session.frames.shape[0],
+            od["cond_frame_outputs"][0],
+            session.stacked(frames),
+            feats.vision_pos_embeds,
+            feats.feat_sizes,
+            session.device,
+            session.compute_dtype,
+            use_graphs=session.device.type == "cuda",
+        )
+    )
+
+
+def _static_step(session: VolumeSession, tracker: StaticTracker, group: list[_Pass], members: list[int], step: int):
+    """One step on the static tracker; returns the members still in its batch and the step's outputs."""
+    if session.device.type != "cuda" and any(group[a].length < step for a in members):
+        # on the CPU finished passes leave the batch; a GPU keeps shapes static for its graphs
+        kept = [i for i, a in enumerate(members) if group[a].length >= step]
+        tracker.keep(kept)
+        members = [members[i] for i in kept]
+    # finished passes (GPU) keep computing on their last slice; their output is dropped
+    frames = [group[a].frame(min(step, group[a].length)) for a in members]
+    session.gather(frames, tracker.levels)
+    return members, tracker.step(step)
+
+
+def _drop_finished(od: dict, group: list[_Pass], active: list[int], step: int) -> list[int]:
+    """The passes of ``active`` still running at ``step``; the memory bank keeps only their rows."""
+    still = [a for a in active if group[a].length >= step]
+    if len(still) < len(active):
+        keep = torch.tensor([active.index(a) for a in still], dtype=torch.long)
+        for kind in od:
+            od[kind] = {s: _select(o, keep) for s, o in od[kind].items()}
+    return still
+
+
+def _run_group(
+    session: VolumeSession,
+    group: list[_Pass],
+    cond_steps: frozenset,
+    tracks: _Tracks,
+    count: _StepCount,
+    horizon: int,
+    steady: bool,
+    borrowed: ExitStack,
+) -> None:
+    """Advance passes whose key slices sit at the same steps as one batch, step by step, to their ends."""
+    stop_rule = tracks.stop_rule
+    # object scores are read on the host every few steps, not every step (a GPU would stall on each read)
+    check_every = 1 if session.device.type != "cuda" or stop_rule is None else stop_rule.patience
+    active = list(range(len(group)))
+    od = {
+        "cond_frame_outputs": {s: _cat([p.cond[s] for p in group]) for s in sorted(cond_steps)},
+        "non_cond_frame_outputs": {},
+    }
+    static = steady and cond_steps == frozenset({0}) and static_tracking_supported(session.model)
+    tracker: StaticTracker | None = None
+    members = list(active)
+    for step in range(0, max(p.length for p in group) + 1):
+        if stop_rule is not None and step % check_every == 0:
+            tracks.apply_stop_rule(group)
+        if all(p.length < step for p in group):
+            break  # every pass has ended (the stop rule can end them early)
+        if static and step >= 1:
+            if tracker is None:
+                tracker = _open_static_tracker(session, od, group, members, borrowed)
+            members, (masks, scores, ious) = _static_step(session, tracker, group, members, step)
+            if count.static == 0:
+                _sync(session.device)
+                count.first_static_done = time.perf_counter()
+            count.steps += 1
+            count.static += 1
+            tracks.record(step, [group[a] for a in members], masks, scores, ious)
+            continue
+        active = _drop_finished(od, group, active, step)
+        if step in cond_steps:
+            out = od["cond_frame_outputs"][step]
+        else:
+            out = _stock_step(session, od, group, active, step, horizon)
+            count.steps += 1
+        tracks.record(step, [group[a] for a in active], out["pred_masks"], out["object_score_logits"], out["iou"])
+    if stop_rule is not None:
+        tracks.apply_stop_rule(group)
+
+
 def propagate_volume(
     session: VolumeSession,
     prompts: Sequence[KeySlicePrompt],
@@ -324,204 +518,56 @@ def propagate_volume(
     if not prompts:
         raise ValueError("no prompts")
     model = session.model
-    device = session.device
     n, rows, cols = session.frames.shape
     lo, hi = slice_range if slice_range is not None else (0, n - 1)
     lo, hi = max(0, lo), min(n - 1, hi)
     t0 = time.perf_counter()
-
-    # Encode the slices the passes will visit, in batches, before tracking starts.
-    by_label: dict[str, list[KeySlicePrompt]] = {}
-    label_values: dict[str, int] = {}
-    for p in prompts:
-        by_label.setdefault(p.label, []).append(p)
-        label_values[p.label] = p.label_value
+    by_label, label_values = _group_prompts(prompts)
     key_slices = {p.slice_index for p in prompts}
-    span_lo = min(lo, min(key_slices))
-    span_hi = max(hi, max(key_slices))
-    session.encode(range(span_lo, span_hi + 1))
-    _sync(device)
+    session.encode(range(min(lo, min(key_slices)), max(hi, max(key_slices)) + 1))  # before tracking starts
+    _sync(session.device)
     t_encode = time.perf_counter()
-
-    # Conditioning outputs on each key slice (per label: each prompt has its own number of points).
-    passes: list[_Pass] = []
-    for label, items in by_label.items():
-        cond = {
-            p.slice_index: segment_key_slice(
-                session, p, encode_memory=True, prev_mask_logits=_prev_mask(mask_inputs, p, device)
-            )
-            for p in items
-        }
-        first, last = min(cond), max(cond)
-        fwd_len = max(hi, last) - first
-        bwd_len = last - min(lo, first)
-        passes.append(_Pass(label, +1, first, fwd_len, {s - first: o for s, o in cond.items()}))
-        passes.append(_Pass(label, -1, last, bwd_len, {last - s: o for s, o in cond.items()}))
+    passes = _conditioned_passes(session, by_label, lo, hi, mask_inputs)
     t_cond = time.perf_counter()
 
-    logits: dict[str, dict[int, torch.Tensor]] = {name: {} for name in by_label}
-    score_tensors: dict[str, dict[int, torch.Tensor]] = {name: {} for name in by_label}
-    iou_tensors: dict[str, dict[int, torch.Tensor]] = {name: {} for name in by_label}
-    stopped: dict[str, dict[str, int]] = {name: {} for name in by_label}
+    tracks = _Tracks(lo, hi, stop_rule, list(by_label))
+    count = _StepCount()
     horizon = memory_horizon or max(model.num_maskmem, model.max_obj_ptrs_in_encoder) + 1
-    # object scores are read on the host every few steps, not every step (a GPU would stall on each read)
-    check_every = 1 if device.type != "cuda" or stop_rule is None else stop_rule.patience
-
-    def record(step: int, batch: list[_Pass], masks: torch.Tensor, obj_scores: torch.Tensor, ious: torch.Tensor):
-        """Keep each pass's logits for its slice at ``step`` (the key slice: the max of both passes)."""
-        masks = masks.to(torch.float16)  # a copy: graph outputs are overwritten by the next replay
-        obj_scores = obj_scores.float().clone()
-        ious = ious.float().clone()
-        for pos, p in enumerate(batch):
-            frame = p.frame(step)
-            if step > p.length or not (lo <= frame <= hi or step in p.cond):
-                continue
-            prev = logits[p.label].get(frame)
-            logits[p.label][frame] = masks[pos, 0] if prev is None else torch.maximum(prev, masks[pos, 0])
-            score_tensors[p.label][frame] = obj_scores[pos, 0]
-            iou_tensors[p.label][frame] = ious[pos]
-            if stop_rule is not None and step > max(p.cond):
-                p.unchecked.append((step, obj_scores[pos, 0]))
-
-    def apply_stop_rule(batch: list[_Pass]) -> None:
-        """End passes whose object score stayed low for ``patience`` slices; empty their slices from there on."""
-        waiting = [p for p in batch if p.unchecked]
-        if not waiting:
-            return
-        values = torch.stack([v for p in waiting for _, v in p.unchecked]).cpu().tolist()
-        at = 0
-        for p in waiting:
-            for step, _ in p.unchecked:
-                low = values[at] < stop_rule.min_object_score
-                at += 1
-                if p.length < step:
-                    continue
-                p.low_run = p.low_run + 1 if low else 0
-                if p.low_run >= stop_rule.patience:
-                    first_empty = step - p.low_run + 1
-                    for s in range(first_empty, step + 1):
-                        for per in (logits, score_tensors, iou_tensors):
-                            per[p.label].pop(p.frame(s), None)
-                    p.length = first_empty - 1
-                    stopped[p.label]["forward" if p.sign > 0 else "backward"] = p.frame(first_empty)
-            p.unchecked.clear()
-
     # Passes whose key slices sit at the same steps share a memory layout and run as one batch.
     groups: dict[frozenset, list[_Pass]] = {}
     for p in passes:
         groups.setdefault(frozenset(p.cond), []).append(p)
-    steps_run = 0
-    static_run = 0
-    marks: dict[str, float] = {}
-    with autocast_for(device, session.compute_dtype), ExitStack() as borrowed:
+    with autocast_for(session.device, session.compute_dtype), ExitStack() as borrowed:
         for cond_steps, group in groups.items():
-            active = list(range(len(group)))
-            od = {
-                "cond_frame_outputs": {s: _cat([p.cond[s] for p in group]) for s in sorted(cond_steps)},
-                "non_cond_frame_outputs": {},
-            }
-            max_len = max(p.length for p in group)
-            static = steady and cond_steps == frozenset({0}) and static_tracking_supported(model)
-            tracker: StaticTracker | None = None
-            members = list(active)
-            for step in range(0, max_len + 1):
-                if stop_rule is not None and step % check_every == 0:
-                    apply_stop_rule(group)
-                if all(p.length < step for p in group):
-                    break  # every pass has ended (the stop rule can end them early)
-                if static and step >= 1:
-                    if tracker is None:
-                        frames = [group[a].frame(1) for a in members]
-                        feats = session.features(frames)
-                        tracker = borrowed.enter_context(
-                            borrowed_tracker(
-                                model,
-                                n,
-                                od["cond_frame_outputs"][0],
-                                session.stacked(frames),
-                                feats.vision_pos_embeds,
-                                feats.feat_sizes,
-                                device,
-                                session.compute_dtype,
-                                use_graphs=device.type == "cuda",
-                            )
-                        )
-                    if device.type != "cuda" and any(group[a].length < step for a in members):
-                        # on the CPU finished passes leave the batch; a GPU keeps shapes static for its graphs
-                        kept = [i for i, a in enumerate(members) if group[a].length >= step]
-                        tracker.keep(kept)
-                        members = [members[i] for i in kept]
-                    # finished passes (GPU) keep computing on their last slice; their output is dropped
-                    frames = [group[a].frame(min(step, group[a].length)) for a in members]
-                    session.gather(frames, tracker.levels)
-                    masks, obj_scores, ious = tracker.step(step)
-                    if static_run == 0:
-                        _sync(device)
-                        marks["first_static_step_done"] = time.perf_counter()
-                    steps_run += 1
-                    static_run += 1
-                    record(step, [group[a] for a in members], masks, obj_scores, ious)
-                    continue
-                still = [a for a in active if group[a].length >= step]
-                if len(still) < len(active):
-                    keep = torch.tensor([active.index(a) for a in still], dtype=torch.long)
-                    for kind in od:
-                        od[kind] = {s: _select(o, keep) for s, o in od[kind].items()}
-                    active = still
-                if step in cond_steps:
-                    out = od["cond_frame_outputs"][step]
-                else:
-                    frames = [group[a].frame(step) for a in active]
-                    feats = session.features(frames)
-                    raw = _track_step_with_iou(
-                        model,
-                        frame_idx=step,
-                        is_init_cond_frame=False,
-                        current_vision_feats=feats.vision_feats,
-                        current_vision_pos_embeds=feats.vision_pos_embeds,
-                        feat_sizes=feats.feat_sizes,
-                        point_inputs=None,
-                        mask_inputs=None,
-                        output_dict=od,
-                        num_frames=n,
-                        track_in_reverse=False,
-                        run_mem_encoder=True,
-                        prev_sam_mask_logits=None,
-                    )
-                    out = _compact(model, raw)
-                    od["non_cond_frame_outputs"][step] = out
-                    od["non_cond_frame_outputs"].pop(step - horizon, None)
-                    steps_run += 1
-                record(step, [group[a] for a in active], out["pred_masks"], out["object_score_logits"], out["iou"])
-            if stop_rule is not None:
-                apply_stop_rule(group)
-    _sync(device)
+            _run_group(session, group, cond_steps, tracks, count, horizon, steady, borrowed)
+    _sync(session.device)
     t_track = time.perf_counter()
-    detail = {}
-    if marks:  # the first static step includes the buffers' set-up (and a graph capture on a GPU)
-        detail = {
-            "track_first_static_step": round(marks["first_static_step_done"] - t_cond, 4),
-            "track_other_steps": round(t_track - marks["first_static_step_done"], 4),
-        }
     return PropagationResult(
-        logits=logits,
-        object_scores=_to_host(score_tensors),
-        predicted_iou=_to_host(iou_tensors),
+        logits=tracks.logits,
+        object_scores=_to_host(tracks.scores),
+        predicted_iou=_to_host(tracks.ious),
         label_values=label_values,
         key_slices={name: sorted({p.slice_index for p in items}) for name, items in by_label.items()},
-        stopped=stopped,
+        stopped=tracks.stopped,
         rows=rows,
         cols=cols,
         num_slices=n,
-        latencies={
-            "encode": round(t_encode - t0, 4),
-            "key_slices": round(t_cond - t_encode, 4),
-            "track": round(t_track - t_cond, 4),
-            **detail,
-        },
-        steps=steps_run,
-        static_steps=static_run,
+        latencies=_latencies(t0, t_encode, t_cond, t_track, count.first_static_done),
+        steps=count.steps,
+        static_steps=count.static,
     )
+
+
+def _latencies(t0: float, t_encode: float, t_cond: float, t_track: float, first_static: float | None) -> dict:
+    latencies = {
+        "encode": round(t_encode - t0, 4),
+        "key_slices": round(t_cond - t_encode, 4),
+        "track": round(t_track - t_cond, 4),
+    }
+    if first_static is not None:  # the first static step includes the buffers' set-up (and a graph capture on a GPU)
+        latencies["track_first_static_step"] = round(first_static - t_cond, 4)
+        latencies["track_other_steps"] = round(t_track - first_static, 4)
+    return latencies
 
 
 def _to_host(per_label: dict[str, dict[int, torch.Tensor]]) -> dict[str, dict[int, float]]:

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 from sam2.modeling.sam2_utils import get_1d_sine_pe
 
+from lib.engine import sam2_api
 from lib.engine.precision import autocast_for
 
 
@@ -121,15 +122,18 @@ class StaticTracker:
             x.permute(1, 2, 0).view(x.size(1), x.size(2), *size)
             for x, size in zip(feats[:-1], self.feat_sizes[:-1], strict=True)
         ]
-        outs = model._forward_sam_heads(
+        outs = sam2_api.forward_sam_heads(
+            model,
             backbone_features=pix,
             point_inputs=None,
             mask_inputs=None,
             high_res_features=high_res,
-            multimask_output=model._use_multimask(False, None),
+            multimask_output=sam2_api.single_mask_output(model),
         )
         _, _, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits = outs
-        new_mem, _ = model._encode_new_memory(feats, self.feat_sizes, high_res_masks, object_score_logits, False)
+        new_mem, _ = sam2_api.encode_new_memory(
+            model, feats, self.feat_sizes, high_res_masks, object_score_logits, False
+        )
         best_iou = ious.max(dim=-1).values  # of the mask SAM2 picks
         return low_res_masks, obj_ptr, object_score_logits, best_iou, new_mem.to(torch.bfloat16)
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lib.engine import sam2_api
 from lib.engine.precision import autocast_for
 from lib.engine.preprocessing import frames_to_model_input
 
@@ -104,7 +105,7 @@ class VolumeSession:
             images = frames_to_model_input(self.frames[chunk], self.image_size, self.device)
             with autocast_for(self.device, self.compute_dtype):
                 backbone_out = self.model.forward_image(images)
-            _, _, pos, sizes = self.model._prepare_backbone_features(backbone_out)
+            _, _, pos, sizes = sam2_api.prepare_backbone_features(self.model, backbone_out)
             levels = backbone_out["backbone_fpn"][-self.model.num_feature_levels :]
             if self._pos_enc is None:
                 self._pos_enc = [p[:1].to(self.feature_dtype) for p in backbone_out["vision_pos_enc"][-len(levels) :]]
@@ -173,10 +174,6 @@ class SessionCache:
                 self._key_locks.pop(key, None)
                 self._evict(keep=key)
             return session, True
-
-    def drop(self, key: Hashable) -> None:
-        with self._lock:
-            self._entries.pop(key, None)
 
     def update_size(self, key: Hashable) -> None:
         """Re-measure a session after it grew (more slices encoded) and evict others if over the cap."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from lib.engine.prompts import PromptError
+from lib.errors import ImageUnreadable
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".gif")
 
@@ -184,7 +184,7 @@ def refuse_if_too_large(
 ) -> None:
     """413 naming the limit when ``voxels`` (counted before decoding where possible) exceed ``max_voxels``."""
     if max_voxels is not None and voxels > max_voxels:
-        raise PromptError(
+        raise ImageUnreadable(
             f"{has} {voxels:,} voxels, over this server's limit of {max_voxels:,} "
             f"(--conf max_voxels). {advice}, or raise the limit.",
             status=413,
@@ -208,14 +208,14 @@ def _grey_dicom_frames(ds: Any, pixels: np.ndarray) -> np.ndarray:
             grey = (grey.max() - grey) + grey.min()
         return grey
     if pixels.ndim != 4:
-        raise PromptError(f"Unexpected pixel layout {pixels.shape} in a multi-frame DICOM file.", status=415)
+        raise ImageUnreadable(f"Unexpected pixel layout {pixels.shape} in a multi-frame DICOM file.", status=415)
     grey = np.empty(pixels.shape[:3], dtype=pixels.dtype)
     for start in _chunks(len(pixels)):
         block = pixels[start : start + FRAMES_PER_CHUNK]
         if photometric in ("YBR_FULL", "YBR_FULL_422"):  # pydicom upsamples 4:2:2 chroma when decoding
             block = convert_color_space(block, photometric, "RGB")
         elif photometric not in ("RGB", "YBR_RCT", "YBR_ICT"):  # RCT/ICT: the JPEG 2000 decoder returns RGB
-            raise PromptError(f"Colour frames in {photometric} are not supported; RGB or YBR_FULL are.", status=415)
+            raise ImageUnreadable(f"Colour frames in {photometric} are not supported; RGB or YBR_FULL are.", status=415)
         grey[start : start + FRAMES_PER_CHUNK] = luminance(block)
     return grey
 
@@ -235,10 +235,10 @@ def read_cine_dicom(ds: Any, name: str, max_voxels: int | None) -> FrameSequence
     """A multi-frame DICOM dataset (pixel data deferred) -> grey frames with their spacing."""
     frames, rows, cols = _number_of_frames(ds), int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows < 1 or cols < 1:
-        raise PromptError(f"The DICOM file {name} has no image size (Rows/Columns).", status=415)
+        raise ImageUnreadable(f"The DICOM file {name} has no image size (Rows/Columns).", status=415)
     refuse_if_too_large(frames * rows * cols, max_voxels)
     if "PixelData" not in ds:
-        raise PromptError(f"The DICOM file {name} holds no pixel data.", status=415)
+        raise ImageUnreadable(f"The DICOM file {name} holds no pixel data.", status=415)
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
     if syntax in VIDEO_TRANSFER_SYNTAXES:
         video = read_video_stream(io.BytesIO(_encapsulated_video(ds)), name, max_voxels)
@@ -248,7 +248,7 @@ def read_cine_dicom(ds: Any, name: str, max_voxels: int | None) -> FrameSequence
             pixels = ds.pixel_array
         except (NotImplementedError, RuntimeError, ValueError, AttributeError, TypeError) as e:
             detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise PromptError(
+            raise ImageUnreadable(
                 f"The frames of {name} cannot be decoded (transfer syntax {syntax or 'unknown'}: {detail}).",
                 status=415,
             ) from None
@@ -264,12 +264,14 @@ def read_video_stream(source: str | io.BytesIO, name: str, max_voxels: int | Non
     try:
         import av
     except ImportError:
-        raise PromptError(f"{name}: reading video needs the 'av' package (PyAV), not installed here.", 415) from None
+        raise ImageUnreadable(
+            f"{name}: reading video needs the 'av' package (PyAV), not installed here.", 415
+        ) from None
     grey_frames: list[np.ndarray] = []
     try:
         with av.open(source) as container:
             if not container.streams.video:
-                raise PromptError(f"The file {name} holds no video stream.", status=415)
+                raise ImageUnreadable(f"The file {name} holds no video stream.", status=415)
             stream = container.streams.video[0]
             rows, cols = stream.codec_context.height, stream.codec_context.width
             refuse_if_too_large(int(stream.frames or 0) * rows * cols, max_voxels)
@@ -280,13 +282,13 @@ def read_video_stream(source: str | io.BytesIO, name: str, max_voxels: int | Non
                 rgb = frame.to_ndarray(format="rgb24", width=cols, height=rows)
                 grey_frames.append(luminance(rgb))
             rate = stream.average_rate or stream.guessed_rate
-    except PromptError:
+    except ImageUnreadable:
         raise
     except (av.error.FFmpegError, ValueError, EOFError) as e:
         detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise PromptError(f"The file {name} cannot be read as a video ({detail}).", status=415) from None
+        raise ImageUnreadable(f"The file {name} cannot be read as a video ({detail}).", status=415) from None
     if not grey_frames:
-        raise PromptError(f"The video {name} has no frames.", status=415)
+        raise ImageUnreadable(f"The video {name} has no frames.", status=415)
     interval = 1000.0 / float(rate) if rate and float(rate) > 0 else 1.0
     return FrameSequence(np.stack(grey_frames), (1.0, 1.0, interval))
 

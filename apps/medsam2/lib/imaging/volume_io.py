@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from lib.engine.prompts import PromptError
+from lib.errors import ImageUnreadable, NotFound
 from lib.imaging.cine_io import FrameSequence, grey_from_channels, read_frame_sequence, refuse_if_too_large
 
 
@@ -37,7 +37,7 @@ def _read(path: Path, max_voxels: int | None = None) -> sitk.Image:
         reader = sitk.ImageSeriesReader()
         series = reader.GetGDCMSeriesIDs(str(path))
         if not series:
-            raise PromptError(f"The folder {path.name} holds no DICOM series.", status=415)
+            raise ImageUnreadable(f"The folder {path.name} holds no DICOM series.", status=415)
         files = reader.GetGDCMSeriesFileNames(str(path), series[0])
         if max_voxels is not None and files:  # from the first file's header and the file count, before decoding
             first = sitk.ImageFileReader()
@@ -122,7 +122,7 @@ def _refuse_truncated_nifti(path: Path, reader: sitk.ImageFileReader) -> None:
     except (EOFError, OSError, zlib.error, struct.error):  # a header that ITK read, in a stream cut short
         complete = False
     if not complete:
-        raise PromptError(
+        raise ImageUnreadable(
             f"The NIfTI file {path.name} is truncated or damaged: its header describes {data_bytes:,} bytes of "
             f"voxel data that the file does not hold. Upload or copy the complete file.",
             status=415,
@@ -136,7 +136,7 @@ def load_image(path: str | os.PathLike, max_voxels: int | None = None) -> Loaded
     """
     p = Path(path)
     if not str(path) or not p.exists():
-        raise PromptError("The image was not found in the datastore. Check the image id.", status=404)
+        raise NotFound("The image was not found in the datastore. Check the image id.")
     if p.is_file():
         sequence = read_frame_sequence(p, max_voxels)
         if sequence is not None:
@@ -144,7 +144,7 @@ def load_image(path: str | os.PathLike, max_voxels: int | None = None) -> Loaded
     if p.is_file() and (max_voxels is not None or p.name.lower().endswith((".nii", ".nii.gz"))):
         header = _read_header(p)
         if header is None and max_voxels is not None:
-            raise PromptError(f"The image file {p.name} cannot be read as a medical image.", status=415)
+            raise ImageUnreadable(f"The image file {p.name} cannot be read as a medical image.", status=415)
         if header is not None:  # else (no limit set) the full read below says why it cannot be read
             refuse_if_too_large(math.prod(header.GetSize()), max_voxels, advice=RESAMPLE)
             if p.name.lower().endswith((".nii", ".nii.gz")):
@@ -154,13 +154,15 @@ def load_image(path: str | os.PathLike, max_voxels: int | None = None) -> Loaded
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         message = f"The image {p.name} cannot be read as a medical image ({first[:200]})."
-        raise PromptError(message, status=415) from None
+        raise ImageUnreadable(message, status=415) from None
     if image.GetNumberOfComponentsPerPixel() > 1:
         image = _to_grey(image)
     if image.GetDimension() == 2:
         image = sitk.JoinSeries(image)
     if image.GetDimension() != 3:
-        raise PromptError(f"Only 2D and 3D images are supported; this one has {image.GetDimension()} dimensions.", 415)
+        raise ImageUnreadable(
+            f"Only 2D and 3D images are supported; this one has {image.GetDimension()} dimensions.", 415
+        )
     array = sitk.GetArrayFromImage(image)
     refuse_if_too_large(array.size, max_voxels, advice=RESAMPLE)
     reference = sitk.Image(image.GetSize(), sitk.sitkUInt8)

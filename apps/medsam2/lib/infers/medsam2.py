@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 class MedSAM2Infer(InferTask):
     """2D: a box/clicks on one slice. 3D: key-slice prompts propagated through the volume."""
 
+    interactive = True  # needs prompts: no batch inference over the datastore
+
     def __init__(self, segmenter: MedSAM2Segmenter, dimension: int, labels: dict[str, int], model_info: dict):
         what = "one slice from a box and clicks" if dimension == 2 else "3D propagation from key-slice prompts"
         random_note = " [RANDOM WEIGHTS: development only]" if model_info.get("random_weights") else ""

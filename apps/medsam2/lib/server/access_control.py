@@ -32,6 +32,7 @@ import jwt
 import requests
 from starlette.concurrency import run_in_threadpool
 
+from lib.errors import Refused
 from lib.server.patches import in_server
 
 logger = logging.getLogger(__name__)
@@ -47,15 +48,6 @@ PUBLIC_PATHS = frozenset({"/", "/docs", "/openapi.json", "/favicon.ico"})
 PUBLIC_API_PATHS = frozenset({"/auth/", "/auth/token"})
 PUBLIC_PREFIXES = ("/static/",)
 TOKEN_CHECK_PATH = "/auth/token/valid"  # says whether a token is valid: any valid token may ask
-
-
-class AccessError(Exception):
-    """A refused request: HTTP status and a message that says what to do."""
-
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -140,9 +132,9 @@ class RealmPublicKey:
             response.raise_for_status()
             key = response.json()["public_key"]
         except requests.RequestException as e:
-            raise AccessError(503, f"Cannot fetch the token signing key from {where}: {type(e).__name__}.") from None
+            raise Refused(503, f"Cannot fetch the token signing key from {where}: {type(e).__name__}.") from None
         except (ValueError, KeyError, TypeError):
-            raise AccessError(503, f"{where} did not answer a JSON realm with a 'public_key'.") from None
+            raise Refused(503, f"{where} did not answer a JSON realm with a 'public_key'.") from None
         logger.info("Fetched the token signing key from %s", self.realm_uri)
         self._pem = pem_from_realm_key(str(key))
 
@@ -159,12 +151,12 @@ class TokenValidator:
         except jwt.InvalidSignatureError:
             try:
                 changed = self.key.refresh()
-            except AccessError as e:  # keep the key we have
+            except Refused as e:  # keep the key we have
                 logger.warning("Could not refresh the token signing key: %s", e.detail)
                 changed = False
             if changed:
                 return self.claims(token)
-            raise AccessError(401, "The access token is not signed by the identity provider.") from None
+            raise Refused(401, "The access token is not signed by the identity provider.") from None
 
     def _decode(self, token: str, pem: str) -> dict[str, Any]:
         try:
@@ -178,11 +170,11 @@ class TokenValidator:
         except jwt.InvalidSignatureError:
             raise
         except jwt.ExpiredSignatureError:
-            raise AccessError(401, "The access token has expired: log in again for a new one.") from None
+            raise Refused(401, "The access token has expired: log in again for a new one.") from None
         except jwt.InvalidAlgorithmError:
-            raise AccessError(401, f"The access token must be signed with one of {ACCEPTED_ALGORITHMS}.") from None
+            raise Refused(401, f"The access token must be signed with one of {ACCEPTED_ALGORITHMS}.") from None
         except jwt.PyJWTError as e:
-            raise AccessError(401, f"The access token is not valid: {e}.") from None
+            raise Refused(401, f"The access token is not valid: {e}.") from None
 
 
 @dataclass(frozen=True)
@@ -199,7 +191,7 @@ def user_fields(claims: dict[str, Any], names: ClaimNames) -> dict[str, Any]:
     """User name, e-mail, name and roles from validated claims; a token naming no user is refused."""
     username = claims.get(names.username) or claims.get("sub")
     if not isinstance(username, str) or not username:
-        raise AccessError(401, f"The access token names no user (no '{names.username}' or 'sub' claim).")
+        raise Refused(401, f"The access token names no user (no '{names.username}' or 'sub' claim).")
     node: Any = claims
     for part in names.roles.split("#"):
         node = node.get(part) if isinstance(node, dict) else None
@@ -261,7 +253,7 @@ class AccessControlMiddleware:
             try:
                 claims = await run_in_threadpool(self.validator.claims, token)
                 user = user_fields(claims, self.claim_names)
-            except AccessError as e:
+            except Refused as e:
                 logger.info("%d %s %s: %s", e.status, method, path, e.detail)
                 extra = [(b"www-authenticate", b'Bearer error="invalid_token"')] if e.status == 401 else None
                 await _send_json(send, e.status, e.detail, extra)
@@ -321,10 +313,10 @@ def install(settings: Any) -> bool:
         """Replaces MONAI Label's validator (used by its RBAC checks); its errors become 401 there."""
         try:
             return auth.User(**user_fields(validator.claims(token), claim_names))
-        except AccessError as e:
+        except Refused as e:
             if e.status == 401:
                 raise jwt.InvalidTokenError(e.detail) from None
-            raise _http_error(e) from None
+            raise
 
     auth.from_token = from_token
     server.user_middleware = [m for m in server.user_middleware if not _is_access_control(m.cls)]
@@ -340,7 +332,7 @@ def install(settings: Any) -> bool:
     server.middleware_stack = None  # rebuilt with the middleware on the next request
     try:
         key.get()
-    except AccessError as e:
+    except Refused as e:
         logger.warning("Authentication is on, but: %s Every request will be refused until it answers.", e.detail)
     logger.info("Access control on: realm %s, roles %s", settings.MONAI_LABEL_AUTH_REALM_URI, roles.all())
     return True
@@ -361,9 +353,3 @@ def _is_access_control(cls: Any) -> bool:
         getattr(cls, "__qualname__", None) == AccessControlMiddleware.__qualname__
         and getattr(cls, "__module__", None) == AccessControlMiddleware.__module__
     )
-
-
-def _http_error(error: AccessError) -> Exception:
-    from fastapi import HTTPException
-
-    return HTTPException(status_code=error.status, detail=error.detail)

@@ -13,22 +13,20 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from lib.errors import ServerBusy
+
+if TYPE_CHECKING:
+    from lib.settings import AppSettings
+
+# the defaults of --conf max_concurrent_infers (lib.settings). GPU: one at a time, since the tracking step
+# captures CUDA graphs, which other threads' work breaks; CPU: model calls of several annotators overlap well
+# (bench/results/load_cpu.jsonl: 2D p95 6.4 s -> 0.04 s at N=4 with 4)
 DEFAULT_MAX_CONCURRENT = 1
-# CPU: model calls of several annotators overlap well (bench/results/load_cpu.jsonl: 2D p95 6.4 s -> 0.04 s at
-# N=4 with 4); GPU: one at a time, since the tracking step captures CUDA graphs, which other threads' work breaks
 DEFAULT_MAX_CONCURRENT_CPU = 4
 DEFAULT_MAX_QUEUED = 32
 DEFAULT_QUEUE_TIMEOUT_S = 120.0
-
-
-class ServerBusy(Exception):
-    """The request was not admitted; ``retry_after_s`` is a whole number of seconds worth waiting."""
-
-    def __init__(self, message: str, retry_after_s: int):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -48,26 +46,9 @@ class AdmissionSettings:
             raise ValueError(f"queue_timeout_s must be a positive number of seconds, got {self.queue_timeout_s}")
 
     @classmethod
-    def from_conf(cls, conf: dict[str, str], device_type: str = "cuda") -> AdmissionSettings:
-        """Read the three settings from MONAI Label's ``--conf`` dictionary; ValueError names the bad one.
-        ``max_concurrent_infers`` defaults by the device the models run on."""
-        values: dict[str, Any] = {}
-        if device_type == "cpu":
-            values["max_concurrent"] = DEFAULT_MAX_CONCURRENT_CPU
-        for key, field, kind in (
-            ("max_concurrent_infers", "max_concurrent", int),
-            ("max_queued_infers", "max_queued", int),
-            ("queue_timeout_s", "queue_timeout_s", float),
-        ):
-            if key in conf:
-                try:
-                    number = float(conf[key])
-                    values[field] = kind(number)
-                    if kind is int and number != int(number):
-                        raise ValueError
-                except (TypeError, ValueError, OverflowError):
-                    raise ValueError(f"--conf {key} must be a {kind.__name__}, got {conf[key]!r}") from None
-        return cls(**values)
+    def from_settings(cls, settings: AppSettings) -> AdmissionSettings:
+        """The gate's limits from the app's parsed ``--conf`` (:mod:`lib.settings` checks and defaults them)."""
+        return cls(settings.max_concurrent_infers, settings.max_queued_infers, settings.queue_timeout_s)
 
 
 class AdmissionGate:

@@ -112,6 +112,19 @@ def _apply_request_guard(ctx: PatchContext) -> bool:
     return True
 
 
+def _apply_task_guard(ctx: PatchContext) -> bool:
+    from monailabel.endpoints import batch_infer, scoring, wsi_infer
+
+    from lib.server import request_guard
+
+    require(looks_up(scoring.api_run_method, "run_method", scoring), "monailabel.endpoints.scoring.api_run_method")
+    require(looks_up(batch_infer.api_run, "run", batch_infer), "monailabel.endpoints.batch_infer.api_run")
+    for handler in ("api_run_wsi_inference", "api_run_wsi_v2_inference"):
+        require(looks_up(getattr(wsi_infer, handler, None), "run_wsi_inference", wsi_infer), f"wsi_infer.{handler}")
+    require(request_guard.install_task_guard(), "scoring.run_method, batch_infer.run, wsi_infer.run_wsi_inference")
+    return True
+
+
 def _apply_access_control(ctx: PatchContext) -> bool:
     if not ctx.settings.MONAI_LABEL_AUTH_ENABLE:
         return False
@@ -189,6 +202,15 @@ PATCHES: tuple[Patch, ...] = (
         "a file outside the datastore, or a training run that crashes; now a 4xx before anything runs",
         security=True,
         apply=_apply_request_guard,
+    ),
+    Patch(
+        "task_guard",
+        "monailabel.endpoints.scoring.run_method, batch_infer.run and wsi_infer.run_wsi_inference",
+        "an unknown scoring method, or batch inference with an interactive model (no prompts to run), started "
+        "a subprocess that then failed (ZeroDivisionError without a GPU), and whole-slide inference answered "
+        "500; now a 404/422 before anything starts",
+        security=False,
+        apply=_apply_task_guard,
     ),
     Patch(
         "access_control",

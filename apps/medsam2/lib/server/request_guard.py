@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any
 
+from lib.errors import Refused
 from lib.server.patches import in_server
 from lib.storage.names import SAFE_LABEL_TAG, is_path_like
 
@@ -28,15 +29,6 @@ logger = logging.getLogger(__name__)
 
 MAX_PARAMS_DEPTH = 16  # our prompts nest 4 deep ({"prompts": [{"box": [...]}]})
 SAFE_SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,8}$")
-
-
-class RequestRefused(Exception):
-    """A request refused before it runs: HTTP ``status`` and a ``detail`` saying what to change."""
-
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 def _depth(value: Any) -> int:
@@ -53,19 +45,19 @@ def _depth(value: Any) -> int:
 
 
 def parse_infer_params(text: str | None) -> dict[str, Any]:
-    """``params`` as MONAI Label will read it: a JSON object (``{}`` when empty); RequestRefused(400) otherwise."""
+    """``params`` as MONAI Label will read it: a JSON object (``{}`` when empty); Refused(400) otherwise."""
     if not text:
         return {}
     try:
         params = json.loads(text)
     except json.JSONDecodeError as e:
-        raise RequestRefused(400, f"'params' is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno}).") from None
+        raise Refused(400, f"'params' is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno}).") from None
     except RecursionError:
-        raise RequestRefused(400, f"'params' is nested too deeply; at most {MAX_PARAMS_DEPTH} levels.") from None
+        raise Refused(400, f"'params' is nested too deeply; at most {MAX_PARAMS_DEPTH} levels.") from None
     if not isinstance(params, dict):
-        raise RequestRefused(400, f'\'params\' must be a JSON object such as {{"label": "lesion"}}, got {text[:80]!r}.')
+        raise Refused(400, f'\'params\' must be a JSON object such as {{"label": "lesion"}}, got {text[:80]!r}.')
     if _depth(params) > MAX_PARAMS_DEPTH:
-        raise RequestRefused(400, f"'params' is nested too deeply; at most {MAX_PARAMS_DEPTH} levels.")
+        raise Refused(400, f"'params' is nested too deeply; at most {MAX_PARAMS_DEPTH} levels.")
     return params
 
 
@@ -80,35 +72,35 @@ def check_infer_request(
 ) -> None:
     """Refuse what MONAI Label would answer with a 500 or act on outside the datastore."""
     if not uploaded and not image and not session_id:
-        raise RequestRefused(400, "No image given: pass ?image=<image id> or upload a file.")
+        raise Refused(400, "No image given: pass ?image=<image id> or upload a file.")
     if image and not uploaded and is_path_like(image):
-        raise RequestRefused(400, f"Image ids name datastore images, not server file paths: {image[:200]!r}.")
+        raise Refused(400, f"Image ids name datastore images, not server file paths: {image[:200]!r}.")
     if session_id and is_path_like(session_id):
-        raise RequestRefused(400, f"session_id must be an id returned by PUT /session/, got {session_id[:200]!r}.")
+        raise Refused(400, f"session_id must be an id returned by PUT /session/, got {session_id[:200]!r}.")
     if "image" in params and (uploaded or params["image"] != image):
-        raise RequestRefused(400, "Pass the image as ?image=<image id> (or upload a file), not inside 'params'.")
+        raise Refused(400, "Pass the image as ?image=<image id> (or upload a file), not inside 'params'.")
     if "model" in params and params["model"] != model:
-        raise RequestRefused(400, f"'params' names model {params['model']!r} but the URL names {model!r}.")
+        raise Refused(400, f"'params' names model {params['model']!r} but the URL names {model!r}.")
     tag = params.get("label_tag")
     if tag is not None and not (isinstance(tag, str) and SAFE_LABEL_TAG.match(tag)):
-        raise RequestRefused(
+        raise Refused(
             400, f"label_tag must be a name of letters, digits, '-' or '_' (such as 'original'), got {tag!r}."
         )
     if params.get("save_label") is not None and not isinstance(params["save_label"], bool):
-        raise RequestRefused(400, f"save_label must be true or false, got {params['save_label']!r}.")
+        raise Refused(400, f"save_label must be true or false, got {params['save_label']!r}.")
     if params.get("save_label") and tag == "final":
         # /infer needs only the user role; a final label is an annotator's act (PUT /datastore/label)
-        raise RequestRefused(403, "Inference may not save a final label; save it with PUT /datastore/label.")
+        raise Refused(403, "Inference may not save a final label; save it with PUT /datastore/label.")
     timeout = params.get("timeout")
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (0 < timeout < math.inf)
     ):
-        raise RequestRefused(400, f"timeout must be a positive number of seconds, got {timeout!r}.")
+        raise Refused(400, f"timeout must be a positive number of seconds, got {timeout!r}.")
     device = params.get("device")
     if device is not None and not isinstance(device, str):
-        raise RequestRefused(400, f"device must be a string such as 'cuda' or 'cpu', got {device!r}.")
+        raise Refused(400, f"device must be a string such as 'cuda' or 'cpu', got {device!r}.")
     if output == "dicom_seg" and not dicom_seg_supported:
-        raise RequestRefused(400, "output=dicom_seg needs a DICOMweb datastore; use output=image, json or all.")
+        raise Refused(400, "output=dicom_seg needs a DICOMweb datastore; use output=image, json or all.")
 
 
 def safe_upload_name(filename: str | None) -> str | None:
@@ -128,19 +120,13 @@ def _dicomweb() -> bool:
     return isinstance(app_instance().datastore(), DICOMWebDatastore)
 
 
-def _http(refused: RequestRefused):
-    from fastapi import HTTPException
-
-    return HTTPException(status_code=refused.status, detail=refused.detail)
-
-
 _check_train: Callable[[str, Any], None] | None = None  # the current app's (POST /reload makes a new one)
 
 
 def install(check_train: Callable[[str, Any], None]) -> bool:
     """Wrap MONAI Label's ``run_inference`` and ``run_model``/``run`` (train) with these checks; its routes look
     them up at call time, so the threaded infer route of :mod:`lib.server.threaded_routes` gets them too.
-    ``check_train`` raises :class:`RequestRefused` for a train request that must not start. False outside the
+    ``check_train`` raises :class:`Refused` for a train request that must not start. False outside the
     server."""
     global _check_train
     _check_train = check_train
@@ -156,20 +142,17 @@ def install(check_train: Callable[[str, Any], None]) -> bool:
         def guarded_inference(
             background_tasks, model, image="", session_id="", params="{}", file=None, label=None, output=None
         ):
-            try:
-                parsed = parse_infer_params(params)
-                output_kind = getattr(output, "value", output)
-                check_infer_request(
-                    model,
-                    image,
-                    session_id,
-                    parsed,
-                    bool(file),
-                    output_kind,
-                    output_kind == "dicom_seg" and _dicomweb(),
-                )
-            except RequestRefused as e:
-                raise _http(e) from None
+            parsed = parse_infer_params(params)
+            output_kind = getattr(output, "value", output)
+            check_infer_request(
+                model,
+                image,
+                session_id,
+                parsed,
+                bool(file),
+                output_kind,
+                output_kind == "dicom_seg" and _dicomweb(),
+            )
             if file is not None:
                 file.filename = safe_upload_name(file.filename)
             # a label upload is for scribble models; these models take none (MONAI Label would convert it)
@@ -184,11 +167,8 @@ def install(check_train: Callable[[str, Any], None]) -> bool:
 
         @functools.wraps(run_model)
         def guarded_run_model(model, params=None, run_sync=False, enqueue=False):
-            try:
-                if _check_train is not None:
-                    _check_train(model, params or {})
-            except RequestRefused as e:
-                raise _http(e) from None
+            if _check_train is not None:
+                _check_train(model, params or {})
             return run_model(model, params, run_sync, enqueue)
 
         @functools.wraps(run_all)
@@ -196,17 +176,12 @@ def install(check_train: Callable[[str, Any], None]) -> bool:
             from monailabel.interfaces.utils.app import app_instance
 
             trainers = list(app_instance().info().get("trainers", {}))
-            try:
-                unknown = sorted(set(params or {}) - set(trainers))
-                if unknown:
-                    raise RequestRefused(
-                        422, f"POST /train/ takes {{<model>: {{options}}}} for {trainers}; got {unknown}."
-                    )
-                for model in trainers:
-                    if _check_train is not None:
-                        _check_train(model, (params or {}).get(model) or {})
-            except RequestRefused as e:
-                raise _http(e) from None
+            unknown = sorted(set(params or {}) - set(trainers))
+            if unknown:
+                raise Refused(422, f"POST /train/ takes {{<model>: {{options}}}} for {trainers}; got {unknown}.")
+            for model in trainers:
+                if _check_train is not None:
+                    _check_train(model, (params or {}).get(model) or {})
             return run_all(params, run_sync)
 
         guarded_run_model._medsam2_guard = True  # type: ignore[attr-defined]
@@ -224,4 +199,77 @@ def is_installed() -> bool:
     return all(
         getattr(f, "_medsam2_guard", False)
         for f in (infer_endpoints.run_inference, train_endpoints.run_model, train_endpoints.run)
+    )
+
+
+def check_scoring_method(method: str, available: list[str]) -> None:
+    """``POST /scoring/{method}``: an unknown method is a 404, before MONAI Label starts a scoring process."""
+    if method not in available:
+        have = f"available: {sorted(available)}" if available else "this app has no scoring methods"
+        raise Refused(404, f"Unknown scoring method {method!r}; {have}.")
+
+
+def check_batch_model(model: str, infers: dict[str, Any]) -> None:
+    """``POST /batch/infer/{model}``: refuse, before MONAI Label starts a batch process, a model this server does
+    not have or one that cannot run without a person's prompts."""
+    if model not in infers:
+        raise Refused(404, f"Unknown model {model!r}; available: {sorted(infers)}.")
+    if getattr(infers[model], "interactive", False):
+        raise Refused(
+            422,
+            f"{model} is an interactive model: it segments from a box or clicks on a slice, which a batch run "
+            f"over the datastore does not have. Send each image with its prompts to POST /infer/{model}.",
+        )
+
+
+def check_wsi_model(model: str, infers: dict[str, Any]) -> None:
+    """``POST /infer/wsi*/{model}``: this app serves no whole-slide (pathology) models."""
+    raise Refused(
+        404,
+        f"No whole-slide model {model!r}: this app serves 3D/2D images; use POST /infer/{{model}} with one of "
+        f"{sorted(infers)}.",
+    )
+
+
+def install_task_guard() -> bool:
+    """Wrap MONAI Label's ``scoring.run_method``, ``batch_infer.run`` and ``wsi_infer.run_wsi_inference`` (looked
+    up by name at call time by their routes) with :func:`check_scoring_method`, :func:`check_batch_model` and
+    :func:`check_wsi_model`. False outside the server."""
+    if not in_server():
+        return False
+    from monailabel.endpoints import batch_infer, scoring, wsi_infer
+    from monailabel.interfaces.utils.app import app_instance
+
+    if not getattr(wsi_infer.run_wsi_inference, "_medsam2_guard", False):
+
+        @functools.wraps(wsi_infer.run_wsi_inference)
+        def refuse_wsi(background_tasks, model, *args, **kwargs):
+            check_wsi_model(model, app_instance()._infers)
+
+        refuse_wsi._medsam2_guard = True  # type: ignore[attr-defined]
+        wsi_infer.run_wsi_inference = refuse_wsi
+
+    if not getattr(scoring.run_method, "_medsam2_guard", False):
+        run_method = scoring.run_method
+
+        @functools.wraps(run_method)
+        def guarded_run_method(method, params=None, run_sync=False):
+            check_scoring_method(method, list(app_instance().info().get("scoring", {})))
+            return run_method(method, params, run_sync)
+
+        guarded_run_method._medsam2_guard = True  # type: ignore[attr-defined]
+        scoring.run_method = guarded_run_method
+
+    if not getattr(batch_infer.run, "_medsam2_guard", False):
+        run_batch = batch_infer.run
+
+        @functools.wraps(run_batch)
+        def guarded_batch(model, images=None, params=None, run_sync=False):
+            check_batch_model(model, app_instance()._infers)
+            return run_batch(model, images, params, run_sync)
+
+        guarded_batch._medsam2_guard = True  # type: ignore[attr-defined]
+        batch_infer.run = guarded_batch
+    return all(
+        getattr(f, "_medsam2_guard", False) for f in (scoring.run_method, batch_infer.run, wsi_infer.run_wsi_inference)
     )

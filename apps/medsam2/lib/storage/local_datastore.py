@@ -20,12 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.exception import ImageNotFoundException
 
 from lib.atomic_files import atomic_write, remove_stale_temp_files
+from lib.errors import BadRequest
 from lib.imaging.cine_io import VIDEO_SUFFIXES, is_multiframe_dicom
 from lib.storage.names import SAFE_LABEL_TAG, is_path_like
 
@@ -35,11 +35,10 @@ logger = logging.getLogger(__name__)
 def check_writable_names(image_id: str, label_tag: str | None = None) -> None:
     """Refuse (400) image ids and label tags that would name a file or folder outside the datastore."""
     if not image_id or is_path_like(image_id) or image_id.startswith("."):
-        raise HTTPException(status_code=400, detail=f"Image ids are plain names, not paths: {image_id[:200]!r}.")
+        raise BadRequest(f"Image ids are plain names, not paths: {image_id[:200]!r}.")
     if label_tag is not None and not SAFE_LABEL_TAG.match(label_tag):
-        raise HTTPException(
-            status_code=400,
-            detail=f"The label tag must be letters, digits, '-' or '_' (such as 'final'), got {label_tag[:200]!r}.",
+        raise BadRequest(
+            f"The label tag must be letters, digits, '-' or '_' (such as 'final'), got {label_tag[:200]!r}.",
         )
 
 

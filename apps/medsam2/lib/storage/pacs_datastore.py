@@ -6,7 +6,8 @@ What MONAI Label 0.8.5's ``DICOMWebDatastore`` does, and what this changes:
   request has a connect/read timeout (``--conf dicomweb_timeout_s``) and failures answer 503 with a message
   naming the PACS (:class:`PacsUnavailable`); ``/info`` keeps answering.
 - A series download that is interrupted stays in the cache as a partial series, used from then on: here a
-  series is downloaded into a temporary folder and renamed into place when complete.
+  series is downloaded into a temporary folder and renamed into place when complete
+  (:func:`lib.atomic_files.atomic_folder`; the start removes those of killed downloads).
 - The SEG is written with label names taken by list position and uploaded before the label is kept: if the
   upload fails the label is lost (500). Here the label is saved locally first, then sent; a failed upload keeps
   it, marks it ``pacs_upload: failed`` and answers 502 saying so; later saves and ``datalist`` send it again,
@@ -34,13 +35,14 @@ import pydicom.errors
 import requests
 import SimpleITK as sitk
 from dicomweb_client import DICOMwebClient
-from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.utils.convert import binary_to_image, dicom_to_nifti
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
+from lib.atomic_files import atomic_folder
+from lib.errors import AppError, NotFound, PacsUnavailable, PacsUploadFailed, Unprocessable, UnsupportedMedia
 from lib.imaging.dicom_seg import (
     SegError,
     label_on_image_grid,
@@ -56,22 +58,6 @@ logger = logging.getLogger(__name__)
 
 FINAL = DefaultLabelTag.FINAL.value
 DEFAULT_TIMEOUT_S = 30.0
-
-
-class PacsUnavailable(Exception):
-    """The PACS did not answer (down, unreachable, too slow) or answered with a server error."""
-
-    status = 503
-
-    def __init__(self, message: str, retry_after_s: int = 10):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class PacsUploadFailed(Exception):
-    """The label is kept on this server, but the PACS did not take its DICOM SEG."""
-
-    status = 502
 
 
 class TimeoutSession(requests.Session):
@@ -136,12 +122,8 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         self._known_images: list[str] = []
         self._last_failure: str | None = None
         self.unreadable_segs: dict[str, str] = {}  # SEG series uid -> why it was left out
+        # DurableLocalDatastore's start also removes the temporary folders of downloads a killed server left
         super().__init__(client, search_filter, cache_path, fetch_by_frame=fetch_by_frame, convert_to_nifti=True)
-        for folder in (self._datastore.image_path(), self._datastore.label_path(FINAL)):
-            if os.path.isdir(folder):  # downloads a killed server left half done
-                for name in os.listdir(folder):
-                    if ".partial-" in name:
-                        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
         if resend_every_s > 0:
             threading.Thread(target=self._resend_loop, args=(resend_every_s,), daemon=True, name="pacs-resend").start()
 
@@ -168,7 +150,7 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         except (requests.RequestException, pydicom.errors.InvalidDicomError) as e:
             code = e.response.status_code if isinstance(e, requests.HTTPError) and e.response is not None else 0
             if code == 404:
-                raise HTTPException(status_code=404, detail=f"Not found in the PACS while {what}.") from None
+                raise NotFound(f"Not found in the PACS while {what}.") from None
             if isinstance(e, pydicom.errors.InvalidDicomError):
                 message = f"The PACS at {self._client.base_url} sent something that is not DICOM while {what}."
             elif code in (401, 403):
@@ -203,23 +185,17 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         """Download a series into ``target`` all at once: a temporary folder renamed when complete."""
         if os.path.isdir(target) and os.listdir(target):
             return
-        partial = f"{target}.partial-{os.getpid()}-{threading.get_ident()}"
-        shutil.rmtree(partial, ignore_errors=True)
-        try:
+        with atomic_folder(target) as partial:
             self._pacs(
                 f"sending series {series_uid}",
                 _download,
                 series_uid,
-                partial,
+                str(partial),
                 self._client,
                 self._fetch_by_frame,
             )
             if not os.listdir(partial):
-                raise HTTPException(status_code=404, detail=f"The PACS has no instances in series {series_uid}.")
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(partial, target)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
+                raise NotFound(f"The PACS has no instances in series {series_uid}.")
 
     # ----- images -------------------------------------------------------------------------------------------
     def get_image_uri(self, image_id: str) -> str:
@@ -234,7 +210,7 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
                 converted = dicom_to_nifti(series_dir)
             except RuntimeError as e:  # ITK: e.g. a localizer, or slices of different sizes
                 detail = f"Series {image_id} cannot be read as one volume: {str(e).strip()[-300:]}"
-                raise HTTPException(status_code=422, detail=detail) from None
+                raise Unprocessable(detail) from None
             try:
                 DurableLocalDatastore.add_image(self, image_id, converted, self._dicom_info(image_id))
             finally:
@@ -420,9 +396,7 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
             try:
                 converted = label_filename = binary_to_image(image_nii, label_filename)
             except ValueError as e:
-                raise HTTPException(
-                    status_code=422, detail=f"Label not saved: the raw label does not fit the image ({e})."
-                ) from None
+                raise Unprocessable(f"Label not saved: the raw label does not fit the image ({e}).") from None
         try:
             if label_tag != FINAL:
                 return DurableLocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
@@ -431,10 +405,10 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
                 if not np.any(sitk.GetArrayViewFromImage(label)):
                     raise SegError("the label is empty (a DICOM SEG needs at least one labelled voxel)")
             except SegError as e:
-                raise HTTPException(status_code=422, detail=f"Label not saved: {e}") from None
+                raise Unprocessable(f"Label not saved: {e}") from None
             except RuntimeError as e:
                 detail = f"Label not saved: cannot read the label file ({e})."
-                raise HTTPException(status_code=415, detail=detail) from None
+                raise UnsupportedMedia(detail) from None
             with tempfile.TemporaryDirectory(prefix="medsam2-label-") as tmp:
                 path = os.path.join(tmp, f"{image_id}.nii.gz")
                 sitk.WriteImage(label, path, True)
@@ -477,14 +451,14 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
             info = {**info, "SeriesInstanceUID": str(seg.SeriesInstanceUID), "pacs_upload": sent}
         except (
             PacsUnavailable,
-            HTTPException,
+            AppError,
             requests.RequestException,
             SegError,
             RuntimeError,
             OSError,
             subprocess.SubprocessError,  # dcmqi ran past its timeout
         ) as e:
-            if isinstance(e, HTTPException):
+            if isinstance(e, AppError):
                 message = str(e.detail)
             elif isinstance(e, (PacsUnavailable, SegError)):
                 message = str(e)
@@ -520,6 +494,6 @@ def _download(series_uid: str, folder: str, client: DICOMwebClient, by_frame: bo
     try:
         dicom_web_download_series(None, series_uid, folder, client, by_frame)
     except IndexError:  # the series search found nothing
-        raise HTTPException(status_code=404, detail=f"The PACS has no series {series_uid}.") from None
+        raise NotFound(f"The PACS has no series {series_uid}.") from None
     for name in os.listdir(folder):  # a SEG or a series of files, each must parse
         pydicom.dcmread(os.path.join(folder, name), stop_before_pixels=True)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,22 +15,17 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
 
+from lib.atomic_files import remove_stale_temp_files, temp_pattern, write_json_atomic
 from lib.engine.checkpoints import ResolvedCheckpoint, load_model, save_checkpoint
 from lib.engine.model_provider import ModelProvider
 from lib.engine.preprocessing import IntensityWindow
+from lib.training.data import load_study
 from lib.training.distributed import DistributedContext, DistributedPlan, cpu_ranks_from_env, launch, plan_distributed
-from lib.training.finetune import EpochReport, TrainResult, TrainSettings, load_study, train
+from lib.training.loop import EpochReport, TrainResult, train
 from lib.training.options import check_train_body, parse_train_settings
+from lib.training.settings import TrainSettings
 
 logger = logging.getLogger(__name__)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-    os.replace(tmp, path)
 
 
 class MedSAM2Trainer(TrainTask):
@@ -128,7 +121,7 @@ class MedSAM2Trainer(TrainTask):
                 "settings": dataclasses.asdict(settings),
             },
         )
-        _write_json(self.stats_path, job.state)
+        write_json_atomic(self.stats_path, job.state)
         if plan is None:
             return _run(job, device, None)
         try:
@@ -137,7 +130,7 @@ class MedSAM2Trainer(TrainTask):
             _remove_partial_files(job.published, self.stats_path)
             state = {**job.state, **self.stats()}
             state.update(status="FAILED", error=f"{type(e).__name__}: {e}", total_time=_elapsed(state))
-            _write_json(self.stats_path, state)
+            write_json_atomic(self.stats_path, state)
             raise
         return self.stats()
 
@@ -163,10 +156,10 @@ def _elapsed(state: dict[str, Any]) -> float:
 
 
 def _remove_partial_files(*paths: Path) -> None:
-    """Temporary files that a process terminated in the middle of an atomic write left behind."""
+    """Temporary files that a process terminated in the middle of an atomic write left behind (those of a
+    writer still alive, e.g. another training run, are left alone)."""
     for path in paths:
-        for tmp in path.parent.glob(f".{path.name}.*.part"):
-            tmp.unlink(missing_ok=True)
+        remove_stale_temp_files(path.parent, temp_pattern(path))
 
 
 def _run(job: _Job, device: torch.device, distributed: DistributedContext | None) -> dict[str, Any]:
@@ -177,7 +170,7 @@ def _run(job: _Job, device: torch.device, distributed: DistributedContext | None
 
     def write_state() -> None:
         if lead:
-            _write_json(job.stats_path, state)
+            write_json_atomic(job.stats_path, state)
 
     def publish(m: torch.nn.Module, report: EpochReport) -> None:
         save_checkpoint(m, job.published, extra={"epoch": report.epoch, "val_dice": report.val_dice})

@@ -8,7 +8,7 @@ import math
 import re
 from typing import Any
 
-from lib.training.finetune import TrainSettings
+from lib.training.settings import TrainSettings
 
 # inclusive bounds of numeric options; a field added to TrainSettings later is only type- and finiteness-checked
 BOUNDS: dict[str, tuple[float, float]] = {

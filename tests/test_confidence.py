@@ -8,10 +8,11 @@ import torch
 
 from lib.engine.confidence import check_hint, neighbour_overlap, slice_confidence, slices_to_check
 from lib.engine.preprocessing import parse_window, to_uint8
-from lib.engine.prompts import KeySlicePrompt, LabelMap, PromptError, parse_stop_options
+from lib.engine.prompts import KeySlicePrompt, LabelMap, parse_stop_options
 from lib.engine.propagation import PropagationResult, StopRule, propagate_volume
 from lib.engine.segmenter import MedSAM2Segmenter, SegmenterSettings
 from lib.engine.volume_session import SessionCache, VolumeSession
+from lib.errors import PromptError
 from sam2_testing import FixedModelProvider, blob_volume, small_model
 
 

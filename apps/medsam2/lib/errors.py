@@ -1,0 +1,91 @@
+"""The app's one error type: :class:`AppError` carries the HTTP status, the ``detail`` an administrator or a
+viewer can act on, and headers (``Retry-After``). Engine, imaging, storage and training raise these domain
+errors and never a web framework's; one handler (``lib/server/error_handlers.py``) turns them into answers.
+Pure Python: no web framework imported here.
+"""
+
+from __future__ import annotations
+
+
+class AppError(Exception):
+    """A request the app cannot serve as sent. ``str(error)`` is the message, ``detail`` what the client sees."""
+
+    status: int = 500
+
+    def __init__(self, detail: str, status: int | None = None, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        if status is not None:
+            self.status = status
+        self.headers = dict(headers or {})
+
+
+class Refused(AppError):
+    """A request refused before anything runs (the request guard, access control): any 4xx status."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail, status, headers)
+
+
+class BadRequest(AppError):
+    status = 400
+
+
+class NotFound(AppError):
+    status = 404
+
+
+class Unprocessable(AppError):
+    """Well-formed, but not something this server can do (422)."""
+
+    status = 422
+
+
+class UnsupportedMedia(AppError):
+    status = 415
+
+
+class PromptError(AppError, ValueError):
+    """Prompts (boxes, clicks, slices, labels, options) that cannot be used as sent: 422 unless told otherwise."""
+
+    status = 422
+
+
+class ImageUnreadable(AppError, ValueError):
+    """An image file that cannot be read as an image (415 unless told otherwise, e.g. 413 for too large)."""
+
+    status = 415
+
+
+class ServiceUnavailable(AppError):
+    """The server cannot serve this now; worth retrying after ``retry_after_s`` seconds."""
+
+    status = 503
+
+    def __init__(self, detail: str, retry_after_s: int = 10):
+        super().__init__(detail, headers={"Retry-After": str(retry_after_s)})
+        self.retry_after_s = retry_after_s
+
+
+class ServerBusy(ServiceUnavailable):
+    """The admission gate did not let the request in (queue full, or waited too long)."""
+
+
+class PacsUnavailable(ServiceUnavailable):
+    """The PACS did not answer (down, unreachable, too slow) or answered with a server error."""
+
+
+class PacsUploadFailed(AppError):
+    """The label is kept on this server, but the PACS did not take its DICOM SEG."""
+
+    status = 502
+
+
+class ModelUnavailable(AppError):
+    """The model cannot be built or loaded (checkpoint missing, unreadable, or not matching its config)."""
+
+    status = 503
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.detail = f"The model could not be loaded: {message}"

@@ -1,0 +1,532 @@
+"""Every ``--conf`` setting of the app in one table (:data:`SETTINGS`): its parser, default, allowed values and
+meaning.
+
+:func:`parse_settings` reads MONAI Label's ``--conf`` dictionary once, at start, into :class:`AppSettings`; the
+app and its configs read typed values from that, never from ``conf``. A bad value, or a key the app does not
+know, raises :class:`SettingError`: one line naming the key, the value and what is allowed.
+``docs/configuration.md`` shows this table (written by ``scripts/reference_docs.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from lib.engine.checkpoints import DEFAULT_CHECKPOINT, CheckpointError, resolve_checkpoint
+from lib.engine.preprocessing import CT_WINDOWS, IntensityWindow, parse_window
+from lib.engine.propagation import StopRule
+from lib.server.admission import (
+    DEFAULT_MAX_CONCURRENT,
+    DEFAULT_MAX_CONCURRENT_CPU,
+    DEFAULT_MAX_QUEUED,
+    DEFAULT_QUEUE_TIMEOUT_S,
+)
+from lib.training.options import BOUNDS
+from lib.training.settings import TRAIN_PARTS, TrainSettings
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+# keys MONAI Label itself reads from --conf (MONAILabelApp: server_mode); accepted and left to it
+MONAI_LABEL_KEYS = frozenset({"server_mode"})
+# choices of the training options that are text (TrainSettings checks them too; a test keeps the two equal)
+TRAIN_CHOICES: dict[str, tuple[str, ...]] = {"train_parts": tuple(TRAIN_PARTS), "loss": ("sam2", "dice_ce")}
+TRAIN_MEANINGS: dict[str, str] = {
+    "epochs": "training epochs; each ends with a validation",
+    "steps_per_epoch": "training clips per epoch (0: 4 per training study)",
+    "clip_length": "consecutive slices per training clip (forwards or backwards)",
+    "max_objects": "labelled objects prompted per clip, at most",
+    "lr": "AdamW learning rate (cosine schedule)",
+    "lr_image_encoder": "learning rate of the image encoder, when it trains",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "gradient norm clip",
+    "train_parts": "what trains: `no_image_encoder` (the image encoder stays frozen), `all`, or `no_encoders`",
+    "loss": "`sam2`: focal ×20 + Dice + IoU L1 + object-score BCE; `dice_ce`: Dice + cross-entropy",
+    "val_fraction": "share of the labelled studies held out for validation (the last ones by name)",
+    "nsd_tolerance_mm": "tolerance of the validation NSD, in mm",
+    "p_box": "probability that a clip is prompted with a jittered box (else 1–3 clicks)",
+    "p_mask": "probability of a SAM2 mask prompt (off: it kept the mask decoder from learning in our runs)",
+    "p_correction": "probability of a correction click on the prompt slice",
+    "p_cross_end": "probability that a clip starts near where an object ends and runs past it",
+    "seed": "random seed of the clip sampling (each DDP process adds its rank)",
+}
+
+
+class SettingError(ValueError):
+    """A ``--conf`` value (or key) the app cannot use; the message is one line."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(message.split()))
+
+
+class NotAllowed(ValueError):
+    """Raised by a parser when the value is not allowed; the message is built from the parser's ``allowed``."""
+
+
+class Parser(Protocol):
+    """Turns a ``--conf`` text into a value; raises :class:`NotAllowed`, or ValueError with a full message."""
+
+    @property
+    def allowed(self) -> str: ...
+
+    def __call__(self, text: str) -> Any: ...
+
+
+def _number_text(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
+
+
+@dataclass(frozen=True)
+class Number:
+    """A finite number (``int``: a whole number, e.g. ``5``, ``5.0`` or ``1e3``) within bounds."""
+
+    kind: type = float
+    low: float = -math.inf
+    high: float = math.inf
+    low_excluded: bool = False
+    unit: str = ""  # how the value is named in messages, e.g. "seconds"; default: "a (whole) number"
+    note: str = ""  # e.g. "0: off"
+
+    @property
+    def allowed(self) -> str:
+        what = self.unit or ("a whole number" if self.kind is int else "a number")
+        low, high = _number_text(self.low), _number_text(self.high)
+        if math.isfinite(self.low) and math.isfinite(self.high):
+            what += f", more than {low} and at most {high}" if self.low_excluded else f" from {low} to {high}"
+        elif math.isfinite(self.low):
+            what += f", more than {low}" if self.low_excluded else f", at least {low}"
+        return f"{what} ({self.note})" if self.note else what
+
+    def __call__(self, text: str) -> int | float:
+        try:
+            number = float(text)
+        except ValueError:
+            raise NotAllowed() from None
+        if not math.isfinite(number) or number < self.low or number > self.high:
+            raise NotAllowed()
+        if self.low_excluded and number == self.low:
+            raise NotAllowed()
+        if self.kind is not int:
+            return number
+        if not number.is_integer():
+            raise NotAllowed()
+        return int(text) if re.fullmatch(r"\s*[+-]?\d+\s*", text) else int(number)  # exact for long digit strings
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of a few words."""
+
+    choices: tuple[str, ...]
+
+    @property
+    def allowed(self) -> str:
+        return "one of " + ", ".join(self.choices)
+
+    def __call__(self, text: str) -> str:
+        if text.strip() not in self.choices:
+            raise NotAllowed()
+        return text.strip()
+
+
+@dataclass(frozen=True)
+class Custom:
+    """Any other parser: a function and the words that say what it allows."""
+
+    function: Callable[[str], Any]
+    allowed: str
+
+    def __call__(self, text: str) -> Any:
+        return self.function(text)
+
+
+@dataclass(frozen=True)
+class ByDevice:
+    """A default that depends on where the models run."""
+
+    gpu: str
+    cpu: str
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One ``--conf`` key: how its text is read, its default (text, read the same way), and what it does."""
+
+    key: str
+    section: str
+    parser: Parser
+    default: str | ByDevice
+    meaning: str
+    shown_default: str = ""  # for the docs, where the default text is not what it means (e.g. "")
+
+    def default_text(self, device_type: str) -> str:
+        if isinstance(self.default, ByDevice):
+            return self.default.gpu if device_type == "cuda" else self.default.cpu
+        return self.default
+
+    def read(self, text: str) -> Any:
+        """The value of ``text``; SettingError if it is not allowed."""
+        try:
+            return self.parser(text)
+        except NotAllowed:
+            raise SettingError(f"--conf {self.key} must be {self.parser.allowed}, got {_shown(text)}") from None
+        except ValueError as e:  # the parser's own message names the value and what is allowed
+            raise SettingError(f"--conf {self.key}: {e}") from None
+
+
+def _shown(text: str) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= 120 else shown[:117] + "..."
+
+
+# ------------------------------------------------------------------------------------------ parsers
+
+
+def available_models() -> tuple[str, ...]:
+    """The model configs the app can serve: the modules of ``lib/configs`` (what ``main.py`` discovers)."""
+    return tuple(sorted(p.stem.lower() for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("__")))
+
+
+def _models(text: str) -> tuple[str, ...]:
+    available = available_models()
+    wanted = [m.strip() for m in text.split(",") if m.strip()]
+    if not wanted or any(m != "all" and m not in available for m in wanted):
+        raise NotAllowed()
+    return available if "all" in wanted else tuple(m for m in available if m in wanted)
+
+
+def _checkpoint(text: str) -> str:
+    spec = text.strip() or DEFAULT_CHECKPOINT
+    try:
+        resolve_checkpoint(spec)  # a known name, random, a URL or an existing file; nothing is downloaded here
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None
+    return spec
+
+
+def _model_config(text: str) -> Path | None:
+    if not text.strip():
+        return None
+    path = Path(text.strip()).expanduser()
+    if not path.is_file():
+        raise NotAllowed()
+    return path
+
+
+def _finetuned_checkpoint(text: str) -> Path | None:
+    if not text.strip():
+        return None
+    path = Path(os.path.abspath(os.path.expanduser(text.strip())))
+    if path.is_dir():
+        raise NotAllowed()
+    return path
+
+
+def _window(text: str) -> IntensityWindow:
+    return parse_window(text)  # its ValueError names the value and the windows
+
+
+def _labels(text: str) -> dict[str, int]:
+    try:
+        labels = json.loads(text)
+    except ValueError:
+        raise NotAllowed() from None
+    if not isinstance(labels, dict) or not labels:
+        raise NotAllowed()
+    values = list(labels.values())
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 255 for v in values):
+        raise NotAllowed()
+    if len(set(values)) != len(values) or not all(name.strip() for name in labels):
+        raise NotAllowed()
+    return labels
+
+
+def _device(text: str) -> str:
+    device = text.strip().lower() or "auto"
+    if not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", device):
+        raise NotAllowed()
+    return device
+
+
+def _stop_rule(text: str) -> StopRule | None:
+    try:
+        return StopRule.from_text(text)
+    except ValueError:
+        raise NotAllowed() from None
+
+
+def _boolean(text: str) -> bool:
+    word = text.strip().lower()
+    if word not in ("true", "false"):
+        raise NotAllowed()
+    return word == "true"
+
+
+def _default_text(value: Any) -> str:
+    """A TrainSettings default as ``--conf`` text."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return value if isinstance(value, str) else _number_text(value).replace(",", "")
+
+
+@dataclass(frozen=True)
+class TrainOption:
+    """A training option: its value read by ``inner`` (from the field's type and BOUNDS), then checked by
+    TrainSettings itself (a ValueError with its own message)."""
+
+    name: str
+    inner: Parser
+
+    @property
+    def allowed(self) -> str:
+        return self.inner.allowed
+
+    def __call__(self, text: str) -> Any:
+        value = self.inner(text)
+        TrainSettings(**{self.name: value})
+        return value
+
+
+def _train_option(field: dataclasses.Field) -> TrainOption:
+    kind = type(field.default)
+    if kind is str:
+        inner: Parser = Choice(TRAIN_CHOICES[field.name]) if field.name in TRAIN_CHOICES else Custom(str, "text")
+    elif kind is bool:
+        inner = Custom(_boolean, "true or false")
+    else:
+        inner = Number(kind, *BOUNDS.get(field.name, (-math.inf, math.inf)))
+    return TrainOption(field.name, inner)
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+SECONDS_TO_HOUR = Number(float, 0, 3600, low_excluded=True, unit="seconds")
+MODEL, MEMORY, PACS, TRAINING = "Model and images", "Memory and load", "PACS (DICOMweb)", "Training defaults"
+DEFAULT_LABELS = '{"lesion":1,"organ":2,"vessel":3,"other":4}'
+_WINDOWS = ", ".join(CT_WINDOWS)
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "checkpoint",
+        MODEL,
+        Custom(_checkpoint, "a checkpoint name (see Checkpoints), random, an https:// URL or an existing file"),
+        DEFAULT_CHECKPOINT,
+        "the weights; a named or URL checkpoint is downloaded once into `apps/medsam2/model/`",
+    ),
+    Setting(
+        "model_config",
+        MODEL,
+        Custom(_model_config, "an existing SAM2 model config YAML file"),
+        "",
+        "the model config; default: the checkpoint's own (MedSAM2's for a file, a URL or `random`)",
+        shown_default="the checkpoint's",
+    ),
+    Setting(
+        "finetuned_checkpoint",
+        MODEL,
+        Custom(_finetuned_checkpoint, "a file path (not a folder)"),
+        "",
+        "where training publishes its best weights; the inferers serve this file when it exists",
+        shown_default="`apps/medsam2/model/medsam2_finetuned.pt`",
+    ),
+    Setting(
+        "models",
+        MODEL,
+        Custom(_models, "all or a comma-separated list of " + ", ".join(available_models())),
+        "all",
+        "the model configs (`lib/configs/<name>.py`) the server serves",
+    ),
+    Setting(
+        "window",
+        MODEL,
+        Custom(_window, f"{_WINDOWS}, mr, auto, or level,width such as 40,400"),
+        "auto",
+        f"intensity window: a CT preset ({_WINDOWS}), an explicit `level,width`, `mr` (0.5–99.5 percentile of "
+        "non-zero voxels), or `auto` (abdomen window if the image holds HU values ≤ −500, else percentiles)",
+    ),
+    Setting(
+        "labels",
+        MODEL,
+        Custom(_labels, 'a JSON object without spaces like {"lesion":1,"organ":2} (distinct values 1 to 255)'),
+        DEFAULT_LABELS,
+        "label names and values (written without spaces: the `monailabel` launcher splits arguments at spaces)",
+    ),
+    Setting(
+        "device",
+        MODEL,
+        Custom(_device, "auto, cpu, cuda or cuda:<index>"),
+        "auto",
+        "where the models run; `auto`: CUDA when available, else the CPU",
+    ),
+    Setting(
+        "precision",
+        MODEL,
+        Choice(("auto", "fp32", "bf16")),
+        "auto",
+        "`auto`: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), fp32 elsewhere",
+    ),
+    Setting(
+        "stop_rule",
+        MODEL,
+        Custom(_stop_rule, "off, on, or <min object score>,<patience ≥ 1> such as 0,3"),
+        "off",
+        "stop a propagation where the object ends (`on`: object score < 0 for 3 slices); see the README",
+    ),
+    Setting(
+        "slices_to_check",
+        MODEL,
+        Number(int, 0),
+        "5",
+        "slices named per label in a 3D answer's `check_slices`",
+    ),
+    Setting(
+        "max_sessions",
+        MEMORY,
+        Number(int, 1),
+        "4",
+        "images whose encoded slices the session cache keeps (least recently used dropped first)",
+    ),
+    Setting(
+        "max_session_gb",
+        MEMORY,
+        Number(float, 0, low_excluded=True, unit="a number of GiB"),
+        "6",
+        "memory cap of the session cache",
+    ),
+    Setting(
+        "max_voxels",
+        MEMORY,
+        Number(int, 1),
+        str(512 * 512 * 1200),
+        "larger images (512×512×1200 by default) are refused up front (HTTP 413)",
+    ),
+    Setting(
+        "encode_batch",
+        MEMORY,
+        Number(int, 1),
+        ByDevice(gpu="16", cpu="4"),
+        "slices per image-encoder batch",
+    ),
+    Setting(
+        "max_concurrent_infers",
+        MEMORY,
+        Number(int, 1),
+        ByDevice(gpu=str(DEFAULT_MAX_CONCURRENT), cpu=str(DEFAULT_MAX_CONCURRENT_CPU)),
+        "inference requests (`/infer`, and active-learning strategies that run the model) that run at once; on "
+        "a GPU one at a time, because the 3D engine captures CUDA graphs that other threads' CUDA work breaks",
+    ),
+    Setting(
+        "max_queued_infers",
+        MEMORY,
+        Number(int, 0, note="0: no queue"),
+        str(DEFAULT_MAX_QUEUED),
+        "requests that may wait for a slot, first come first served; one more is refused at once with 503 "
+        "and a `Retry-After` header (seconds, estimated from the recent pace)",
+    ),
+    Setting(
+        "queue_timeout_s",
+        MEMORY,
+        Number(float, 0, low_excluded=True, unit="seconds"),
+        f"{DEFAULT_QUEUE_TIMEOUT_S:g}",
+        "a request that waited this long in the queue gets 503 and `Retry-After` instead of waiting on",
+    ),
+    Setting(
+        "dicomweb_timeout_s",
+        PACS,
+        SECONDS_TO_HOUR,
+        "30",
+        "with `--studies http(s)://…/dicom-web`: connect/read timeout of every PACS request (series search, "
+        "download, SEG upload, OHIF's proxied requests); one try, then 503 naming the PACS",
+    ),
+    Setting(
+        "pacs_resend_every_s",
+        PACS,
+        SECONDS_TO_HOUR,
+        "30",
+        "how often the server refreshes its view of the PACS and re-sends final labels whose SEG upload failed",
+    ),
+    Setting(
+        "auto_train_after",
+        TRAINING,
+        Number(int, 0, note="0: off"),
+        "0",
+        "the N-th final label saved since the last training start starts `medsam2` training by itself",
+    ),
+    *(
+        Setting(
+            f.name,
+            TRAINING,
+            _train_option(f),
+            _default_text(f.default),
+            TRAIN_MEANINGS.get(f.name, "a training option"),
+        )
+        for f in dataclasses.fields(TrainSettings)
+    ),
+)
+SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainSettings))
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """Every ``--conf`` setting, parsed (see :data:`SETTINGS` for what each means)."""
+
+    checkpoint: str
+    model_config: Path | None  # None: the checkpoint's own
+    finetuned_checkpoint: Path | None  # None: medsam2_finetuned.pt in the app's model folder
+    models: tuple[str, ...]
+    window: IntensityWindow
+    labels: dict[str, int]
+    device: str  # "cpu", "cuda" or "cuda:<index>" (auto resolved)
+    precision: str
+    stop_rule: StopRule | None
+    slices_to_check: int
+    max_sessions: int
+    max_session_gb: float
+    max_voxels: int
+    encode_batch: int
+    max_concurrent_infers: int
+    max_queued_infers: int
+    queue_timeout_s: float
+    dicomweb_timeout_s: float
+    pacs_resend_every_s: float
+    auto_train_after: int
+    train: TrainSettings  # the training defaults (a request can override each)
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+
+def _unknown_key_message(key: str) -> str:
+    known = [s.key for s in SETTINGS]
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"Unknown --conf key {key!r}{hint}; the settings are: {', '.join(known)} (see docs/configuration.md)"
+
+
+def parse_settings(conf: dict[str, Any], cuda_available: bool | None = None) -> AppSettings:
+    """Read and check every setting of MONAI Label's ``--conf`` dictionary; SettingError names the first bad one.
+
+    ``cuda_available`` (default: ask torch) resolves ``device auto`` and so the defaults that depend on it."""
+    unknown = sorted(k for k in conf if k not in SETTINGS_BY_KEY and k not in MONAI_LABEL_KEYS)
+    if unknown:
+        raise SettingError(_unknown_key_message(unknown[0]))
+    device = SETTINGS_BY_KEY["device"].read(str(conf.get("device", "auto")))
+    if device == "auto":
+        if cuda_available is None:
+            import torch
+
+            cuda_available = torch.cuda.is_available()
+        device = "cuda" if cuda_available else "cpu"
+    device_type = device.split(":")[0]
+    values = {s.key: s.read(str(conf[s.key]) if s.key in conf else s.default_text(device_type)) for s in SETTINGS}
+    values["device"] = device
+    train = TrainSettings(**{k: values.pop(k) for k in TRAIN_KEYS})
+    return AppSettings(**values, train=train)
