@@ -282,7 +282,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
 @dataclass
 class _Tracks:
     """What the passes returned, per label and slice, within ``lo..hi``; and where the stop rule ended them."""
@@ -498,6 +497,7 @@ def _run_group(
         tracks.apply_stop_rule(group)
 
 
+@torch.inference_mode()
 def propagate_volume(
     session: VolumeSession,
     prompts: Sequence[KeySlicePrompt],
