@@ -87,12 +87,14 @@ def test_path_like_image_ids_never_read_outside_the_datastore(fuzz_server, studi
         r = infer(fuzz_server, model, dict(params, image=image), "image_ids")
     elif where == "session_id":
         r = post(
+            fuzz_server,
             f"/infer/{model}?session_id={quote(image, safe='')}&output=json",
             "image_ids",
             data={"params": json.dumps(params)},
         )
     else:  # as typed: %2e%2e and friends decoded by the server only
         r = post(
+            fuzz_server,
             f"/infer/{model}?image={image.replace('&', '%26').replace('#', '%23')}&output=json",
             "image_ids",
             data={"params": json.dumps(params)},
@@ -111,6 +113,7 @@ def test_each_known_path_is_refused_in_every_place(fuzz_server, studies, canary)
                 infer(fuzz_server, model, params, "image_ids", image=image),
                 infer(fuzz_server, model, dict(params, image=image), "image_ids"),
                 post(
+                    fuzz_server,
                     f"/infer/{model}?session_id={quote(image, safe='')}",
                     "image_ids",
                     data={"params": json.dumps(params)},

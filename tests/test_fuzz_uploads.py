@@ -154,6 +154,7 @@ def test_broken_uploads_are_refused(fuzz_server, upload, model):
     name, data = upload
     params = {"label": "lesion", "roi": [2, 20, 2, 20, 1, 1], "slice": 1}
     r = post(
+        fuzz_server,
         f"/infer/{model}?output=json",
         "uploads",
         data={"params": json.dumps(params)},
@@ -172,6 +173,7 @@ def test_uploads_of_real_images_still_work(fuzz_server):
     params = {"label": "lesion", "roi": [2, 20, 2, 20, 1, 1], "slice": 1}
     for name in ("scan.nii.gz", "../../odd name.v2.nii.gz"):
         r = post(
+            fuzz_server,
             "/infer/medsam2_2d?output=json",
             "uploads",
             timeout=SERVED_TIMEOUT_S,
@@ -214,6 +216,7 @@ def test_odd_but_readable_images_never_crash_the_server(fuzz_server, what):
     for model in models:
         params = {"label": "lesion", "foreground": [[0, 0, 0]], "slice": 0}
         r = post(
+            fuzz_server,
             f"/infer/{model}?output=json",
             "odd_images",
             timeout=SERVED_TIMEOUT_S,

@@ -376,7 +376,7 @@ SETTINGS: tuple[Setting, ...] = (
         MODEL,
         Custom(_stop_rule, "off, on, or <min object score>,<patience ≥ 1> such as 0,3"),
         "off",
-        "stop a propagation where the object ends (`on`: object score < 0 for 3 slices); see the README",
+        "stop a propagation where the object ends (`on`: object score < 0 for 3 slices); see docs/engine.md#stop-rule",
     ),
     Setting(
         "slices_to_check",
