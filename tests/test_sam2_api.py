@@ -35,6 +35,23 @@ def private_uses(path: Path, private: set[str]) -> list[str]:
     return uses
 
 
+def private_sam2_imports(path: Path) -> list[str]:
+    """Imports of SAM2's private modules or names (such as its CUDA extension ``sam2._C``) in ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules = [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for module in modules:
+            parts = module.split(".")
+            if parts[0] == "sam2" and any(part.startswith("_") and not part.startswith("__") for part in parts):
+                found.append(f"{path.relative_to(APP_DIR)}:{node.lineno} {module}")
+    return found
+
+
 def test_the_private_names_are_known() -> None:
     assert {"_track_step", "_encode_new_memory", "_forward_sam_heads", "_prepare_backbone_features"} <= (
         sam2_private_names()
@@ -48,3 +65,11 @@ def test_only_the_door_calls_sam2_private_methods() -> None:
     ]
     assert found == [], "call these through lib/engine/sam2_api.py: " + ", ".join(found)
     assert private_uses(DOOR, private), "the door itself uses SAM2's private methods"
+
+
+def test_only_the_door_imports_sam2_private_modules() -> None:
+    found = [
+        use for path in sorted((APP_DIR / "lib").rglob("*.py")) if path != DOOR for use in private_sam2_imports(path)
+    ]
+    assert found == [], "use these through lib/engine/sam2_api.py: " + ", ".join(found)
+    assert private_sam2_imports(DOOR) == ["lib/engine/sam2_api.py:18 sam2._C"]

@@ -30,14 +30,6 @@ from lib.engine.prompts import KeySlicePrompt
 from lib.engine.static_tracking import StaticTracker, borrowed_tracker, static_tracking_supported
 from lib.engine.volume_session import VolumeSession
 
-try:  # SAM2's optional CUDA extension, used for its small-hole filling post-processing
-    from sam2 import _C  # noqa: F401
-    from sam2.utils.misc import fill_holes_in_mask_scores
-
-    _HAS_SAM2_EXT = True
-except ImportError:  # the stock predictor then skips the step too
-    _HAS_SAM2_EXT = False
-
 
 def _empty_output_dict() -> dict:
     return {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
@@ -63,9 +55,7 @@ def point_inputs_for(prompt: KeySlicePrompt, rows: int, cols: int, image_size: i
 
 def _compact(model, out: dict) -> dict:
     """The parts of a step's output that later steps need, as the stock predictor keeps them."""
-    pred = out["pred_masks"]
-    if _HAS_SAM2_EXT and getattr(model, "fill_hole_area", 0) > 0:
-        pred = fill_holes_in_mask_scores(pred, model.fill_hole_area)
+    pred = sam2_api.fill_small_holes(model, out["pred_masks"])
     mem = out.get("maskmem_features")
     return {
         "maskmem_features": mem.to(torch.bfloat16) if mem is not None else None,

@@ -1,5 +1,6 @@
 """The one door to SAM2's private methods: every call the app makes to a ``SAM2Base`` method whose name starts
-with an underscore goes through a function here (``tests/test_sam2_api.py`` enforces it).
+with an underscore, and the use of SAM2's private CUDA extension ``sam2._C``, goes through a function here
+(``tests/test_sam2_api.py`` enforces it).
 
 SAM2's public predictors re-encode images, keep one state per video and hide the predicted IoU; the engine's
 batched propagation, its static tracking step and the trainer drive SAM2's building blocks directly instead.
@@ -12,6 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+try:  # SAM2's optional CUDA extension, which its small-hole filling needs
+    from sam2 import _C  # noqa: F401
+    from sam2.utils.misc import fill_holes_in_mask_scores
+
+    _HAS_SAM2_EXTENSION = True
+except ImportError:
+    _HAS_SAM2_EXTENSION = False
 
 
 def prepare_backbone_features(model: Any, backbone_out: dict) -> tuple:
@@ -42,10 +51,19 @@ def forward_sam_heads(model: Any, **kwargs: Any) -> tuple:
     return model._forward_sam_heads(**kwargs)
 
 
-def single_mask_output(model: Any) -> bool:
+def multimask_on_tracked_frames(model: Any) -> bool:
     """Whether SAM2 decodes several candidate masks on a tracked (non-prompted) frame:
     ``SAM2Base._use_multimask(False, None)``."""
     return model._use_multimask(False, None)
+
+
+def fill_small_holes(model: Any, mask_logits: torch.Tensor) -> torch.Tensor:
+    """SAM2's post-processing of a tracked mask: holes up to ``model.fill_hole_area`` pixels filled, as the stock
+    predictor does; unchanged without SAM2's optional CUDA extension (``sam2._C``, which the stock predictor then
+    skips too) or with ``fill_hole_area`` 0."""
+    if _HAS_SAM2_EXTENSION and getattr(model, "fill_hole_area", 0) > 0:
+        return fill_holes_in_mask_scores(mask_logits, model.fill_hole_area)
+    return mask_logits
 
 
 def track_step_with_iou(model: Any, run_mem_encoder: bool, **step_inputs: Any) -> dict:

@@ -128,7 +128,7 @@ class StaticTracker:
             point_inputs=None,
             mask_inputs=None,
             high_res_features=high_res,
-            multimask_output=sam2_api.single_mask_output(model),
+            multimask_output=sam2_api.multimask_on_tracked_frames(model),
         )
         _, _, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits = outs
         new_mem, _ = sam2_api.encode_new_memory(
