@@ -81,7 +81,7 @@ def test_label_by_name_value_case_and_default():
         ({"label": "liver", "foreground": [[1, 1, 1]]}, 3, "Unknown label"),
         ({"foreground": [[1, 1, 1]], "axis": "oblique"}, 3, "axis"),
         ({"foreground": [[1, 1, 1], [2, 2, 3]]}, 2, "slice"),
-        ({"prompts": [{"slice": 1}]}, 2, "neither a box nor clicks"),
+        ({"prompts": [{"slice": 1}]}, 2, "no box, clicks, scribbles or lasso"),
         ({"prompts": [{"box": [1, 1, 5, 5]}]}, 2, "no 'slice'"),
         ({"prompts": [{"slice": 1, "box": [1, 1, 5, 5]}, {"slice": 2, "box": [1, 1, 5, 5]}]}, 2, "one slice"),
         ({"prompts": "box"}, 3, "list"),

@@ -12,7 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from lib.engine.mask_prompts import Strokes, parse_strokes
 from lib.errors import PromptError
+
+STROKE_KINDS = ("foreground_scribbles", "background_scribbles", "foreground_lasso", "background_lasso")
 
 # axis name -> index of the IJK axis the propagation runs along
 AXES: dict[str, int] = {"axial": 2, "k": 2, "coronal": 1, "j": 1, "sagittal": 0, "i": 0}
@@ -29,9 +34,18 @@ class KeySlicePrompt:
     box: tuple[float, float, float, float] | None = None  # x0, y0, x1, y1 (x = column)
     points: tuple[tuple[float, float], ...] = ()
     point_labels: tuple[int, ...] = ()  # 1 foreground, 0 background
+    strokes: Strokes = field(default_factory=Strokes, compare=False)  # scribbles and lassos, as drawn
+    # set by :func:`lib.engine.mask_prompts.resolve_drawn`: a mask prompt, or (``mask_is_prior``) the mask the
+    # clicks refine; lasso edits (+1 add, -1 remove) applied pixel-exact to the slice's mask
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+    mask_is_prior: bool = False
+    edits: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    def has_clicks_or_box(self) -> bool:
+        return self.box is not None or bool(self.points)
 
     def as_json(self, axis: int) -> dict[str, Any]:
-        return {
+        out = {
             "label": self.label,
             "label_value": self.label_value,
             "axis": AXIS_NAMES[axis],
@@ -40,6 +54,13 @@ class KeySlicePrompt:
             "foreground": [list(p) for p, lab in zip(self.points, self.point_labels, strict=False) if lab == 1],
             "background": [list(p) for p, lab in zip(self.points, self.point_labels, strict=False) if lab == 0],
         }
+        for kind in STROKE_KINDS:
+            drawn = getattr(self.strokes, kind)
+            if drawn:
+                out[kind] = [s.tolist() for s in drawn]
+        if self.mask is not None:
+            out["mask"] = {"pixels": int(self.mask.sum()), "role": "prior" if self.mask_is_prior else "prompt"}
+        return out
 
 
 @dataclass
@@ -235,6 +256,10 @@ def parse_request(
     axis = parse_axis(request.get("axis")) if dimension == 3 else 2
     if request.get("prompts") not in (None, "", []):
         parsed = _parse_native(request["prompts"], volume_shape_kji, labels, axis)
+        if dimension == 3:
+            parsed.slice_range = parse_slice_range(
+                request.get("slice_range"), slice_shape(volume_shape_kji, axis)[0], axis
+            )
     else:
         parsed = _parse_viewer(request, volume_shape_kji, labels, axis, dimension)
     if dimension == 2:
@@ -269,11 +294,44 @@ def _parse_native(raw: Any, shape: Sequence[int], labels: LabelMap, axis: int) -
         bg = _point_list(item.get("background"), 2, f"prompts[{n}].background")
         for x, y in fg + bg:
             _check_point(x, y, rows, cols, f"prompts[{n}] point")
-        if box is None and not fg and not bg:
-            raise PromptError(f"prompts[{n}] has neither a box nor clicks.")
+        strokes = Strokes(
+            **{
+                kind: parse_strokes(item.get(kind), rows, cols, f"prompts[{n}].{kind}", "lasso" in kind)
+                for kind in STROKE_KINDS
+            }
+        )
+        if box is None and not fg and not bg and strokes.is_empty():
+            raise PromptError(f"prompts[{n}] has no box, clicks, scribbles or lasso.")
         points = tuple((x, y) for x, y in fg + bg)
-        prompts.append(KeySlicePrompt(name, value, index, box, points, tuple([1] * len(fg) + [0] * len(bg))))
+        labels_ = tuple([1] * len(fg) + [0] * len(bg))
+        prompts.append(KeySlicePrompt(name, value, index, box, points, labels_, strokes))
     return ParsedRequest(prompts, axis, None, notes)
+
+
+def parse_slice_range(value: Any, n_slices: int, axis: int) -> tuple[int, int] | None:
+    """The native ``slice_range`` [first, last] (inclusive slice indices along the axis); None when not given."""
+    if value is None or value == "" or value == []:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise PromptError(f"'slice_range' must be [first, last] slice indices, got {value!r}.")
+    lo, hi = sorted(_int_index(v, "slice_range") for v in value)
+    _check_slice(lo, n_slices, axis, "slice_range starts at slice")
+    _check_slice(hi, n_slices, axis, "slice_range ends at slice")
+    return lo, hi
+
+
+def roi_slice_range(value: Any, volume_shape_kji: Sequence[int], axis: int) -> tuple[int, int] | None:
+    """The slices along ``axis`` that an IJK ``roi`` [i0, i1, j0, j1, k0, k1] spans, clipped to the image."""
+    roi = _parse_roi(value)
+    if roi is None:
+        return None
+    n_slices = slice_shape(volume_shape_kji, axis)[0]
+    (i0, i1), (j0, j1), (k0, k1) = roi
+    lo, hi = ijk_to_slice((i0, j0, k0), axis)[0], ijk_to_slice((i1, j1, k1), axis)[0]
+    first, last = int(min(lo, hi)), int(max(lo, hi))
+    if last < 0 or first > n_slices - 1:
+        raise PromptError(f"The ROI spans slices {first}..{last}, outside the image (slices 0..{n_slices - 1}).")
+    return max(first, 0), min(last, n_slices - 1)
 
 
 def _parse_roi(value: Any) -> list[tuple[int, int]] | None:

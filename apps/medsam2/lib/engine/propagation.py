@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lib.engine import sam2_api
+from lib.engine.mask_prompts import apply_edits
 from lib.engine.precision import autocast_for
 from lib.engine.prompts import KeySlicePrompt
 from lib.engine.static_tracking import StaticTracker, borrowed_tracker, static_tracking_supported
@@ -35,8 +36,9 @@ def _empty_output_dict() -> dict:
     return {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
 
 
-def point_inputs_for(prompt: KeySlicePrompt, rows: int, cols: int, image_size: int, device) -> dict:
-    """SAM2 point inputs: box corners (labels 2, 3) first, then clicks, scaled to the model's input size."""
+def point_inputs_for(prompt: KeySlicePrompt, rows: int, cols: int, image_size: int, device) -> dict | None:
+    """SAM2 point inputs: box corners (labels 2, 3) first, then clicks, scaled to the model's input size (None
+    without either: SAM2 then decodes from its mask input alone)."""
     coords: list[tuple[float, float]] = []
     labels: list[int] = []
     if prompt.box is not None:
@@ -45,12 +47,28 @@ def point_inputs_for(prompt: KeySlicePrompt, rows: int, cols: int, image_size: i
         labels += [2, 3]
     coords += list(prompt.points)
     labels += list(prompt.point_labels)
+    if not coords:
+        return None
     pts = torch.tensor(coords, dtype=torch.float32).view(1, -1, 2)
     pts = pts / torch.tensor([cols, rows], dtype=torch.float32) * image_size
     return {
         "point_coords": pts.to(device),
         "point_labels": torch.tensor(labels, dtype=torch.int32).view(1, -1).to(device),
     }
+
+
+def mask_inputs_for(mask: np.ndarray, image_size: int, device) -> torch.Tensor:
+    """A (rows, cols) bool mask as SAM2's mask prompt, resized to the model's input as ``add_new_mask`` does."""
+    orig = torch.from_numpy(np.ascontiguousarray(mask)).to(device=device, dtype=torch.float32)[None, None]
+    if orig.shape[-2:] == (image_size, image_size):
+        return orig
+    resized = F.interpolate(orig, size=(image_size, image_size), align_corners=False, mode="bilinear", antialias=True)
+    return (resized >= 0.5).float()
+
+
+def mask_logits_for(mask: np.ndarray, device) -> torch.Tensor:
+    """A (rows, cols) bool mask as the previous-mask logits SAM2's decoder refines (+10 inside, -10 outside)."""
+    return torch.from_numpy(np.where(mask, 10.0, -10.0).astype(np.float32)).to(device)[None, None]
 
 
 def _compact(model, out: dict) -> dict:
@@ -99,48 +117,71 @@ def segment_key_slice(
     encode_memory: bool = False,
     prev_mask_logits: torch.Tensor | None = None,
 ) -> dict:
-    """SAM2 on one slice from a box/clicks: the conditioning-frame output (low-res logits in ``pred_masks``).
+    """SAM2 on one slice from its prompt: the conditioning-frame output (low-res logits in ``pred_masks``).
 
-    With ``encode_memory`` the output also carries the memory features that propagation starts from,
-    computed as the stock predictor does when propagation begins (from the upsampled low-res mask).
+    A box, clicks or a prior mask are decoded by SAM2 (the prior, or ``prev_mask_logits``, as the previous mask
+    they refine); a mask prompt alone, or the decoded mask with the prompt's lasso edits applied, is taken as the
+    slice's mask as SAM2's ``add_new_mask`` does. With ``encode_memory`` the output also carries the memory
+    features that propagation starts from, computed as the stock predictor does when propagation begins.
     """
-    model = session.model
     _, rows, cols = session.frames.shape
     with autocast_for(session.device, session.compute_dtype):
         feats = session.features([prompt.slice_index])
-        out = sam2_api.track_step_with_iou(
-            model,
-            frame_idx=prompt.slice_index,
-            is_init_cond_frame=True,
-            current_vision_feats=feats.vision_feats,
-            current_vision_pos_embeds=feats.vision_pos_embeds,
-            feat_sizes=feats.feat_sizes,
-            point_inputs=point_inputs_for(prompt, rows, cols, session.image_size, session.device),
-            mask_inputs=None,
-            num_frames=session.num_slices,
-            track_in_reverse=False,
-            run_mem_encoder=False,
-            prev_sam_mask_logits=prev_mask_logits,
-            output_dict=_empty_output_dict(),
+        mask = prompt.mask
+        if prompt.has_clicks_or_box() or prompt.mask_is_prior:
+            prior = mask_logits_for(mask, session.device) if mask is not None else prev_mask_logits
+            points = point_inputs_for(prompt, rows, cols, session.image_size, session.device)
+            compact = _key_slice_step(session, prompt, feats, points=points, prior=prior)
+            if prompt.edits is None:
+                return _with_memory(session, feats, compact) if encode_memory else compact
+            mask = (upsample_logits(compact["pred_masks"], rows, cols)[0] > 0).cpu().numpy()
+        if mask is None:
+            mask = np.zeros((rows, cols), dtype=bool)
+        mask = apply_edits(mask, prompt.edits)
+        compact = _key_slice_step(
+            session, prompt, feats, masks=mask_inputs_for(mask, session.image_size, session.device)
         )
-        compact = _compact(model, out)
-        if encode_memory:
-            high_res = F.interpolate(
-                compact["pred_masks"].float(),
-                size=(session.image_size, session.image_size),
-                mode="bilinear",
-                align_corners=False,
-            )
-            mem, mem_pos = sam2_api.encode_new_memory(
-                model,
-                current_vision_feats=feats.vision_feats,
-                feat_sizes=feats.feat_sizes,
-                pred_masks_high_res=high_res,
-                object_score_logits=compact["object_score_logits"],
-                is_mask_from_pts=True,
-            )
-            compact["maskmem_features"] = mem.to(torch.bfloat16)
-            compact["maskmem_pos_enc"] = mem_pos
+        return _with_memory(session, feats, compact) if encode_memory else compact
+
+
+def _key_slice_step(session: VolumeSession, prompt: KeySlicePrompt, feats, points=None, prior=None, masks=None) -> dict:
+    """SAM2's ``track_step`` on a key slice (no memory): from points (and a prior mask), or a mask prompt."""
+    out = sam2_api.track_step_with_iou(
+        session.model,
+        frame_idx=prompt.slice_index,
+        is_init_cond_frame=True,
+        current_vision_feats=feats.vision_feats,
+        current_vision_pos_embeds=feats.vision_pos_embeds,
+        feat_sizes=feats.feat_sizes,
+        point_inputs=points,
+        mask_inputs=masks,
+        num_frames=session.num_slices,
+        track_in_reverse=False,
+        run_mem_encoder=False,
+        prev_sam_mask_logits=prior,
+        output_dict=_empty_output_dict(),
+    )
+    return _compact(session.model, out)
+
+
+def _with_memory(session: VolumeSession, feats, compact: dict) -> dict:
+    """The key slice's memory, encoded from its upsampled low-res mask as the stock predictor does."""
+    high_res = F.interpolate(
+        compact["pred_masks"].float(),
+        size=(session.image_size, session.image_size),
+        mode="bilinear",
+        align_corners=False,
+    )
+    mem, mem_pos = sam2_api.encode_new_memory(
+        session.model,
+        current_vision_feats=feats.vision_feats,
+        feat_sizes=feats.feat_sizes,
+        pred_masks_high_res=high_res,
+        object_score_logits=compact["object_score_logits"],
+        is_mask_from_pts=True,
+    )
+    compact["maskmem_features"] = mem.to(torch.bfloat16)
+    compact["maskmem_pos_enc"] = mem_pos
     return compact
 
 

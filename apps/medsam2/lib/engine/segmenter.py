@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from lib.engine.confidence import check_hint, slice_confidence, slices_to_check
+from lib.engine.mask_prompts import merge_strokes, resolve_drawn
 from lib.engine.model_provider import ModelProvider
 from lib.engine.preprocessing import IntensityWindow, resolve_window, to_uint8
 from lib.engine.prompts import (
@@ -25,10 +26,23 @@ from lib.engine.prompts import (
     parse_flag,
     parse_request,
     parse_stop_options,
+    roi_slice_range,
+    slice_shape,
 )
-from lib.engine.propagation import StopRule, compose_labels, propagate_volume, segment_key_slice
+from lib.engine.propagation import StopRule, compose_labels, propagate_volume, segment_key_slice, upsample_logits
+from lib.engine.refine import (
+    BaseLabel,
+    DecodedLabel,
+    LabelFile,
+    boundary_prompts,
+    compose_with_base,
+    decode_label,
+    painted_prompts,
+    refine_range,
+)
+from lib.engine.session_history import Snapshot, UndoHistory
 from lib.engine.volume_session import SessionCache, VolumeSession, frames_along_axis, frames_to_volume, tensor_bytes
-from lib.imaging.volume_io import LoadedImage, load_image
+from lib.imaging.volume_io import LoadedImage, load_image, load_label_on
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +58,14 @@ class SegmenterSettings:
     feature_dtype: torch.dtype = torch.float32
     stop_rule: StopRule | None = None  # the default for 3D requests; a request can turn it on or off
     slices_to_check: int = 5
+    scribble_mode: str = "points"  # how scribbles reach SAM2: sampled clicks or a mask (bench/scribble_prompts.py)
+    undo_levels: int = 16
 
 
 @dataclass
 class ImageSession:
-    """A cached image: its encoded volume, geometry, window, and the prompts given so far (3D)."""
+    """A cached image: its encoded volume, geometry, window, and one annotator's state on it (prompts, the label
+    being refined, the last answer's logits) with the undo history of that state."""
 
     volume: VolumeSession
     image: LoadedImage
@@ -58,6 +75,8 @@ class ImageSession:
     # the last propagation's low-res logits, and the mask each correction prompt refines
     last_logits: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
     prompt_masks: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    base: BaseLabel | None = None  # the label being refined, as frames along the session's axis
+    history: UndoHistory | None = None
 
     @property
     def lock(self):
@@ -65,11 +84,36 @@ class ImageSession:
 
     def nbytes(self) -> int:
         masks = [t for per in self.last_logits.values() for t in per.values()] + list(self.prompt_masks.values())
-        return self.volume.nbytes() + int(self.image.array.nbytes) + tensor_bytes(masks)
+        extra = (self.base.frames.nbytes if self.base is not None else 0) + (
+            self.history.nbytes() if self.history else 0
+        )
+        return self.volume.nbytes() + int(self.image.array.nbytes) + tensor_bytes(masks) + extra
+
+    def state(self) -> dict[str, Any]:
+        """What undo restores (the dicts are copied; the tensors and arrays in them are never changed in place)."""
+        return {
+            "prompts": dict(self.prompts),
+            "label_ranges": dict(self.label_ranges),
+            "last_logits": self.last_logits,
+            "prompt_masks": dict(self.prompt_masks),
+            "base": self.base,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.prompts = dict(state["prompts"])
+        self.label_ranges = dict(state["label_ranges"])
+        self.last_logits = state["last_logits"]
+        self.prompt_masks = dict(state["prompt_masks"])
+        self.base = state["base"]
+
+    def undo_history(self, levels: int) -> UndoHistory:
+        if self.history is None:
+            self.history = UndoHistory(Snapshot.of(self.state(), None, {}, "start"), levels)
+        return self.history
 
     def add_prompts(self, prompts: list[KeySlicePrompt], correction: bool) -> None:
         """A request's prompts replace those of the labels they name; a correction adds to them instead,
-        merging clicks into a prompt already on that slice and refining the slice's last mask."""
+        merging clicks and strokes into a prompt already on that slice and refining the slice's last mask."""
         named = {p.label for p in prompts}
         if not correction:
             self.prompts = {k: v for k, v in self.prompts.items() if k[0] not in named}
@@ -79,8 +123,12 @@ class ImageSession:
             old = self.prompts.get(key)
             merged = new
             if correction and old is not None and new.box is None:
-                points = old.points + new.points
-                merged = dataclasses.replace(old, points=points, point_labels=old.point_labels + new.point_labels)
+                merged = dataclasses.replace(
+                    old,
+                    points=old.points + new.points,
+                    point_labels=old.point_labels + new.point_labels,
+                    strokes=merge_strokes(old.strokes, new.strokes),
+                )
             self.prompts[key] = merged
             self.prompt_masks.pop(key, None)
             previous_mask = self.last_logits.get(new.label, {}).get(new.slice_index)
@@ -162,30 +210,43 @@ class MedSAM2Segmenter:
             "session": {"reused": reused, "slices_encoded_total": session.volume.slices_encoded},
         }
 
-    def segment_2d(self, image_path: str, request: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any], Any]:
-        """One slice from a box/clicks. Returns (label volume (k, j, i) uint8, result JSON, reference image)."""
+    def segment_2d(
+        self, image_path: str, request: dict[str, Any], label_file: LabelFile | None = None
+    ) -> tuple[np.ndarray, dict[str, Any], Any]:
+        """One slice from its prompts (box, clicks, scribbles, lasso), or undo/redo. Returns (label volume (k, j, i)
+        uint8, result JSON, reference image); with a base label, the answer is the base with that slice redone."""
         t0 = time.perf_counter()
         session, reused, timings, key = self._session(image_path, request, axis=2)
-        image = session.image
-        parsed = parse_request(request, image.array.shape, self.settings.labels, dimension=2)
-        volume = session.volume
-        _, rows, cols = volume.frames.shape
         with session.lock:
+            history = session.undo_history(self.settings.undo_levels)
+            step = _history_step(request)
+            if step:
+                return self._replay(session, history, step, t0)
+            image, volume = session.image, session.volume
+            _, rows, cols = volume.frames.shape
+            decoded = self._decode(session, request, label_file, axis=2)
+            parsed = self._parse(request, image.array.shape, decoded, dimension=2)
+            base = decoded.base if decoded is not None else self._last_answer(session, request, axis=2)
+            prompts = [self._resolve(p, base, request, rows, cols) for p in parsed.prompts]
+            index = prompts[0].slice_index
             t1 = time.perf_counter()
-            index = parsed.prompts[0].slice_index
             encoded_before = volume.is_encoded(index)
             volume.encode([index])
             t2 = time.perf_counter()
-            logits = [segment_key_slice(volume, p)["pred_masks"] for p in parsed.prompts]
+            logits = [segment_key_slice(volume, p)["pred_masks"] for p in prompts]
             t3 = time.perf_counter()
+            slice_label = compose_labels(torch.cat(logits, dim=1), [p.label_value for p in prompts], rows, cols)[0]
+            label = np.zeros(image.array.shape, dtype=np.uint8) if base is None else base.frames.copy()
+            for p in prompts:
+                label[index][label[index] == p.label_value] = 0
+            label[index][slice_label > 0] = slice_label[slice_label > 0]
+            result = self._common_json(session, parsed, reused)
+            result["slice_encoded_before"] = encoded_before
+            result["num_labelled_pixels"] = int((slice_label > 0).sum())
+            if base is not None:
+                result["refined_from"] = base.source
+            self._push(session, history, label, result, "medsam2_2d")
         self.cache.update_size(key)
-        values = [p.label_value for p in parsed.prompts]
-        slice_label = compose_labels(torch.cat(logits, dim=1), values, rows, cols)[0]
-        label = np.zeros(image.array.shape, dtype=np.uint8)
-        label[index] = slice_label
-        result = self._common_json(session, parsed, reused)
-        result["slice_encoded_before"] = encoded_before
-        result["num_labelled_pixels"] = int((slice_label > 0).sum())
         result["latencies"] = {
             **timings,
             "encode": round(t2 - t1, 4),
@@ -195,30 +256,32 @@ class MedSAM2Segmenter:
         }
         return label, result, image.reference
 
-    def segment_3d(self, image_path: str, request: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any], Any]:
-        """Key-slice prompts propagated through the volume, all labels of the session at once."""
+    def segment_3d(
+        self, image_path: str, request: dict[str, Any], label_file: LabelFile | None = None
+    ) -> tuple[np.ndarray, dict[str, Any], Any]:
+        """Key-slice prompts propagated through the volume, all labels of the session at once; a refine of a base
+        label changes only the slices :mod:`lib.engine.refine` allows; or undo/redo."""
         t0 = time.perf_counter()
         axis = parse_axis(request.get("axis"))
         session, reused, timings, key = self._session(image_path, request, axis=axis)
-        image = session.image
         if session.volume.num_slices < 2:
             raise PromptError("This image has a single slice: use the 2D model (medsam2_2d) for 2D images.")
-        parsed = parse_request(request, image.array.shape, self.settings.labels, dimension=3)
         stop_rule = self._stop_rule(request)
         correction = bool(parse_flag(request.get("correction"), "correction"))
         with session.lock:
+            history = session.undo_history(self.settings.undo_levels)
+            step = _history_step(request)
+            if step:
+                return self._replay(session, history, step, t0)
             if parse_flag(request.get("reset_state"), "reset_state"):
-                session.prompts.clear()
-                session.prompt_masks.clear()
-                session.last_logits = {}
-            # a correction whose label has no earlier prompts here: the session is new (e.g. evicted from the
-            # cache, see max_sessions) and the earlier key slices are gone; the annotator must be told
+                session.restore(_EMPTY_STATE)
+            decoded = self._decode(session, request, label_file, axis)
+            parsed = self._parse(request, session.image.array.shape, decoded, dimension=3, axis=axis)
+            base = decoded.base if decoded is not None else self._last_answer(session, request, axis)
+            refining = base is not None or decoded is not None
             orphaned = sorted({p.label for p in parsed.prompts if correction and p.label not in session.label_ranges})
-            session.add_prompts(parsed.prompts, correction)
-            for name in {p.label for p in parsed.prompts}:
-                if not (correction and name in session.label_ranges):
-                    session.label_ranges[name] = parsed.slice_range
-            prompts = list(session.prompts.values())
+            self._update_state(session, parsed, base, refining, correction)
+            prompts = self._session_prompts(session, request)
             result = propagate_volume(
                 session.volume,
                 prompts,
@@ -227,15 +290,142 @@ class MedSAM2Segmenter:
                 mask_inputs=session.prompt_masks,
             )
             session.last_logits = result.logits
+            t1 = time.perf_counter()
+            frames = result.label_frames()
+            if session.base is not None:
+                frames = compose_with_base(session.base, frames, self._spans(session))
+            label = frames_to_volume(frames, axis)
+            out = self._result_3d(session, parsed, reused, result, stop_rule, correction, orphaned, image_path)
+            self._push(session, history, label, out, "medsam2_3d")
         self.cache.update_size(key)
-        t1 = time.perf_counter()
-        frames = result.label_frames()
-        label = frames_to_volume(frames, axis)
+        t2 = time.perf_counter()
+        out["latencies"] = {
+            **timings,
+            **result.latencies,
+            "compose": round(t2 - t1, 4),
+            "total": round(time.perf_counter() - t0, 4),
+        }
+        out["slices_per_second"] = round(result.num_slices * len(result.logits) / max(t2 - t0, 1e-9), 2)
+        return label, out, session.image.reference
+
+    # --- request pieces shared by 2D and 3D -------------------------------------------------------------------
+
+    def _decode(
+        self, session: ImageSession, request: dict[str, Any], label_file: LabelFile | None, axis: int
+    ) -> DecodedLabel | None:
+        """The label file a request starts from (upload or datastore), read on the image's grid."""
+        if label_file is None:
+            return None
+        values = load_label_on(label_file.path, session.image.reference, f"{label_file.source} label")
+        target = self.settings.labels.resolve(_target_label(request))
+        return decode_label(frames_along_axis(values, axis), label_file, self.settings.labels, target)
+
+    def _last_answer(self, session: ImageSession, request: dict[str, Any], axis: int) -> BaseLabel | None:
+        """``refine_from: "last"``: the session's current answer as the base label."""
+        if str(request.get("refine_from") or "").strip().lower() != "last":
+            return None
+        history = session.undo_history(self.settings.undo_levels)
+        if history.current.answer is None:
+            raise PromptError("refine_from 'last': this session has no answer on this image yet.", status=404)
+        return BaseLabel(frames_along_axis(history.current.label(session.image.array.shape), axis), "last answer")
+
+    def _parse(
+        self,
+        request: dict[str, Any],
+        shape: tuple[int, ...],
+        decoded: DecodedLabel | None,
+        dimension: int,
+        axis: int = 2,
+    ) -> ParsedRequest:
+        """Prompts from the request's JSON or viewer form, plus one per slice with painted scribbles."""
+        painted = decoded is not None and decoded.has_scribbles
+        sent = any(request.get(k) not in (None, "", []) for k in ("prompts", "foreground", "background"))
+        if sent or not painted:
+            parsed = parse_request(request, shape, self.settings.labels, dimension)
+        else:  # a scribbles request (Slicer): its ROI bounds the slices to recompute, it is not a box
+            parsed = ParsedRequest([], axis, roi_slice_range(request.get("roi"), shape, axis))
+        if painted:
+            name, value = self.settings.labels.resolve(_target_label(request))
+            n_slices, rows, cols = slice_shape(shape, axis)
+            empty = np.zeros((n_slices, rows, cols), dtype=bool)
+            fg = decoded.foreground if decoded.foreground is not None else empty
+            bg = decoded.background if decoded.background is not None else empty
+            allowed = parsed.slice_range
+            painted_on = painted_prompts(fg, bg, name, value, allowed)
+            if dimension == 2:
+                painted_on = [p for p in painted_on if p.slice_index == _int_or(request.get("slice"), p.slice_index)]
+            parsed.prompts = _merge_same_slice(parsed.prompts + painted_on)
+        if not parsed.prompts:
+            raise PromptError("The uploaded label holds no scribbles on the slices this request covers.")
+        if dimension == 2 and len({p.slice_index for p in parsed.prompts}) > 1:
+            raise PromptError("The 2D model segments one slice per request; send 'slice' or scribble on one slice.")
+        return parsed
+
+    def _resolve(
+        self,
+        prompt: KeySlicePrompt,
+        base: BaseLabel | None,
+        request: dict[str, Any],
+        rows: int,
+        cols: int,
+        previous: torch.Tensor | None = None,
+    ) -> KeySlicePrompt:
+        """The prompt as SAM2 takes it, refining the base label's mask on its slice, or (a correction made of
+        strokes only) the mask the last answer had there (``previous``, low-res logits)."""
+        mask = None
+        if base is not None:
+            mask = base.slice_mask(prompt.label_value, prompt.slice_index)
+            mask = mask if mask.any() else None
+        if mask is None and previous is not None and not prompt.has_clicks_or_box():
+            mask = (upsample_logits(previous[None, None], rows, cols)[0] > 0).cpu().numpy()
+        mode = str(request.get("scribble_mode") or self.settings.scribble_mode)
+        refining = base is not None or previous is not None
+        return resolve_drawn(prompt, mask, mode, rows, cols, refining=refining)
+
+    def _update_state(
+        self, session: ImageSession, parsed: ParsedRequest, base: BaseLabel | None, refining: bool, correction: bool
+    ) -> None:
+        named = {p.label: p.label_value for p in parsed.prompts}
+        if refining:
+            session.base = base
+        elif not correction and session.base is not None:
+            session.base = session.base.without(named.values())
+        session.add_prompts(parsed.prompts, correction)
+        n = session.volume.num_slices
+        for name, value in named.items():
+            if refining:
+                keys = [k for (label, k) in session.prompts if label == name]
+                session.label_ranges[name] = refine_range(keys, parsed.slice_range, base, value, n)
+            elif not (correction and name in session.label_ranges):
+                session.label_ranges[name] = parsed.slice_range
+
+    def _session_prompts(self, session: ImageSession, request: dict[str, Any]) -> list[KeySlicePrompt]:
+        """The session's prompts as SAM2 takes them, plus the base's masks bounding each refined label's span."""
+        _, rows, cols = session.volume.frames.shape
+        prompts = [
+            self._resolve(p, session.base, request, rows, cols, session.prompt_masks.get(key))
+            for key, p in session.prompts.items()
+        ]
+        if session.base is not None:
+            for name, (lo, hi) in self._spans_by_name(session).items():
+                value = self.settings.labels.by_name[name]
+                prompts += boundary_prompts(session.base, name, value, (lo, hi))
+        return prompts
+
+    def _spans_by_name(self, session: ImageSession) -> dict[str, tuple[int, int]]:
+        n = session.volume.num_slices
+        names = {p.label for p in session.prompts.values()}
+        return {name: session.label_ranges.get(name) or (0, n - 1) for name in sorted(names)}
+
+    def _spans(self, session: ImageSession) -> dict[int, tuple[int, int]]:
+        return {self.settings.labels.by_name[k]: v for k, v in self._spans_by_name(session).items()}
+
+    def _result_3d(self, session, parsed, reused, result, stop_rule, correction, orphaned, image_path) -> dict:
+        axis = parsed.axis
         confidence = slice_confidence(result)
         to_check = slices_to_check(result, confidence, count=self.settings.slices_to_check)
-        t2 = time.perf_counter()
         out = self._common_json(session, parsed, reused)
-        out["prompts_in_session"] = [p.as_json(axis) for p in prompts]
+        out["prompts_in_session"] = [p.as_json(axis) for p in session.prompts.values()]
         out["axis"] = AXIS_NAMES[axis]
         out["coverage"] = result.coverage()
         out["correction"] = correction
@@ -245,6 +435,9 @@ class MedSAM2Segmenter:
         out["predicted_iou"] = _per_slice_json(result.predicted_iou)
         out["check_slices"] = {name: [p.as_json() for p in picks] for name, picks in to_check.items()}
         out["hint"] = check_hint(to_check)
+        if session.base is not None:
+            out["refined_from"] = session.base.source
+            out["changed_slices"] = {name: list(span) for name, span in self._spans_by_name(session).items()}
         if orphaned:
             warning = (
                 f"Correction of {', '.join(orphaned)}: this session holds no earlier prompts for it (it is new, or was "
@@ -254,14 +447,68 @@ class MedSAM2Segmenter:
             out["warnings"] = [warning]
             out["hint"] = f"{warning} {out['hint']}"
             logger.warning("medsam2_3d on %s: %s", image_path, warning)
-        out["latencies"] = {
-            **timings,
-            **result.latencies,
-            "compose": round(t2 - t1, 4),
-            "total": round(time.perf_counter() - t0, 4),
-        }
-        out["slices_per_second"] = round(result.num_slices * len(result.logits) / max(t2 - t0, 1e-9), 2)
-        return label, out, image.reference
+        return out
+
+    def _push(self, session: ImageSession, history: UndoHistory, label: np.ndarray, out: dict, what: str) -> None:
+        """Record the answer for undo; the answer JSON says what can be undone and redone from here."""
+        history.push(Snapshot.of(session.state(), label, dict(out), what))
+        out["history"] = history.describe()
+
+    def _replay(
+        self, session: ImageSession, history: UndoHistory, step: str, t0: float
+    ) -> tuple[np.ndarray, dict[str, Any], Any]:
+        """Undo or redo: the session's state and answer as they were, with no encoding or decoding."""
+        snapshot = history.undo() if step == "undo" else history.redo()
+        session.restore(snapshot.state)
+        out = {k: v for k, v in snapshot.answer_json.items() if k not in ("latencies", "history")}
+        out.setdefault("label_names", dict(self.settings.labels.by_name))
+        out[step] = True
+        out["restored"] = snapshot.request
+        out["history"] = history.describe()
+        out["latencies"] = {"total": round(time.perf_counter() - t0, 4)}
+        return snapshot.label(session.image.array.shape), out, session.image.reference
+
+
+_EMPTY_STATE: dict[str, Any] = {"prompts": {}, "label_ranges": {}, "last_logits": {}, "prompt_masks": {}, "base": None}
+
+
+def _history_step(request: dict[str, Any]) -> str | None:
+    undo, redo = parse_flag(request.get("undo"), "undo"), parse_flag(request.get("redo"), "redo")
+    if undo and redo:
+        raise PromptError("Send undo or redo, not both.")
+    return "undo" if undo else "redo" if redo else None
+
+
+def _target_label(request: dict[str, Any]) -> Any:
+    """The label a scribbles request refines: Slicer names it ``selected_label_name``; others ``label``."""
+    return request.get("selected_label_name") or request.get("label")
+
+
+def _int_or(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _merge_same_slice(prompts: list[KeySlicePrompt]) -> list[KeySlicePrompt]:
+    """One prompt per label and slice: clicks, boxes and strokes given twice for one slice are combined."""
+    merged: dict[tuple[str, int], KeySlicePrompt] = {}
+    for p in prompts:
+        key = (p.label, p.slice_index)
+        old = merged.get(key)
+        merged[key] = (
+            p
+            if old is None
+            else dataclasses.replace(
+                old,
+                box=old.box or p.box,
+                points=old.points + p.points,
+                point_labels=old.point_labels + p.point_labels,
+                strokes=merge_strokes(old.strokes, p.strokes),
+            )
+        )
+    return list(merged.values())
 
 
 def _per_slice_json(per_label: dict[str, dict[int, float]]) -> dict[str, dict[str, float]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from lib.errors import ImageUnreadable, NotFound
+from lib.errors import ImageUnreadable, NotFound, Unprocessable
 from lib.imaging.cine_io import FrameSequence, grey_from_channels, read_frame_sequence, refuse_if_too_large
 
 
@@ -184,3 +184,49 @@ def write_label(label_kji: np.ndarray, reference: sitk.Image, path: str | os.Pat
     image = sitk.GetImageFromArray(np.ascontiguousarray(label_kji.astype(np.uint8)))
     image.CopyInformation(reference)
     sitk.WriteImage(image, str(path), useCompression=compress)
+
+
+def load_label_on(path: str | os.PathLike, reference: sitk.Image, what: str = "label") -> np.ndarray:
+    """A label volume that lies on the image's voxel grid, as (k, j, i) int32 values.
+
+    Raise :class:`Unprocessable` when the file is not a label image or its grid differs from the image's
+    (size, spacing, origin or axes): labels are compared voxel for voxel, never resampled silently.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise NotFound(f"The {what} file was not found.")
+    try:
+        label = sitk.ReadImage(str(p))
+    except RuntimeError:
+        raise Unprocessable(f"The {what} cannot be read as a label image (send NIfTI or NRRD).") from None
+    if label.GetNumberOfComponentsPerPixel() != 1 or label.GetDimension() not in (2, 3):
+        raise Unprocessable(f"The {what} must be a single-channel 2D or 3D label image.")
+    if label.GetDimension() == 2:
+        label = sitk.JoinSeries(label)
+    if label.GetSize() != reference.GetSize():
+        raise Unprocessable(
+            f"The {what} has {list(label.GetSize())} voxels (i, j, k) but the image has {list(reference.GetSize())}: "
+            "export the label on the image's geometry (in Slicer: the segmentation's reference volume)."
+        )
+    spacing = np.asarray(reference.GetSpacing())
+    mismatch = [
+        name
+        for name, a, b, tol in (
+            ("spacing", label.GetSpacing(), reference.GetSpacing(), 1e-3 * spacing.min()),
+            ("origin", label.GetOrigin(), reference.GetOrigin(), 1e-2 * spacing.min()),
+            ("axes (direction)", label.GetDirection(), reference.GetDirection(), 1e-3),
+        )
+        if not np.allclose(a, b, atol=tol, rtol=0)
+    ]
+    if mismatch:
+        raise Unprocessable(
+            f"The {what} lies on another voxel grid than the image (its {', '.join(mismatch)} differ): resample it "
+            "onto the image, or export it with the image as reference."
+        )
+    array = sitk.GetArrayFromImage(label)
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.all(np.equal(np.mod(array, 1), 0)):
+            raise Unprocessable(f"The {what} holds fractional values: send whole label values.")
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise Unprocessable(f"The {what} holds values outside 0..255 ({array.min()}..{array.max()}).")
+    return array.astype(np.int32)
