@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
 from datetime import datetime
 from typing import Any
 
@@ -30,17 +29,11 @@ from lib.server.auto_train import AutoTrain
 from lib.server.patches import PatchContext, in_server, install_all
 from lib.server.saved_label_tag import tag_being_saved
 from lib.settings import SettingError, parse_settings
+from lib.storage.label_sources import attach_label_file, is_upload
 from lib.storage.local_datastore import CINE_PATTERNS, CineLocalDatastore
 from lib.storage.pacs_datastore import PacsDatastore, TimeoutSession, pacs_credentials
 
 logger = logging.getLogger(__name__)
-
-
-def _is_upload(path: str) -> bool:
-    """MONAI Label stores an uploaded image as a temporary file directly in the temp folder and passes its
-    absolute path as the image id (a relative id such as ``apps`` is never an upload, even when the server runs
-    from a folder under the temp folder)."""
-    return os.path.isabs(path) and os.path.dirname(os.path.realpath(path)) == os.path.realpath(tempfile.gettempdir())
 
 
 AUTO_TRAIN_MODEL = "medsam2"
@@ -257,10 +250,11 @@ class MedSAM2App(MONAILabelApp):
         image = request.get("image")
         if not isinstance(image, str) or not image:
             raise BadRequest("No image given: pass ?image=<image id> or upload a file.")
-        if os.path.exists(image) and not _is_upload(image):
+        if os.path.exists(image) and not is_upload(image):
             raise BadRequest("Image ids name datastore images, not server file paths.")
         if request.get("model") not in self._infers:
             raise NotFound(f"Unknown model {request.get('model')!r}; available: {sorted(self._infers)}")
+        attach_label_file(request, datastore or self.datastore())
         with self.admission.admit() as waited_s:
             result = super().infer(request, datastore)
         if isinstance(result.get("params"), dict) and isinstance(result["params"].get("latencies"), dict):

@@ -386,6 +386,21 @@ SETTINGS: tuple[Setting, ...] = (
         "slices named per label in a 3D answer's `check_slices`",
     ),
     Setting(
+        "scribble_mode",
+        MODEL,
+        Choice(("points", "mask")),
+        "points",
+        "how scribbles reach SAM2: `points` (clicks sampled along the strokes) or `mask` (the strokes as its "
+        "previous-mask input); chosen by bench/scribble_prompts.py, a request can override it (`scribble_mode`)",
+    ),
+    Setting(
+        "undo_levels",
+        MEMORY,
+        Number(int, 1),
+        "16",
+        'requests each annotation session can undo (`"undo": true`); answers are kept compressed',
+    ),
+    Setting(
         "max_sessions",
         MEMORY,
         Number(int, 1),
@@ -487,6 +502,8 @@ class AppSettings:
     precision: str
     stop_rule: StopRule | None
     slices_to_check: int
+    scribble_mode: str
+    undo_levels: int
     max_sessions: int
     max_session_gb: float
     max_voxels: int

@@ -59,6 +59,8 @@ class MedSAM2(TaskConfig):
             feature_dtype=dtype or torch.float32,
             stop_rule=s.stop_rule,
             slices_to_check=s.slices_to_check,
+            scribble_mode=s.scribble_mode,
+            undo_levels=s.undo_levels,
         )
         self.segmenter = MedSAM2Segmenter(self.provider, segmenter_settings, cache)
 
@@ -71,6 +73,7 @@ class MedSAM2(TaskConfig):
         return {
             f"{self.name}_2d": MedSAM2Infer(self.segmenter, 2, self.labels, info),
             f"{self.name}_3d": MedSAM2Infer(self.segmenter, 3, self.labels, info),
+            f"{self.name}_scribbles": MedSAM2Infer(self.segmenter, 3, self.labels, info, scribbles=True),
         }
 
     def strategy(self):

@@ -131,6 +131,11 @@ def segment_key_slice(
         if prompt.has_clicks_or_box() or prompt.mask_is_prior:
             prior = mask_logits_for(mask, session.device) if mask is not None else prev_mask_logits
             points = point_inputs_for(prompt, rows, cols, session.image_size, session.device)
+            if points is None:  # a prior mask alone: SAM2's own "no point" padding (label -1), as its predictors use
+                points = {
+                    "point_coords": torch.zeros(1, 1, 2, device=session.device),
+                    "point_labels": -torch.ones(1, 1, dtype=torch.int32, device=session.device),
+                }
             compact = _key_slice_step(session, prompt, feats, points=points, prior=prior)
             if prompt.edits is None:
                 return _with_memory(session, feats, compact) if encode_memory else compact

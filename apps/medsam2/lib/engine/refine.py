@@ -43,6 +43,7 @@ class DecodedLabel:
     """An uploaded or saved label volume read as a base label and painted scribbles (frames along the axis)."""
 
     base: BaseLabel | None
+    source: str
     foreground: np.ndarray | None = None
     background: np.ndarray | None = None
 
@@ -168,4 +169,4 @@ def decode_label(frames: np.ndarray, label_file: LabelFile, labels: LabelMap, ta
         base[frames == value] = app_value
     fg = frames == named[FOREGROUND_SCRIBBLES] if FOREGROUND_SCRIBBLES in named else None
     bg = frames == named[BACKGROUND_SCRIBBLES] if BACKGROUND_SCRIBBLES in named else None
-    return DecodedLabel(BaseLabel(base, label_file.source) if base.any() else None, fg, bg)
+    return DecodedLabel(BaseLabel(base, label_file.source) if base.any() else None, label_file.source, fg, bg)

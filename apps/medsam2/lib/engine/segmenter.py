@@ -340,6 +340,11 @@ class MedSAM2Segmenter:
         """Prompts from the request's JSON or viewer form, plus one per slice with painted scribbles."""
         painted = decoded is not None and decoded.has_scribbles
         sent = any(request.get(k) not in (None, "", []) for k in ("prompts", "foreground", "background"))
+        if decoded is not None and not painted and not sent:
+            raise PromptError(
+                f"The {decoded.source} label holds no scribbles (foreground_scribbles, background_scribbles) and the "
+                "request no prompt: paint scribbles on a key slice, or send prompts with the label."
+            )
         if sent or not painted:
             parsed = parse_request(request, shape, self.settings.labels, dimension)
         else:  # a scribbles request (Slicer): its ROI bounds the slices to recompute, it is not a box

@@ -8,34 +8,43 @@ from typing import Any
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from lib.engine.refine import LabelFile
 from lib.engine.segmenter import MedSAM2Segmenter
+from lib.errors import PromptError
 from lib.imaging.volume_io import label_suffix, write_label
+from lib.storage.label_sources import LABEL_FILE_KEY
 
 logger = logging.getLogger(__name__)
 
 
 class MedSAM2Infer(InferTask):
-    """2D: a box/clicks on one slice. 3D: key-slice prompts propagated through the volume."""
+    """2D: prompts on one slice. 3D: key-slice prompts propagated through the volume. Scribbles: Slicer's scribbles
+    (an uploaded label volume) refining the segment being edited, in 3D."""
 
     interactive = True  # needs prompts: no batch inference over the datastore
 
-    def __init__(self, segmenter: MedSAM2Segmenter, dimension: int, labels: dict[str, int], model_info: dict):
+    def __init__(
+        self,
+        segmenter: MedSAM2Segmenter,
+        dimension: int,
+        labels: dict[str, int],
+        model_info: dict,
+        scribbles: bool = False,
+    ):
         what = "one slice from a box and clicks" if dimension == 2 else "3D propagation from key-slice prompts"
+        if scribbles:
+            what = "scribbles on key slices refining a segment, propagated through the scribbles ROI"
         random_note = " [RANDOM WEIGHTS: development only]" if model_info.get("random_weights") else ""
         super().__init__(
-            type=InferType.DEEPGROW,
+            type=InferType.SCRIBBLES if scribbles else InferType.DEEPGROW,
             labels=labels,
             dimension=dimension,
             description=f"MedSAM2 ({model_info.get('checkpoint')}): {what}{random_note}",
-            # shown as options in Slicer, which sends them with every request
-            config=(
-                {"reset_state": False, "correction": False, "stop_rule": bool(model_info.get("stop_rule"))}
-                if dimension == 3
-                else {}
-            ),
+            config=_viewer_options(dimension, scribbles, model_info),  # Slicer shows these and sends them back
         )
         self.segmenter = segmenter
         self.model_info = model_info
+        self.scribbles = scribbles
 
     def info(self) -> dict[str, Any]:
         info = super().info()
@@ -47,12 +56,15 @@ class MedSAM2Infer(InferTask):
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         run = self.segmenter.segment_2d if self.dimension == 2 else self.segmenter.segment_3d
-        label, result, reference = run(str(request.get("image") or ""), request)
-        if self.dimension == 3 and "result_extension" in request and request.get("label") is not None:
-            # The Slicer plugin (it alone sends result_extension) imports a 3D answer's value 1 into the segment
-            # of the label it asked for: answer that label as a 0/1 mask, not with its value in the label map.
-            label = (label == result["prompts"][0]["label_value"]).astype("uint8")
-            result["label_values"] = {str(request["label"]): 1}
+        label_file = self._label_file(request)
+        label, result, reference = run(str(request.get("image") or ""), request, label_file)
+        target = _segment_imported(request, self.scribbles)
+        if self.dimension == 3 and target is not None:
+            # Slicer imports a 3D answer's value 1 into the segment it asked for (the segment being scribbled, or
+            # deepgrow's label): answer that label as a 0/1 mask, not with its value in the label map.
+            value = result["label_names"].get(target) or self.segmenter.settings.labels.resolve(target)[1]
+            label = (label == value).astype("uint8")
+            result["label_values"] = {str(target): 1}
         if "hint" in result:  # OHIF asks for the label image only: the server log is where its users see this
             logger.info("medsam2_3d on %s: %s", request.get("image"), result["hint"])
         # the viewers name the file type they parse: OHIF's panel raw NRRD (result_compress false), Slicer any
@@ -60,3 +72,35 @@ class MedSAM2Infer(InferTask):
             path = f.name
         write_label(label, reference, path, compress=request.get("result_compress") is not False)
         return path, result
+
+    def _label_file(self, request: dict[str, Any]) -> LabelFile | None:
+        source = request.get(LABEL_FILE_KEY)
+        if not isinstance(source, dict):
+            if self.scribbles and not _history_step(request):
+                raise PromptError(
+                    "The scribbles model needs the scribbles: upload a label volume with the request (the 'label' "
+                    "file) holding foreground_scribbles and background_scribbles, as Slicer's scribbles tool does."
+                )
+            return None
+        return LabelFile(source["path"], source["source"], request.get("label_info"), self.scribbles)
+
+
+def _viewer_options(dimension: int, scribbles: bool, model_info: dict) -> dict[str, Any]:
+    if scribbles:
+        return {"scribble_mode": ["points", "mask"]}
+    if dimension == 3:
+        return {"reset_state": False, "correction": False, "stop_rule": bool(model_info.get("stop_rule"))}
+    return {}
+
+
+def _history_step(request: dict[str, Any]) -> bool:
+    return any(str(request.get(k)).lower() in ("true", "1", "yes", "on") for k in ("undo", "redo"))
+
+
+def _segment_imported(request: dict[str, Any], scribbles: bool) -> str | None:
+    """The Slicer segment a 3D answer is imported into (Slicer alone sends ``result_extension``), if any."""
+    if scribbles:
+        return request.get("selected_label_name") or request.get("label") or None
+    if "result_extension" in request and request.get("label") is not None:
+        return str(request["label"])
+    return None

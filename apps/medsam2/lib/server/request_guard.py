@@ -113,6 +113,17 @@ def safe_upload_name(filename: str | None) -> str | None:
     return "upload" + "".join(suffixes)
 
 
+LABEL_UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd")
+
+
+def safe_label_name(filename: str | None) -> str:
+    """An uploaded label's name, reduced as :func:`safe_upload_name` does; NIfTI or NRRD only (415 otherwise)."""
+    name = safe_upload_name(filename or "label.nii.gz") or "upload.nii.gz"
+    if not name.lower().endswith(LABEL_UPLOAD_SUFFIXES):
+        raise Refused(415, f"Send the label file as NIfTI (.nii.gz, .nii) or NRRD (.nrrd), not {filename!r:.80}.")
+    return name
+
+
 def _dicomweb() -> bool:
     from monailabel.datastore.dicom import DICOMWebDatastore
     from monailabel.interfaces.utils.app import app_instance
@@ -155,8 +166,9 @@ def install(check_train: Callable[[str, Any], None]) -> bool:
             )
             if file is not None:
                 file.filename = safe_upload_name(file.filename)
-            # a label upload is for scribble models; these models take none (MONAI Label would convert it)
-            return run_inference(background_tasks, model, image, session_id, params, file, None, output)
+            if label is not None:  # scribbles or a label to refine; never a .bin (MONAI Label would convert it)
+                label.filename = safe_label_name(label.filename)
+            return run_inference(background_tasks, model, image, session_id, params, file, label, output)
 
         guarded_inference._medsam2_guard = True  # type: ignore[attr-defined]
         infer_endpoints.run_inference = guarded_inference
