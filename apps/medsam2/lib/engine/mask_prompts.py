@@ -236,6 +236,9 @@ def resolve_drawn(
                 f"Slice {prompt.slice_index} of {prompt.label} has only background prompts: add a box, a foreground "
                 "click, scribble or lasso there, or refine an existing label (refine_from)."
             )
+    if not decoded and edits is not None:  # nothing for SAM2 to decode: the edited mask is the mask prompt
+        mask = apply_edits(mask if mask is not None else np.zeros((rows, cols), dtype=bool), edits)
+        edits = None
     return dataclasses.replace(
         prompt,
         points=tuple(p for p, _ in points),
