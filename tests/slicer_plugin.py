@@ -139,3 +139,30 @@ def import_into_segments(label_kji: np.ndarray, labels: list[str], slice_index: 
         return {name: label_kji == n + 1 for n, name in enumerate(labels)}
     values = [int(v) for v in np.unique(label_kji) if v != 0]
     return {name: label_kji == value for name, value in zip(labels, values, strict=False)}
+
+
+def export_segments(segments: dict[str, np.ndarray], reference: sitk.Image, path: str) -> list[dict[str, Any]]:
+    """``onUpdateScribbles`` (lines 1985-2006): every segment exported into one labelmap on the volume's geometry
+    (``ExportSegmentsToLabelmapNode``, segment n -> value n + 1, later segments over earlier ones) and saved to
+    ``path``; returns the ``label_info`` it sends: ``[{"name": segment name, "id": n + 1}, ...]``."""
+    label = np.zeros(sitk.GetArrayFromImage(reference).shape, dtype=np.uint8)
+    for n, mask in enumerate(segments.values()):
+        label[mask] = n + 1
+    image = sitk.GetImageFromArray(label)
+    image.CopyInformation(reference)
+    sitk.WriteImage(image, path)
+    return [{"name": name, "id": n + 1} for n, name in enumerate(segments)]
+
+
+def scribbles_params(
+    info: dict[str, Any], model: str, label_info: list, selected_label_name: str, roi: list[int] | None = None
+) -> dict[str, Any]:
+    """The ``params`` of ``onUpdateScribbles`` (lines 2018-2024) plus ``MONAILabelLogic.infer`` (lines 2381-2382):
+    the model's config, ``roi`` (the Scribbles ROI in IJK, or []), ``label_info``, ``selected_label_name``."""
+    params = params_from_config(info, model)
+    params.update({"roi": list(roi) if roi else []})
+    params.update({"label_info": label_info})
+    params.update({"selected_label_name": selected_label_name})
+    params["result_extension"] = ".nrrd"
+    params["result_dtype"] = "uint8"
+    return params

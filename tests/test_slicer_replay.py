@@ -300,3 +300,52 @@ def test_save_label_as_the_plugin_does_and_the_datastore_lists_it_as_final(clien
     client.save_label("flipped_ras", str(label_again), tag="final", params={"label_info": label_info})
     assert Path(client.download_label("flipped_ras", "final")).read_bytes() == label_again.read_bytes()
     assert sorted(client.datastore()["objects"]["flipped_ras"]["labels"]) == ["final"]
+
+
+def _red_view_axis(image: sitk.Image) -> int:
+    """The IJK axis a paint stroke in Slicer's Red (axial) view keeps constant: the one closest to RAS S."""
+    return int(np.argmax(np.abs(plugin.ijk_to_ras(image)[2, :3])))
+
+
+@pytest.mark.parametrize("volume", sorted(VOLUMES))
+@pytest.mark.parametrize("with_roi", [False, True], ids=["no ROI", "scribbles ROI"])
+def test_scribbles_painted_in_the_red_view_refine_the_segment(client, info, slicer_studies, tmp_path, volume, with_roi):
+    """The Scribbles section (``onUpdateScribbles``, lines 1976-2051): the segment being edited, the background and
+    foreground scribbles exported into one labelmap, sent as the label file to the scribbles model; the answer is
+    imported into the selected segment (value 1, ``updateSegmentationMask(result, [selected])``)."""
+    assert info["models"]["medsam2_scribbles"]["type"] == "scribbles"
+    image = image_of(slicer_studies, volume)
+    blob = sitk.GetArrayFromImage(image) > 150  # (k, j, i)
+    axis = _red_view_axis(image)  # IJK axis index (0 i, 1 j, 2 k)
+    lo, hi = blob_box_ijk(slicer_studies, volume)
+    plane = int((lo[axis] + hi[axis]) // 2)
+    kji_axis = 2 - axis
+    fg = np.zeros_like(blob)
+    bg = np.zeros_like(blob)
+    on_plane = [slice(None)] * 3
+    on_plane[kji_axis] = plane
+    fg[tuple(on_plane)] = blob[tuple(on_plane)]  # painted over the blob on that plane
+    ring = np.zeros_like(blob)
+    ring[tuple(on_plane)] = True
+    bg[ring & ~blob] = True
+    bg &= np.roll(blob, 6, axis=(kji_axis + 1) % 3)  # a stroke beside the blob, not everywhere
+    existing = blob.copy()
+    segments = {"lesion": existing, "background_scribbles": bg, "foreground_scribbles": fg}
+    scribbles_in = str(tmp_path / "tmpscribbles.nii.gz")
+    label_info = plugin.export_segments(segments, image, scribbles_in)
+    roi = plugin.roi_points_ijk(image, *roi_around_blob(image, lo, hi)) if with_roi else []
+    params = plugin.scribbles_params(info, "medsam2_scribbles", label_info, "lesion", roi)
+    assert params["scribble_mode"] == "points"  # the config's first choice, as getParamsFromConfig sends it
+
+    label_file, result = client.infer("medsam2_scribbles", volume, params, scribbles_in)
+    label = read_label(label_file)
+    assert_same_geometry(label, image)
+    answer = plugin.import_into_segments(sitk.GetArrayFromImage(label), ["lesion"], slice_index=None)["lesion"]
+    expected_axis = {2: "axial", 1: "coronal", 0: "sagittal"}[axis]
+    assert result["axis"] == expected_axis and result["label_values"] == {"lesion": 1}
+    first, last = (plane, plane) if not with_roi else sorted_roi(roi)[axis]
+    assert result["changed_slices"] == {"lesion": [first, last]}
+    index = np.arange(blob.shape[kji_axis])
+    outside = np.take(answer, index[(index < first) | (index > last)], axis=kji_axis)
+    kept = np.take(existing, index[(index < first) | (index > last)], axis=kji_axis)
+    assert outside.size and (outside == kept).all()  # accepted slices come back voxel for voxel

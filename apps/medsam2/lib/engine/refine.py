@@ -170,3 +170,17 @@ def decode_label(frames: np.ndarray, label_file: LabelFile, labels: LabelMap, ta
     fg = frames == named[FOREGROUND_SCRIBBLES] if FOREGROUND_SCRIBBLES in named else None
     bg = frames == named[BACKGROUND_SCRIBBLES] if BACKGROUND_SCRIBBLES in named else None
     return DecodedLabel(BaseLabel(base, label_file.source) if base.any() else None, label_file.source, fg, bg)
+
+
+def painted_axis(values_kji: np.ndarray, label_file: LabelFile, labels: LabelMap, target: tuple[str, int]) -> int:
+    """The IJK axis scribbles were painted across (the one on which they touch the fewest slices; axial on a tie):
+    a viewer paints in a slice view that need not be the volume's k axis."""
+    decoded = decode_label(values_kji, label_file, labels, target)
+    painted = np.zeros(values_kji.shape, dtype=bool)
+    for mask in (decoded.foreground, decoded.background):
+        if mask is not None:
+            painted |= mask
+    if not painted.any():
+        return 2
+    counts = {2: painted.any(axis=(1, 2)).sum(), 1: painted.any(axis=(0, 2)).sum(), 0: painted.any(axis=(0, 1)).sum()}
+    return min(counts, key=lambda axis: (counts[axis], axis != 2))

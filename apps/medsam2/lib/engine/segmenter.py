@@ -37,12 +37,13 @@ from lib.engine.refine import (
     boundary_prompts,
     compose_with_base,
     decode_label,
+    painted_axis,
     painted_prompts,
     refine_range,
 )
 from lib.engine.session_history import Snapshot, UndoHistory
 from lib.engine.volume_session import SessionCache, VolumeSession, frames_along_axis, frames_to_volume, tensor_bytes
-from lib.imaging.volume_io import LoadedImage, load_image, load_label_on
+from lib.imaging.volume_io import LoadedImage, load_image, load_label_on, read_label_values
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +263,7 @@ class MedSAM2Segmenter:
         """Key-slice prompts propagated through the volume, all labels of the session at once; a refine of a base
         label changes only the slices :mod:`lib.engine.refine` allows; or undo/redo."""
         t0 = time.perf_counter()
-        axis = parse_axis(request.get("axis"))
+        axis = self._axis_3d(request, label_file)
         session, reused, timings, key = self._session(image_path, request, axis=axis)
         if session.volume.num_slices < 2:
             raise PromptError("This image has a single slice: use the 2D model (medsam2_2d) for 2D images.")
@@ -307,6 +308,17 @@ class MedSAM2Segmenter:
         }
         out["slices_per_second"] = round(result.num_slices * len(result.logits) / max(t2 - t0, 1e-9), 2)
         return label, out, session.image.reference
+
+    def _axis_3d(self, request: dict[str, Any], label_file: LabelFile | None) -> int:
+        """The request's axis; for scribbles painted into an uploaded label with no axis named, the axis they
+        were painted across."""
+        if request.get("axis") not in (None, "") or label_file is None or label_file.source != "upload":
+            return parse_axis(request.get("axis"))
+        values = read_label_values(label_file.path)
+        if values.ndim != 3:
+            return 2  # not a 3D label: refused with a reason when it is read on the image's grid
+        target = self.settings.labels.resolve(_target_label(request))
+        return painted_axis(values, label_file, self.settings.labels, target)
 
     # --- request pieces shared by 2D and 3D -------------------------------------------------------------------
 

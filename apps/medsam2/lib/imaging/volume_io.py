@@ -186,6 +186,14 @@ def write_label(label_kji: np.ndarray, reference: sitk.Image, path: str | os.Pat
     sitk.WriteImage(image, str(path), useCompression=compress)
 
 
+def read_label_values(path: str | os.PathLike) -> np.ndarray:
+    """A label file's values as (k, j, i) int32, with no geometry check (see :func:`load_label_on`)."""
+    try:
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.int32)
+    except RuntimeError:
+        raise Unprocessable("The uploaded label cannot be read as a label image (send NIfTI or NRRD).") from None
+
+
 def load_label_on(path: str | os.PathLike, reference: sitk.Image, what: str = "label") -> np.ndarray:
     """A label volume that lies on the image's voxel grid, as (k, j, i) int32 values.
 
