@@ -292,3 +292,23 @@ def test_dicom_series_over_max_voxels_is_refused_before_decoding(tmp_path):
     assert refused.value.status == 413 and "series has 20 slices and 327,680 voxels" in message, message
     assert "--conf max_voxels" in message
     assert load_image(tmp_path, max_voxels=128 * 128 * 20).array.shape == (20, 128, 128)
+
+
+@FUZZ
+@given(upload=broken_upload(), model=st.sampled_from(["medsam2_3d", "medsam2_scribbles", "medsam2_2d"]))
+@example(upload=("label.nii", _volume_bytes(".nii", (16, 80, 96))[:-1]), model="medsam2_3d")
+@example(upload=("label.nii.gz", _volume_bytes(".nii.gz", (16, 80, 96))), model="medsam2_scribbles")
+@example(upload=("label.bin", b"\x01" * (16 * 80 * 96)), model="medsam2_3d")
+@example(upload=("huge.nii", huge_header_nifti()), model="medsam2_scribbles")
+def test_broken_label_uploads_are_refused(fuzz_server, upload, model):
+    """A label file sent with a request (scribbles, or a label to refine): never a 500, a hang or a crash."""
+    name, data = upload
+    params = {"prompts": [{"label": "lesion", "slice": 8, "box": [30, 20, 70, 60]}], "selected_label_name": "lesion"}
+    r = infer(
+        fuzz_server,
+        model,
+        params,
+        "label uploads",
+        files={"label": (name, io.BytesIO(data), "application/octet-stream")},
+    )
+    assert_refused(r, (model, name[:80], len(data)))

@@ -35,7 +35,8 @@ def split_multipart(response):
 
 def test_info_lists_only_medsam2_models(server):
     info = server.get("/info/").json()
-    assert set(info["models"]) == {"medsam2_2d", "medsam2_3d"}
+    assert set(info["models"]) == {"medsam2_2d", "medsam2_3d", "medsam2_scribbles"}
+    assert info["models"]["medsam2_scribbles"]["type"] == "scribbles"
     assert "sam_2d" not in info["models"] and "sam_3d" not in info["models"]
     assert info["models"]["medsam2_2d"]["dimension"] == 2
     assert info["models"]["medsam2_3d"]["dimension"] == 3

@@ -314,7 +314,7 @@ class MedSAM2Segmenter:
         were painted across."""
         if request.get("axis") not in (None, "") or label_file is None or label_file.source != "upload":
             return parse_axis(request.get("axis"))
-        values = read_label_values(label_file.path)
+        values = read_label_values(label_file.path, self.settings.max_voxels)
         if values.ndim != 3:
             return 2  # not a 3D label: refused with a reason when it is read on the image's grid
         target = self.settings.labels.resolve(_target_label(request))

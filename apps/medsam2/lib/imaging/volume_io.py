@@ -186,12 +186,29 @@ def write_label(label_kji: np.ndarray, reference: sitk.Image, path: str | os.Pat
     sitk.WriteImage(image, str(path), useCompression=compress)
 
 
-def read_label_values(path: str | os.PathLike) -> np.ndarray:
-    """A label file's values as (k, j, i) int32, with no geometry check (see :func:`load_label_on`)."""
+def _label_header(path: str | os.PathLike, what: str) -> sitk.ImageFileReader:
+    """The label file's header, read without its voxels (a forged header must not make us allocate gigabytes)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.int32)
+        reader.ReadImageInformation()
     except RuntimeError:
-        raise Unprocessable("The uploaded label cannot be read as a label image (send NIfTI or NRRD).") from None
+        raise Unprocessable(f"The {what} cannot be read as a label image (send NIfTI or NRRD).") from None
+    return reader
+
+
+def _read_label(reader: sitk.ImageFileReader, what: str) -> sitk.Image:
+    try:
+        return reader.Execute()
+    except RuntimeError:
+        raise Unprocessable(f"The {what} cannot be read as a label image (truncated or corrupt file).") from None
+
+
+def read_label_values(path: str | os.PathLike, max_voxels: int | None) -> np.ndarray:
+    """A label file's values as (k, j, i) int32, with no geometry check (see :func:`load_label_on`)."""
+    reader = _label_header(path, "uploaded label")
+    refuse_if_too_large(math.prod(reader.GetSize()), max_voxels, "The label has", "Send the label on the image's grid")
+    return sitk.GetArrayFromImage(_read_label(reader, "uploaded label")).astype(np.int32)
 
 
 def load_label_on(path: str | os.PathLike, reference: sitk.Image, what: str = "label") -> np.ndarray:
@@ -203,19 +220,18 @@ def load_label_on(path: str | os.PathLike, reference: sitk.Image, what: str = "l
     p = Path(path)
     if not p.is_file():
         raise NotFound(f"The {what} file was not found.")
-    try:
-        label = sitk.ReadImage(str(p))
-    except RuntimeError:
-        raise Unprocessable(f"The {what} cannot be read as a label image (send NIfTI or NRRD).") from None
-    if label.GetNumberOfComponentsPerPixel() != 1 or label.GetDimension() not in (2, 3):
+    reader = _label_header(p, what)
+    size = tuple(reader.GetSize()) + (1,) * (3 - reader.GetDimension())
+    if reader.GetNumberOfComponents() != 1 or reader.GetDimension() not in (2, 3):
         raise Unprocessable(f"The {what} must be a single-channel 2D or 3D label image.")
-    if label.GetDimension() == 2:
-        label = sitk.JoinSeries(label)
-    if label.GetSize() != reference.GetSize():
+    if size != reference.GetSize():
         raise Unprocessable(
-            f"The {what} has {list(label.GetSize())} voxels (i, j, k) but the image has {list(reference.GetSize())}: "
+            f"The {what} has {list(size)} voxels (i, j, k) but the image has {list(reference.GetSize())}: "
             "export the label on the image's geometry (in Slicer: the segmentation's reference volume)."
         )
+    label = _read_label(reader, what)
+    if label.GetDimension() == 2:
+        label = sitk.JoinSeries(label)
     spacing = np.asarray(reference.GetSpacing())
     mismatch = [
         name
