@@ -349,3 +349,28 @@ def test_scribbles_painted_in_the_red_view_refine_the_segment(client, info, slic
     outside = np.take(answer, index[(index < first) | (index > last)], axis=kji_axis)
     kept = np.take(existing, index[(index < first) | (index > last)], axis=kji_axis)
     assert outside.size and (outside == kept).all()  # accepted slices come back voxel for voxel
+
+
+def test_refine_from_the_final_label_the_plugin_saved(client, info, slicer_studies, tmp_path):
+    """Submit Label (``onSaveLabel``) saves the final label; a later request refines it (``refine_from: final``),
+    changing the corrected slice only and answering the rest of the saved label voxel for voxel."""
+    image = image_of(slicer_studies, "permuted")
+    blob = sitk.GetArrayFromImage(image) > 150
+    saved = sitk.GetImageFromArray(blob.astype(np.uint8))
+    saved.CopyInformation(image)
+    label_in = tmp_path / "tmpfinal.nii.gz"
+    sitk.WriteImage(saved, str(label_in), useCompression=True)
+    label_info = [{"name": name, "idx": n + 1} for n, name in enumerate(info["labels"])]
+    client.save_label("permuted", str(label_in), params={"label_info": label_info})
+    k = int(np.nonzero(blob.any(axis=(1, 2)))[0].mean())
+    rows, cols = np.nonzero(blob[k])
+    box = [int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())]
+    params = {"refine_from": "final", "prompts": [{"label": "lesion", "slice": k, "box": box}]}
+    label_file, result = client.infer("medsam2_3d", "permuted", params)
+    assert result["refined_from"] == "final" and result["changed_slices"] == {"lesion": [k, k]}
+    answer = sitk.GetArrayFromImage(read_label(label_file))
+    others = np.arange(blob.shape[0]) != k
+    assert (answer[others] == blob[others]).all()
+    with pytest.raises(Exception) as refused:  # the plugin's client raises MONAILabelClientException on a 4xx
+        client.infer("medsam2_3d", "flipped_ras", {**params, "refine_from": "never_saved_tag"})
+    assert "never_saved_tag" in str(getattr(refused.value, "msg", refused.value))
