@@ -103,7 +103,7 @@ class ImageSession:
     def restore(self, state: dict[str, Any]) -> None:
         self.prompts = dict(state["prompts"])
         self.label_ranges = dict(state["label_ranges"])
-        self.last_logits = state["last_logits"]
+        self.last_logits = dict(state["last_logits"])
         self.prompt_masks = dict(state["prompt_masks"])
         self.base = state["base"]
 
@@ -403,8 +403,8 @@ class MedSAM2Segmenter:
         self, session: ImageSession, parsed: ParsedRequest, base: BaseLabel | None, refining: bool, correction: bool
     ) -> None:
         named = {p.label: p.label_value for p in parsed.prompts}
-        if refining:
-            session.base = base
+        if refining:  # the base label supersedes the session's earlier prompts: start over from it
+            session.restore({**_EMPTY_STATE, "base": base})
         elif not correction and session.base is not None:
             session.base = session.base.without(named.values())
         session.add_prompts(parsed.prompts, correction)
