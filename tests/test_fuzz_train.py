@@ -79,7 +79,7 @@ def hostile_train_body(draw) -> dict:
                 draw(
                     st.text(min_size=1, max_size=12).filter(
                         lambda k: k not in TRAIN_NUMERIC
-                        and k not in ("train_parts", "loss", "device", "gpus", "multi_gpu", "model")
+                        and k not in ("train_parts", "loss", "device", "gpus", "multi_gpu", "model", "client_id")
                     )
                 )
             ] = draw(st.one_of(st.integers(), st.text(max_size=4), st.integers(1, 40).map(deeply_nested)))

@@ -24,6 +24,7 @@ from typing import Any
 from lib.errors import Refused
 from lib.server.patches import in_server
 from lib.storage.names import SAFE_LABEL_TAG, is_path_like
+from lib.training.options import check_client_id
 
 logger = logging.getLogger(__name__)
 
@@ -188,9 +189,14 @@ def install(check_train: Callable[[str, Any], None]) -> bool:
             from monailabel.interfaces.utils.app import app_instance
 
             trainers = list(app_instance().info().get("trainers", {}))
-            unknown = sorted(set(params or {}) - set(trainers))
+            # MONAILabelClient.train_start(None, ...) posts here with the client_id it adds to every body
+            unknown = sorted(set(params or {}) - set(trainers) - {"client_id"})
             if unknown:
                 raise Refused(422, f"POST /train/ takes {{<model>: {{options}}}} for {trainers}; got {unknown}.")
+            try:
+                check_client_id((params or {}).get("client_id"))
+            except ValueError as e:
+                raise Refused(422, f"Training not started: {e}.") from None
             for model in trainers:
                 if _check_train is not None:
                     _check_train(model, (params or {}).get(model) or {})

@@ -181,10 +181,12 @@ def _run(job: _Job, device: torch.device, distributed: DistributedContext | None
             epoch=report.epoch,
             progress=round(100 * report.epoch / settings.epochs, 1),
             best_dice=result.best_dice,
+            best_metric=result.best_dice,  # what the Slicer plugin's accuracy bar reads
             best_epoch=result.best_epoch,
             initial_dice=result.initial["dice"],
             epochs=[dataclasses.asdict(e) for e in result.epochs],
-            total_time=_elapsed(state),
+            # not total_time: the Slicer plugin reads it as "the run has ended" and resets its progress bar
+            elapsed_time=_elapsed(state),
         )
         write_state()
 

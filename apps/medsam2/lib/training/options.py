@@ -28,8 +28,11 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "p_cross_end": (0.0, 1.0),
     "seed": (0, 2**32 - 1),
 }
-# request keys besides TrainSettings' fields: MONAI Label's multi-GPU options, the device, the model name
-EXTRA_KEYS = ("multi_gpu", "gpus", "device", "model")
+# request keys besides TrainSettings' fields: MONAI Label's multi-GPU options, the device, the model name, and
+# client_id, which MONAI Label's Python client (MONAILabelClient) and its 3D Slicer plugin add to every request body:
+# it names the client and changes no setting
+EXTRA_KEYS = ("multi_gpu", "gpus", "device", "model", "client_id")
+MAX_CLIENT_ID = 256
 DEVICE = re.compile(r"^(cpu|cuda(:\d{1,3})?)$")
 
 
@@ -82,6 +85,13 @@ def parse_train_settings(request: dict[str, Any], defaults: TrainSettings) -> Tr
     return TrainSettings(**values)
 
 
+def check_client_id(value: Any) -> None:
+    """``client_id`` as MONAI Label's clients send it: absent/null or a string of at most MAX_CLIENT_ID characters."""
+    if value is not None and not (isinstance(value, str) and len(value) <= MAX_CLIENT_ID):
+        shown = f"{len(value):,} characters" if isinstance(value, str) else f"a value of type {type(value).__name__}"
+        raise ValueError(f"client_id names the client: a string of at most {MAX_CLIENT_ID} characters, got {shown}")
+
+
 def check_train_body(body: Any, defaults: TrainSettings) -> None:
     """A ``POST /train/{model}`` body: a JSON object of known options with valid values; ValueError if not."""
     if not isinstance(body, dict):
@@ -91,6 +101,7 @@ def check_train_body(body: Any, defaults: TrainSettings) -> None:
     if unknown:
         raise ValueError(f"unknown train option(s) {unknown[:5]}; the options are: {', '.join(sorted(known))}")
     parse_train_settings(body, defaults)
+    check_client_id(body.get("client_id"))
     device = body.get("device")
     if device not in (None, "") and not (isinstance(device, str) and DEVICE.match(device)):
         raise ValueError(f"train option device must be 'cpu', 'cuda' or 'cuda:<index>', got {device!r}")
