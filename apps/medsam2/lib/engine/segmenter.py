@@ -482,8 +482,9 @@ class MedSAM2Segmenter:
         out[step] = True
         out["restored"] = snapshot.request
         out["history"] = history.describe()
+        label = snapshot.label(session.image.array.shape)
         out["latencies"] = {"total": round(time.perf_counter() - t0, 4)}
-        return snapshot.label(session.image.array.shape), out, session.image.reference
+        return label, out, session.image.reference
 
 
 _EMPTY_STATE: dict[str, Any] = {"prompts": {}, "label_ranges": {}, "last_logits": {}, "prompt_masks": {}, "base": None}
