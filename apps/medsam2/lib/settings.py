@@ -391,7 +391,7 @@ SETTINGS: tuple[Setting, ...] = (
         Choice(("points", "mask")),
         "points",
         "how scribbles reach SAM2: `points` (clicks sampled along the strokes) or `mask` (the strokes as its "
-        "previous-mask input); chosen by bench/scribble_prompts.py, a request can override it (`scribble_mode`)",
+        "previous-mask input); see docs/prompts.md; a request can override it (`scribble_mode`)",
     ),
     Setting(
         "undo_levels",

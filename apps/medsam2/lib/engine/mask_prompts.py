@@ -2,7 +2,7 @@
 
 Coordinates are pixels of a slice: x is the column, y the row (as for boxes and clicks). A lasso is filled into a
 mask that SAM2 takes as its mask prompt; a scribble becomes either clicks sampled along the stroke or a mask
-that guides SAM2's decoder (``SCRIBBLE_MODES``; the default was chosen by ``bench/scribble_prompts.py``).
+that guides SAM2's decoder (``SCRIBBLE_MODES``; ``bench/scribble_prompts.py`` compares them, docs/prompts.md).
 """
 
 from __future__ import annotations
