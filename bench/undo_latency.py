@@ -157,8 +157,8 @@ def main() -> None:
         "redo_wall_median_s": float(np.median(wall_redo)),
         "undo_wall_vs_propagation_wall": round(float(np.median(wall_undo)) / walls["3d_box"][0], 5),
         "undo_wall_vs_correction_wall": round(float(np.median(wall_undo)) / walls["correction"][0], 5),
-        "note": "latencies.total of an undo/redo is taken before the segmenter decompresses the label it returns; "
-        "wall_s includes that",
+        "note": "wall_s: the segmenter call's wall time; latencies.total of an undo/redo includes decompressing its "
+        "label since commit 'An undo's latency includes decompressing the label it answers' (results before it: not)",
         "undo_restores_first_answer": bool((labels["undo"] == labels["3d_box"]).all()),
         "redo_restores_correction": bool((labels["redo"] == labels["correction"]).all()),
     }

@@ -320,17 +320,27 @@ def parse_slice_range(value: Any, n_slices: int, axis: int) -> tuple[int, int] |
     return lo, hi
 
 
+def _roi_on_slices(roi: list[tuple[int, int]], n_slices: int, axis: int) -> tuple[tuple, tuple, tuple[int, int]]:
+    """A parsed ROI's two corners as (slice, x, y) and the slices it spans (not clipped); PromptError if it lies
+    outside the image."""
+    (i0, i1), (j0, j1), (k0, k1) = roi
+    lo, hi = ijk_to_slice((i0, j0, k0), axis), ijk_to_slice((i1, j1, k1), axis)
+    first, last = int(min(lo[0], hi[0])), int(max(lo[0], hi[0]))
+    if last < 0 or first > n_slices - 1:
+        raise PromptError(
+            f"The ROI spans slices {first}..{last}, outside the image "
+            f"(slices 0..{n_slices - 1}). Place the ROI over the image."
+        )
+    return lo, hi, (first, last)
+
+
 def roi_slice_range(value: Any, volume_shape_kji: Sequence[int], axis: int) -> tuple[int, int] | None:
     """The slices along ``axis`` that an IJK ``roi`` [i0, i1, j0, j1, k0, k1] spans, clipped to the image."""
     roi = _parse_roi(value)
     if roi is None:
         return None
     n_slices = slice_shape(volume_shape_kji, axis)[0]
-    (i0, i1), (j0, j1), (k0, k1) = roi
-    lo, hi = ijk_to_slice((i0, j0, k0), axis)[0], ijk_to_slice((i1, j1, k1), axis)[0]
-    first, last = int(min(lo, hi)), int(max(lo, hi))
-    if last < 0 or first > n_slices - 1:
-        raise PromptError(f"The ROI spans slices {first}..{last}, outside the image (slices 0..{n_slices - 1}).")
+    _, _, (first, last) = _roi_on_slices(roi, n_slices, axis)
     return max(first, 0), min(last, n_slices - 1)
 
 
@@ -360,15 +370,7 @@ def _parse_viewer(
     roi_slices = None
     box = None
     if roi is not None:
-        (i0, i1), (j0, j1), (k0, k1) = roi
-        lo = ijk_to_slice((i0, j0, k0), axis)
-        hi = ijk_to_slice((i1, j1, k1), axis)
-        roi_slices = (int(min(lo[0], hi[0])), int(max(lo[0], hi[0])))
-        if roi_slices[1] < 0 or roi_slices[0] > n_slices - 1:
-            raise PromptError(
-                f"The ROI spans slices {roi_slices[0]}..{roi_slices[1]}, outside the image "
-                f"(slices 0..{n_slices - 1}). Place the ROI over the image."
-            )
+        lo, hi, roi_slices = _roi_on_slices(roi, n_slices, axis)
         box = _validate_box((lo[1], lo[2], hi[1], hi[2]), rows, cols, notes)
     points_by_slice: dict[int, list[tuple[float, float, int]]] = {}
     for pts, lab, what in ((fg, 1, "foreground"), (bg, 0, "background")):

@@ -220,7 +220,7 @@ class MedSAM2Segmenter:
         session, reused, timings, key = self._session(image_path, request, axis=2)
         with session.lock:
             history = session.undo_history(self.settings.undo_levels)
-            step = _history_step(request)
+            step = history_step(request)
             if step:
                 return self._replay(session, history, step, t0)
             image, volume = session.image, session.volume
@@ -271,7 +271,7 @@ class MedSAM2Segmenter:
         correction = bool(parse_flag(request.get("correction"), "correction"))
         with session.lock:
             history = session.undo_history(self.settings.undo_levels)
-            step = _history_step(request)
+            step = history_step(request)
             if step:
                 return self._replay(session, history, step, t0)
             if parse_flag(request.get("reset_state"), "reset_state"):
@@ -490,7 +490,8 @@ class MedSAM2Segmenter:
 _EMPTY_STATE: dict[str, Any] = {"prompts": {}, "label_ranges": {}, "last_logits": {}, "prompt_masks": {}, "base": None}
 
 
-def _history_step(request: dict[str, Any]) -> str | None:
+def history_step(request: dict[str, Any]) -> str | None:
+    """ "undo" or "redo" when the request asks for one (PromptError for both or a value that is not a flag)."""
     undo, redo = parse_flag(request.get("undo"), "undo"), parse_flag(request.get("redo"), "redo")
     if undo and redo:
         raise PromptError("Send undo or redo, not both.")

@@ -9,7 +9,7 @@ from typing import Any
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.engine.refine import LabelFile
-from lib.engine.segmenter import MedSAM2Segmenter
+from lib.engine.segmenter import MedSAM2Segmenter, history_step
 from lib.errors import PromptError
 from lib.imaging.volume_io import label_suffix, write_label
 from lib.storage.label_sources import LABEL_FILE_KEY
@@ -76,7 +76,7 @@ class MedSAM2Infer(InferTask):
     def _label_file(self, request: dict[str, Any]) -> LabelFile | None:
         source = request.get(LABEL_FILE_KEY)
         if not isinstance(source, dict):
-            if self.scribbles and not _history_step(request):
+            if self.scribbles and not history_step(request):
                 raise PromptError(
                     "The scribbles model needs the scribbles: upload a label volume with the request (the 'label' "
                     "file) holding foreground_scribbles and background_scribbles, as Slicer's scribbles tool does."
@@ -91,10 +91,6 @@ def _viewer_options(dimension: int, scribbles: bool, model_info: dict) -> dict[s
     if dimension == 3:
         return {"reset_state": False, "correction": False, "stop_rule": bool(model_info.get("stop_rule"))}
     return {}
-
-
-def _history_step(request: dict[str, Any]) -> bool:
-    return any(str(request.get(k)).lower() in ("true", "1", "yes", "on") for k in ("undo", "redo"))
 
 
 def _segment_imported(request: dict[str, Any], scribbles: bool) -> str | None:
