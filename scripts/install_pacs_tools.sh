@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# System packages for the PACS and viewer tests (Debian/Ubuntu): Orthanc with its DICOMweb plugin, and Chromium
-# with ChromeDriver for the OHIF browser test. Idempotent; needs root (or sudo). The tests start their own
-# Orthanc on 127.0.0.1 with temporary storage: the Debian service is not used (and not started here).
+# System packages for the PACS, viewer and scale-out tests (Debian/Ubuntu): Orthanc with its DICOMweb plugin,
+# Chromium with ChromeDriver for the OHIF browser test, and nginx for the replicas test. Idempotent; needs root
+# (or sudo). The tests start their own Orthanc and nginx on 127.0.0.1 with temporary storage: the Debian
+# services are not used (and not started here).
 set -euo pipefail
-packages=(orthanc orthanc-dicomweb chromium chromium-driver)
+packages=(orthanc orthanc-dicomweb chromium chromium-driver nginx)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -14,7 +15,7 @@ if [ ${#missing[@]} -eq 0 ]; then
 fi
 run=()
 [ "$(id -u)" -eq 0 ] || run=(sudo)
-# policy-rc.d 101: the packages install without starting the system Orthanc service
+# policy-rc.d 101: the packages install without starting the system Orthanc or nginx service
 if [ ! -e /usr/sbin/policy-rc.d ]; then
   printf '#!/bin/sh\nexit 101\n' | "${run[@]}" tee /usr/sbin/policy-rc.d >/dev/null
   "${run[@]}" chmod +x /usr/sbin/policy-rc.d

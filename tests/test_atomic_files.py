@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,34 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_two_datastores_on_one_folder_keep_every_label_and_see_each_others(tmp_path):
+    """Two datastore objects on one folder behave like two replicas (each its own file lock handle and index
+    copy): labels saved concurrently by both, from several threads each, are all in the index and both list
+    them, with their last version."""
+    from lib.storage.local_datastore import DurableLocalDatastore
+
+    images = [f"img{i}" for i in range(6)]
+    for image in images:
+        (tmp_path / f"{image}.nii.gz").write_bytes(b"image")
+    stores = [DurableLocalDatastore(str(tmp_path), auto_reload=False) for _ in range(2)]
+    label = tmp_path.parent / f"{tmp_path.name}_label.nii.gz"
+    label.write_bytes(b"label")
+
+    def save_versions(store, image):
+        for version in range(1, 11):
+            store.save_label(image, str(label), "final", {"version": version})
+            store.update_label_info(image, "final", {"checked": version})
+
+    threads = [threading.Thread(target=save_versions, args=(stores[i % 2], img)) for i, img in enumerate(images)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    index = json.loads((tmp_path / "datastore_v2.json").read_text())
+    for store in [*stores, DurableLocalDatastore(str(tmp_path), auto_reload=False)]:
+        for image in images:
+            info = store.get_label_info(image, "final")
+            assert (info["version"], info["checked"]) == (10, 10), (image, info)
+    assert all(index["objects"][i]["labels"]["final"]["info"]["version"] == 10 for i in images)

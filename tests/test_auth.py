@@ -430,6 +430,31 @@ def test_public_paths_and_roles_follow_the_api_prefix():
     assert required_roles("GET", "/auth/token/valid", roles) == ()
 
 
+def test_the_logs_need_an_admin():
+    """The server log (and nvidia-smi) below /logs: admin only for any method, whatever MONAI Label checks."""
+    roles = Roles()
+    for method, path, prefix in [
+        ("GET", "/logs/", ""),
+        ("GET", "/logs", ""),
+        ("GET", "/logs/gpu", ""),
+        ("HEAD", "/logs/", ""),
+        ("POST", "/logs/x/y", ""),
+        ("GET", "/api/logs/", "/api"),
+    ]:
+        assert required_roles(method, path, roles, prefix) == (roles.admin,), (method, path)
+    assert required_roles("GET", "/logs/", roles, "/api") == roles.all()  # outside the API prefix: no route
+    assert required_roles("GET", "/logsx", roles) == roles.all()
+    assert required_roles("GET", "/info/logs/", roles) == roles.all()
+
+
+def test_the_logs_are_served_to_admins_only(auth_server, idp):
+    annotator = bearer(idp.token(roles=(USER, ANNOTATOR, REVIEWER)))
+    refused = call(auth_server, "GET", "/logs/?lines=10&text=true", annotator)
+    assert refused.status_code == 403 and ADMIN in refused.text
+    served = call(auth_server, "GET", "/logs/?lines=10&text=true", bearer(idp.token(roles=(ADMIN,))))
+    assert served.status_code == 200 and served.headers["content-type"].startswith("text/plain")
+
+
 def test_user_fields_from_claims():
     names = ClaimNames(roles="resource_access#monailabel-app#roles")
     claims = {"sub": "u-1", "resource_access": {"monailabel-app": {"roles": ["monailabel-user", 7]}}}

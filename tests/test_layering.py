@@ -16,12 +16,13 @@ WEB = ("monailabel", "fastapi", "starlette", "uvicorn")
 BELOW = {
     "errors": set(),
     "atomic_files": set(),
+    "log_identifiers": set(),
     "imaging": {"errors", "atomic_files"},
     "engine": {"errors", "atomic_files", "imaging"},
     "training": {"errors", "atomic_files", "imaging", "engine"},
-    "storage": {"errors", "atomic_files", "imaging"},
+    "storage": {"errors", "atomic_files", "imaging", "log_identifiers"},
 }
-PURE = ("errors", "atomic_files", "imaging", "engine", "training")
+PURE = ("errors", "atomic_files", "log_identifiers", "imaging", "engine", "training")
 
 
 def layer_of(path: Path) -> str:

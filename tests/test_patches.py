@@ -28,11 +28,13 @@ sys.path.insert(0, {app_dir!r})
 {before}
 import monailabel.app
 from monailabel.config import settings
+from lib.server.operations import OperationsSource
 from lib.server.patches import PatchContext, install_all
 settings.MONAI_LABEL_AUTH_ENABLE = True
 settings.MONAI_LABEL_AUTH_REALM_URI = "http://127.0.0.1:9/realms/none"  # unreachable: a warning, not a failure
 settings.MONAI_LABEL_AUTH_TIMEOUT = 1
-report = install_all(PatchContext(settings, lambda model, body: None, infer_workers=4, dicomweb_timeout_s=5.0))
+operations = OperationsSource("test", dict, list)
+report = install_all(PatchContext(settings, lambda model, body: None, 4, 5.0, operations))
 print("REPORT " + json.dumps(report.as_dict()))
 """
 

@@ -43,6 +43,7 @@ CUSTOM_BAD: dict[str, list[str]] = {
     "labels": ['{"lesion":0}', "{}", "[1,2]", '{"a":1,"b":1}', '{"a":1.5}', '{"a":true}', '{"a":256}', "lesion=1"],
     "device": ["gpu", "cuda:x", "cdua"],
     "stop_rule": ["sometimes", "0,0", "0,3,1", "x,3"],
+    "replica_name": ["replica one", "a/b", "x" * 65, "node;rm"],
 }
 
 
@@ -156,6 +157,7 @@ def test_good_values_parse_to_their_types(tmp_path: Path) -> None:
         "queue_timeout_s": "2.5",
         "dicomweb_timeout_s": "3600",
         "pacs_resend_every_s": "1",
+        "replica_name": "gpu-node-2:8001",
         "auto_train_after": "3",
         "epochs": "5",
         "steps_per_epoch": "40",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from datetime import datetime
 from typing import Any
 
@@ -26,12 +27,14 @@ from lib.engine.checkpoints import CheckpointError, remove_unfinished_checkpoint
 from lib.errors import BadRequest, NotFound, Refused
 from lib.server.admission import AdmissionGate, AdmissionSettings
 from lib.server.auto_train import AutoTrain
+from lib.server.operations import OperationsSource
 from lib.server.patches import PatchContext, in_server, install_all
 from lib.server.saved_label_tag import tag_being_saved
 from lib.settings import SettingError, parse_settings
 from lib.storage.label_sources import attach_label_file, is_upload
 from lib.storage.local_datastore import CINE_PATTERNS, CineLocalDatastore
 from lib.storage.pacs_datastore import PacsDatastore, TimeoutSession, pacs_credentials
+from lib.training.lease import TrainingLease, default_replica_name
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +94,9 @@ class MedSAM2App(MONAILabelApp):
                 remove_unfinished_checkpoint_writes(provider.base.path)
         self.admission = AdmissionGate(AdmissionSettings.from_settings(self.settings))
         self.auto_train = AutoTrain(self.settings.auto_train_after)
+        self._warm_errors: dict[str, str] = {}
+        self.replica = self.settings.replica_name or default_replica_name(settings.MONAI_LABEL_SERVER_PORT)
+        self.training_lease = self._make_training_lease()
         self.patches = install_all(
             PatchContext(
                 settings=settings,
@@ -98,6 +104,7 @@ class MedSAM2App(MONAILabelApp):
                 # threads beyond the gate's limits only refuse (503): a few spare ones keep refusals immediate
                 infer_workers=self.admission.settings.max_concurrent + self.admission.settings.max_queued + 4,
                 dicomweb_timeout_s=self.dicomweb_timeout_s,
+                operations=OperationsSource(self.replica, self.operations_status, self.not_ready_reasons),
             )
         )
         super().__init__(
@@ -110,6 +117,67 @@ class MedSAM2App(MONAILabelApp):
         )
         if self.auto_train.enabled and AUTO_TRAIN_MODEL not in self._trainers:
             logger.warning("--conf auto_train_after ignored: no %r trainer (training tasks are off)", AUTO_TRAIN_MODEL)
+        if in_server():  # load the weights now, not on the first user's request; /health/ready says when done
+            threading.Thread(target=self._warm_models, daemon=True, name="warm-models").start()
+
+    def _providers(self) -> dict[str, Any]:
+        return {n: c.provider for n, c in self.models.items() if getattr(c, "provider", None) is not None}
+
+    def _make_training_lease(self) -> TrainingLease | None:
+        """The training lock sits beside the published checkpoint: replicas that share it share the lock."""
+        published = [p.published for p in self._providers().values() if p.published is not None]
+        return TrainingLease(published[0].parent, self.replica) if published else None
+
+    def _warm_models(self) -> None:
+        for name, provider in self._providers().items():
+            try:
+                provider.get()
+                logger.info("Model %s loaded at start (%.1f s)", name, provider.load_seconds)
+            except Exception as e:  # reported by /health/ready; a request retries the load
+                self._warm_errors[name] = f"{type(e).__name__}: {e}"
+                logger.error("Model %s could not be loaded at start: %s", name, e)
+
+    def not_ready_reasons(self) -> list[str]:
+        """Why ``/health/ready`` answers 503: a model not loaded yet (or failed), or the datastore unreachable."""
+        reasons = [
+            f"model {name!r} "
+            + (f"failed to load: {self._warm_errors[name]}" if name in self._warm_errors else "is loading")
+            for name, provider in self._providers().items()
+            if not provider.loaded
+        ]
+        datastore = self.datastore()
+        if isinstance(datastore, PacsDatastore):
+            problem = datastore.unreachable_reason()
+        else:
+            problem = (
+                None
+                if os.access(self.studies, os.R_OK | os.W_OK)
+                else f"the studies folder {self.studies} is not writable"
+            )
+        return reasons + ([problem] if problem else [])
+
+    def operations_status(self) -> dict[str, Any]:
+        """What ``/metrics`` reports (keys: :class:`lib.server.operations.AppStatusCollector`)."""
+        holder = self.training_lease.holder() if self.training_lease is not None else None
+        stats = self._trainers[AUTO_TRAIN_MODEL].stats() if AUTO_TRAIN_MODEL in self._trainers else {}
+        datastore = self.datastore()
+        return {
+            "admission": self.admission.snapshot(),
+            "session_cache": {n: c.segmenter.cache.stats() for n, c in self.models.items() if hasattr(c, "segmenter")},
+            "checkpoints": {
+                n: {"name": p.checkpoint.name, "licence": p.checkpoint.licence, "version": p.version}
+                for n, p in self._providers().items()
+            },
+            "training": {
+                "running": 1 if holder else 0,
+                "holder": holder.describe() if holder else None,
+                "status": stats.get("status", ""),
+                "last_dice": stats.get("best_metric"),
+            },
+            "pacs_labels_not_sent": datastore.status()["labels_not_sent"]
+            if isinstance(datastore, PacsDatastore)
+            else None,
+        }
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")) and "googleapis.com" not in self.studies:
@@ -167,7 +235,22 @@ class MedSAM2App(MONAILabelApp):
         return {"auto_train": {"started": started, "pending": self.auto_train.pending(_last_training_start())}}
 
     def _start_auto_training(self) -> bool:
+        if self.training_lease is not None and self._take_training_lease(AUTO_TRAIN_MODEL) is not None:
+            return False  # another replica trains: its run includes this label or the next one will
         return bool(self.async_training(AUTO_TRAIN_MODEL, enqueue=False))
+
+    def _take_training_lease(self, model: str) -> str | None:
+        """Take the cross-replica training lock for a run of ``model``; None when taken, else who holds it."""
+        lease = self.training_lease
+        if lease is None:
+            return None
+        if lease.held_here and not _training_under_way():
+            lease.release()  # this replica's last run ended; its watcher has not noticed yet
+        holder = lease.try_acquire(model)
+        if holder is not None:
+            return holder.describe()
+        lease.release_when_done(_training_under_way)
+        return None
 
     def _check_train_request(self, model: str, body: Any) -> None:
         """``POST /train/{model}``: refuse (4xx) an unknown model or a body its trainer would fail on, before a
@@ -183,6 +266,13 @@ class MedSAM2App(MONAILabelApp):
                 check(body)
             except ValueError as e:
                 raise Refused(422, f"Training not started: {str(e).rstrip('.')}.") from None
+        running = self._take_training_lease(model)
+        if running is not None:
+            raise Refused(
+                409,
+                f"Training not started: a training run is under way ({running}). One run at a time for all "
+                "replicas; wait for it to finish (GET /train/ on that replica) or stop it there.",
+            )
 
     def init_infers(self) -> dict[str, InferTask]:
         infers: dict[str, InferTask] = {}
@@ -223,16 +313,20 @@ class MedSAM2App(MONAILabelApp):
             for stats in meta.get("train_stats", {}).values():
                 if isinstance(stats, dict) and stats.get("status") == "RUNNING":
                     stats["status"] = "INTERRUPTED"
+        meta["replica"] = self.replica
         meta["checkpoints"] = {
             name: {
                 "name": c.checkpoint.name,
                 "random_weights": c.checkpoint.is_random,
                 "path": c.path,
                 "serving": c.provider.source().name,
+                "licence": c.provider.source().licence,
             }
             for name, c in self.models.items()
             if hasattr(c, "checkpoint")
         }
+        holder = self.training_lease.holder() if self.training_lease is not None else None
+        meta["training_lock"] = {"held_by": holder.describe() if holder else None}
         if self.auto_train.enabled:
             meta["auto_train"] = {
                 "after": self.auto_train.after,

@@ -261,6 +261,12 @@ def _stop_rule(text: str) -> StopRule | None:
         raise NotAllowed() from None
 
 
+def _replica_name(text: str) -> str:
+    if text and not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", text):
+        raise NotAllowed("1 to 64 letters, digits, '.', '_', ':' or '-'")
+    return text
+
+
 def _boolean(text: str) -> bool:
     word = text.strip().lower()
     if word not in ("true", "false"):
@@ -308,6 +314,7 @@ def _train_option(field: dataclasses.Field) -> TrainOption:
 
 SECONDS_TO_HOUR = Number(float, 0, 3600, low_excluded=True, unit="seconds")
 MODEL, MEMORY, PACS, TRAINING = "Model and images", "Memory and load", "PACS (DICOMweb)", "Training defaults"
+OPERATIONS = "Operations"
 DEFAULT_LABELS = '{"lesion":1,"organ":2,"vessel":3,"other":4}'
 _WINDOWS = ", ".join(CT_WINDOWS)
 
@@ -467,6 +474,15 @@ SETTINGS: tuple[Setting, ...] = (
         "how often the server refreshes its view of the PACS and re-sends final labels whose SEG upload failed",
     ),
     Setting(
+        "replica_name",
+        OPERATIONS,
+        Custom(_replica_name, "1 to 64 letters, digits, '.', '_', ':' or '-'"),
+        "",
+        "this server's name in `/info`, `/metrics`, the `X-Served-By` header and the training lock (replicas: "
+        "see docs/scale_out.md)",
+        shown_default="`<host name>:<port>`",
+    ),
+    Setting(
         "auto_train_after",
         TRAINING,
         Number(int, 0, note="0: off"),
@@ -513,6 +529,7 @@ class AppSettings:
     queue_timeout_s: float
     dicomweb_timeout_s: float
     pacs_resend_every_s: float
+    replica_name: str  # '' : <host name>:<port>
     auto_train_after: int
     train: TrainSettings  # the training defaults (a request can override each)
 

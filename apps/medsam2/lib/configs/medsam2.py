@@ -84,7 +84,9 @@ class MedSAM2(TaskConfig):
     def trainer(self):
         from lib.trainers.medsam2 import MedSAM2Trainer
 
-        stats = _path(os.path.join(self.model_dir, "train_stats_medsam2.json"))
+        # beside the published weights they describe: replicas that share those share the stats too
+        assert self.provider.published is not None
+        stats = self.provider.published.parent / "train_stats_medsam2.json"
         return MedSAM2Trainer(self.provider, self.window, stats, self.settings.train)
 
 

@@ -30,6 +30,10 @@ _MEDSAM2_HUB = "https://huggingface.co/wanglab/MedSAM2/resolve/main/"
 _SAM21_HUB = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
 
 RANDOM = "random"
+MEDSAM2_LICENCE = "CC-BY-SA-4.0"  # the MedSAM2 weights (wanglab/MedSAM2 on Hugging Face)
+SAM21_LICENCE = "Apache-2.0"  # the SAM 2.1 weights (facebookresearch/sam2)
+UNKNOWN_LICENCE = "unknown"  # a file or URL given by the administrator
+RANDOM_LICENCE = "none (random weights)"
 
 
 @dataclass(frozen=True)
@@ -40,11 +44,12 @@ class CheckpointSpec:
     filename: str
     url: str
     config: Path
+    licence: str
 
 
 KNOWN_CHECKPOINTS: dict[str, CheckpointSpec] = {
     **{
-        name: CheckpointSpec(name, f"{name}.pt", f"{_MEDSAM2_HUB}{name}.pt", MEDSAM2_CONFIG)
+        name: CheckpointSpec(name, f"{name}.pt", f"{_MEDSAM2_HUB}{name}.pt", MEDSAM2_CONFIG, MEDSAM2_LICENCE)
         for name in (
             "MedSAM2_latest",
             "MedSAM2_2411",
@@ -59,6 +64,7 @@ KNOWN_CHECKPOINTS: dict[str, CheckpointSpec] = {
             f"sam2.1_hiera_{size}.pt",
             f"{_SAM21_HUB}sam2.1_hiera_{size}.pt",
             _SAM2_CONFIGS / f"sam2.1_hiera_{cfg}.yaml",
+            SAM21_LICENCE,
         )
         for size, cfg in (("tiny", "t"), ("small", "s"), ("base_plus", "b+"), ("large", "l"))
     },
@@ -82,12 +88,14 @@ class CheckpointError(ModelUnavailable, RuntimeError):
 
 @dataclass(frozen=True)
 class ResolvedCheckpoint:
-    """Where the weights come from (``path`` is None for random weights) and which config builds the model."""
+    """Where the weights come from (``path`` is None for random weights), which config builds the model, and
+    the licence of the weights (``/info`` shows it)."""
 
     name: str
     config: Path
     path: Path | None
     url: str | None = None
+    licence: str = UNKNOWN_LICENCE
 
     @property
     def is_random(self) -> bool:
@@ -106,11 +114,12 @@ def resolve_checkpoint(
     spec = (spec or DEFAULT_CHECKPOINT).strip()
     cfg_override = Path(config) if config else None
     if spec == RANDOM:
-        return ResolvedCheckpoint(RANDOM, cfg_override or MEDSAM2_CONFIG, None)
+        return ResolvedCheckpoint(RANDOM, cfg_override or MEDSAM2_CONFIG, None, licence=RANDOM_LICENCE)
     key = spec[:-3] if spec.endswith(".pt") and spec[:-3] in KNOWN_CHECKPOINTS else spec
     if key in KNOWN_CHECKPOINTS:
         known = KNOWN_CHECKPOINTS[key]
-        return ResolvedCheckpoint(known.name, cfg_override or known.config, model_dir / known.filename, known.url)
+        path = model_dir / known.filename
+        return ResolvedCheckpoint(known.name, cfg_override or known.config, path, known.url, known.licence)
     if spec.startswith(("http://", "https://")):
         filename = os.path.basename(spec.split("?")[0]) or "checkpoint.pt"
         return ResolvedCheckpoint(filename, cfg_override or MEDSAM2_CONFIG, model_dir / filename, spec)

@@ -44,7 +44,10 @@ class ModelProvider:
 
     def source(self) -> ResolvedCheckpoint:
         if self.published is not None and self.published.exists():
-            return ResolvedCheckpoint(f"{self.base.name}+finetuned", self.base.config, self.published)
+            # fine-tuned weights are a derivative of the base weights: same licence
+            return ResolvedCheckpoint(
+                f"{self.base.name}+finetuned", self.base.config, self.published, licence=self.base.licence
+            )
         return self.base
 
     def _file_stamp(self) -> tuple | None:

@@ -44,10 +44,13 @@ KEY_REFRESH_MIN_INTERVAL_S = 60.0
 
 # Open without a token. The API description and the viewer's static files hold no patient data; Slicer asks
 # /auth/ whether to log in and logs in through /auth/token. The /auth paths are under MONAI_LABEL_API_STR.
-PUBLIC_PATHS = frozenset({"/", "/docs", "/openapi.json", "/favicon.ico"})
+# Load balancers and orchestrators probe /health/live and /health/ready without credentials (their answers
+# say only alive/ready and why not); /metrics needs a token like every other route.
+PUBLIC_PATHS = frozenset({"/", "/docs", "/openapi.json", "/favicon.ico", "/health/live", "/health/ready"})
 PUBLIC_API_PATHS = frozenset({"/auth/", "/auth/token"})
 PUBLIC_PREFIXES = ("/static/",)
 TOKEN_CHECK_PATH = "/auth/token/valid"  # says whether a token is valid: any valid token may ask
+LOGS_PATH = "/logs"  # admin only, whatever MONAI Label's own check on a route below it says
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,8 @@ def required_roles(method: str, path: str, roles: Roles, api_prefix: str = "") -
     if method == "POST" and path == "/reload":
         return (roles.admin,)
     if method in ("PUT", "DELETE") and api_path.startswith("/model/"):
+        return (roles.admin,)
+    if api_path == LOGS_PATH or api_path.startswith(LOGS_PATH + "/"):  # the server log, nvidia-smi
         return (roles.admin,)
     return roles.all()
 

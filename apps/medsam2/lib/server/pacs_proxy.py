@@ -9,6 +9,7 @@ and a PACS that is down answers 500 with a stack trace. Here the forwarding runs
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -70,7 +71,7 @@ def install_pacs_proxy(timeout_s: float) -> bool:
             )
 
         try:
-            answer = await asyncio.get_running_loop().run_in_executor(_POOL, forward)
+            answer = await asyncio.get_running_loop().run_in_executor(_POOL, contextvars.copy_context().run, forward)
         except requests.RequestException as e:
             message = describe_failure(server, f"serving {request.method} {op or 'dicom'}/{path}", e, limit)
             logger.error(message)

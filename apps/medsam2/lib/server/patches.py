@@ -43,6 +43,7 @@ class PatchContext:
     check_train: Callable[[str, Any], None]
     infer_workers: int
     dicomweb_timeout_s: float
+    operations: Any = None  # lib.server.operations.OperationsSource
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,14 @@ def _apply_saved_label_tag(ctx: PatchContext) -> bool:
     return True
 
 
+def _apply_operations(ctx: PatchContext) -> bool:
+    from lib.server import operations
+
+    require(ctx.operations is not None, "the app's operations source")
+    require(operations.install(ctx.operations), "monailabel.app routes and middleware")
+    return True
+
+
 def _check_local_datastore(ctx: PatchContext) -> bool:
     from monailabel.datastore.local import LocalDatastore
 
@@ -191,6 +200,15 @@ def _check_local_datastore(ctx: PatchContext) -> bool:
     assigned = LocalDatastore.__init__.__code__.co_names  # attribute names its __init__ stores
     missing += [name for name in LOCAL_DATASTORE_FIELDS if name not in assigned]
     require(not missing, f"LocalDatastore.{', LocalDatastore.'.join(missing)}")
+    return True
+
+
+def _apply_log_privacy(ctx: PatchContext) -> bool:
+    from lib.server import log_privacy
+
+    app_dir = ctx.settings.MONAI_LABEL_APP_DIR
+    require(log_privacy.install(f"{app_dir}/model" if app_dir else None), "the logging handlers of logging.json")
+    require(log_privacy.is_installed(), "a logging handler without the scrubbing formatter")
     return True
 
 
@@ -258,11 +276,27 @@ PATCHES: tuple[Patch, ...] = (
         apply=_apply_saved_label_tag,
     ),
     Patch(
+        "operations",
+        "monailabel.app: GET /metrics, /health/live, /health/ready and an outermost ASGI middleware",
+        "MONAI Label has no metrics or health endpoints and no request ids: an operator had nothing to watch "
+        "and a load balancer nothing to probe",
+        security=False,
+        apply=_apply_operations,
+    ),
+    Patch(
         "local_datastore_internals",
         "monailabel.datastore.local.LocalDatastore (subclassed: crash-safe index and label writes)",
         "MONAI Label writes its datastore index and labels in place: a crash mid-write loses them",
         security=True,
         apply=_check_local_datastore,
+    ),
+    Patch(
+        "log_privacy",
+        "every logging handler MONAI Label configures (logging.json)",
+        "MONAI Label logs series info with the PatientID (e.g. every next sample) into logs/app.log, served by "
+        "GET /logs/; now identifying DICOM values become pseudonyms in every log line",
+        security=True,
+        apply=_apply_log_privacy,
     ),
 )
 

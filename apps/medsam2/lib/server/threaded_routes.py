@@ -9,6 +9,7 @@ admission gate sees concurrent requests and can queue or refuse them, and ``/inf
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -102,7 +103,8 @@ def serve_datastore_routes_in_threads(workers: int = 8) -> int:
         def bind(original):
             @functools.wraps(original)
             async def in_thread(**kwargs):
-                return await asyncio.get_running_loop().run_in_executor(pool, lambda: asyncio.run(original(**kwargs)))
+                work = functools.partial(contextvars.copy_context().run, lambda: asyncio.run(original(**kwargs)))
+                return await asyncio.get_running_loop().run_in_executor(pool, work)
 
             in_thread._medsam2_threaded = True  # type: ignore[attr-defined]
             return in_thread
@@ -147,7 +149,8 @@ def serve_infer_in_threads(workers: int) -> bool:
     async def run_in_thread(**kwargs):
         kwargs.pop("user", None)  # checked by the dependency; not a parameter of run_inference
         call = functools.partial(infer_endpoints.run_inference, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(pool, call)
+        # the request's context (its request id, for the log lines) goes with it into the thread
+        return await asyncio.get_running_loop().run_in_executor(pool, contextvars.copy_context().run, call)
 
     _replace_endpoint(found, run_in_thread)
     server.openapi_schema = None

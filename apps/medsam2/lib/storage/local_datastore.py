@@ -7,6 +7,11 @@ when it overwrites a label saved earlier), or a truncated index, with which the 
 fsync, rename), a start removes the temporary files of killed writes, and an unreadable index found at start
 (e.g. left by a MONAI Label without this fix) is moved aside and rebuilt from the files instead of stopping
 the server.
+
+Several server processes (replicas, see docs/scale_out.md) may share one datastore folder. Each keeps the index
+in memory; here every access to it first checks the index file (one ``stat``) and reads it again when another
+process replaced it, and every write re-reads it under the datastore's file lock before changing it. So no
+process writes back an index that lacks another process's label, and each sees the others' labels at once.
 """
 
 from __future__ import annotations
@@ -15,14 +20,16 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
-from monailabel.interfaces.exception import ImageNotFoundException
+from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
 from lib.atomic_files import atomic_write, remove_stale_temp_files
 from lib.errors import BadRequest
@@ -54,14 +61,53 @@ LOCAL_DATASTORE_INTERNALS = (
 LOCAL_DATASTORE_FIELDS = ("_datastore", "_datastore_path", "_datastore_config_path", "_config_ts")  # set in __init__
 
 
+def _index_stamp(path: str) -> tuple[int, int] | None:
+    """What changes when any process replaces the index file (a rename gives it a new inode)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 class DurableLocalDatastore(LocalDatastore):
-    """LocalDatastore whose label, image and index writes are atomic and durable (see the module docstring)."""
+    """LocalDatastore whose label, image and index writes are atomic and durable, and whose index stays current
+    when other processes write to the same folder (see the module docstring)."""
 
     def __init__(self, datastore_path: str, *args: Any, read_only: bool = False, **kwargs: Any):
         self._durable_read_only = read_only
+        # held while the index object is swapped for a newer one, and by a writer from its read to its write,
+        # so no thread of this process writes back an index another thread just replaced
+        self.__dict__["_index_guard"] = threading.RLock()
         super().__init__(datastore_path, *args, read_only=read_only, **kwargs)
         if not read_only:
             self.remove_unfinished_writes()
+
+    @property
+    def _datastore(self) -> LocalDatastoreModel:
+        """The index, read again first if another process replaced its file since this one last read or wrote it."""
+        path = self.__dict__.get("_datastore_config_path")
+        if path is not None and self.__dict__.get("_index_stamp") != _index_stamp(path):
+            with self.__dict__["_index_guard"]:
+                if self.__dict__.get("_index_stamp") != _index_stamp(path):
+                    self._read_index_file(path)
+        return self.__dict__["_index"]
+
+    @_datastore.setter
+    def _datastore(self, index: LocalDatastoreModel) -> None:
+        self.__dict__["_index"] = index
+        path = self.__dict__.get("_datastore_config_path")
+        if path is not None:
+            self.__dict__["_index_stamp"] = _index_stamp(path)
+
+    def _read_index_file(self, path: str) -> None:
+        stamp = _index_stamp(path)
+        try:
+            index = LocalDatastoreModel.model_validate_json(Path(path).read_text())
+        except (OSError, ValueError):  # replaced again while read, or unreadable: the start-up check reports it
+            return
+        index.base_path = self._datastore_path
+        self.__dict__["_index"], self.__dict__["_index_stamp"] = index, stamp
 
     def remove_unfinished_writes(self) -> list[Path]:
         """Delete the temporary files of writes that a killed process left (index, images, labels)."""
@@ -92,24 +138,27 @@ class DurableLocalDatastore(LocalDatastore):
     def _update_datastore_file(self, lock: bool = True) -> None:
         self._write_index(lock)
 
+    @contextmanager
+    def index_write_lock(self) -> Iterator[None]:
+        """Held from reading the index to writing it back: other processes (the file lock) and this process's
+        other threads (the index guard) wait."""
+        with FileLock(self._lock_file), self.__dict__["_index_guard"]:
+            yield
+
     def _write_index(self, lock: bool = True, pause_at: str | None = None) -> None:
         if lock:
-            with FileLock(self._lock_file):
+            with self.index_write_lock():
                 return self._write_index(False, pause_at)
         text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
         # a rename, unlike LocalDatastore's rewrite, sends the file watcher no "modified" event to ignore
         with atomic_write(self._datastore_config_path, pause_at=pause_at) as tmp:
             Path(tmp).write_text(text)
         self._config_ts = os.stat(self._datastore_config_path).st_mtime
+        self.__dict__["_index_stamp"] = _index_stamp(self._datastore_config_path)
 
     def reload_index_locked(self) -> None:
         """Read the index again if another process rewrote it; the caller holds the datastore's file lock."""
-        path = self._datastore_config_path
-        if os.path.exists(path) and os.stat(path).st_mtime != self._config_ts:
-            ts = os.stat(path).st_mtime
-            self._datastore = LocalDatastoreModel.model_validate_json(Path(path).read_text())
-            self._datastore.base_path = self._datastore_path
-            self._config_ts = ts
+        _ = self._datastore  # the property reads the file again when it changed
 
     def save_label(
         self,
@@ -128,10 +177,8 @@ class DurableLocalDatastore(LocalDatastore):
         _, label_ext = self._to_id(os.path.basename(label_filename))
         label_path = self._datastore.label_path(label_tag)
         name = self._filename(image_id, label_ext)
-        with FileLock(self._lock_file):
-            # looked up under the lock: a reload of the index (file watcher) replaces the objects under it too
-            if only_if is not None:
-                self.reload_index_locked()
+        with self.index_write_lock():
+            # looked up under the lock, in the index as any process last wrote it
             obj = self._datastore.objects.get(image_id)
             if not obj:
                 raise ImageNotFoundException(f"Image {image_id} not found")
@@ -154,13 +201,31 @@ class DurableLocalDatastore(LocalDatastore):
         check_writable_names(image_id)
         logger.info(f"Adding Image: {image_id} => {image_filename}")
         name = self._filename(image_id, image_ext)
-        with FileLock(self._lock_file):
+        with self.index_write_lock():
             with atomic_write(os.path.realpath(os.path.join(self._datastore.image_path(), name))) as tmp:
                 shutil.copyfile(image_filename, tmp)
             info = {**(image_info or {}), "ts": int(time.time()), "name": name}
             self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext))
             self._write_index(lock=False)
         return image_id
+
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        """Merge ``info`` into the image's info (under the lock, in the current index)."""
+        with self.index_write_lock():
+            obj = self._datastore.objects.get(image_id)
+            if not obj:
+                raise ImageNotFoundException(f"Image {image_id} not found")
+            obj.image.info.update(info)
+            self._write_index(lock=False)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
+        """Merge ``info`` into the label's info (under the lock, in the current index)."""
+        with self.index_write_lock():
+            label = self._datastore.label(label_id, label_tag)
+            if not label:
+                raise LabelNotFoundException(f"Label: {label_id} Tag: {label_tag} not found")
+            label.info.update(info)
+            self._write_index(lock=False)
 
 
 CINE_PATTERNS = [f"*{suffix}" for suffix in (".dcm", *VIDEO_SUFFIXES)]

@@ -35,7 +35,6 @@ import pydicom.errors
 import requests
 import SimpleITK as sitk
 from dicomweb_client import DICOMwebClient
-from filelock import FileLock
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.utils.convert import binary_to_image, dicom_to_nifti
 from monailabel.interfaces.datastore import DefaultLabelTag
@@ -52,6 +51,7 @@ from lib.imaging.dicom_seg import (
     segments_for,
     write_dicom_seg,
 )
+from lib.log_identifiers import identifying_values, remember_identifiers
 from lib.storage.local_datastore import DurableLocalDatastore, check_writable_names
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         self._all_segs: set[str] = set()
         self._known_images: list[str] = []
         self._last_failure: str | None = None
+        self._reachability: tuple[float, str | None] | None = None  # (when checked, why unreachable)
         self.unreadable_segs: dict[str, str] = {}  # SEG series uid -> why it was left out
         # DurableLocalDatastore's start also removes the temporary folders of downloads a killed server left
         super().__init__(client, search_filter, cache_path, fetch_by_frame=fetch_by_frame, convert_to_nifti=True)
@@ -177,9 +178,11 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
 
     def _dicom_info(self, series_id):
         try:
-            return self._pacs(f"looking up series {series_id}", super()._dicom_info, series_id)
+            info = self._pacs(f"looking up series {series_id}", super()._dicom_info, series_id)
         except IndexError:  # the search found nothing: keep what is known
             return {"SeriesInstanceUID": series_id}
+        remember_identifiers(identifying_values(info))  # never in a log line from now on
+        return info
 
     def _download_series(self, series_uid: str, target: str) -> None:
         """Download a series into ``target`` all at once: a temporary folder renamed when complete."""
@@ -196,6 +199,7 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
             )
             if not os.listdir(partial):
                 raise NotFound(f"The PACS has no instances in series {series_uid}.")
+            _remember_patient(os.path.join(partial, sorted(os.listdir(partial))[0]))
 
     # ----- images -------------------------------------------------------------------------------------------
     def get_image_uri(self, image_id: str) -> str:
@@ -295,7 +299,7 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
                 self._remove_final(image_id, info)
 
     def _remove_final(self, image_id: str, expected: dict[str, Any]) -> None:
-        with FileLock(self._lock_file):
+        with self.index_write_lock():
             self.reload_index_locked()
             obj = self._datastore.objects.get(image_id)
             label = obj.labels.get(FINAL) if obj else None
@@ -368,6 +372,20 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         if self.unreadable_segs:
             status["unreadable_segs"] = list(self.unreadable_segs.values())[-10:]
         return status
+
+    def unreachable_reason(self, max_age_s: float = 5.0) -> str | None:
+        """Why the PACS cannot be reached now (None: it answered a one-series search); checked at most every
+        ``max_age_s`` seconds (readiness probes come often)."""
+        now = time.monotonic()
+        if self._reachability is not None and now - self._reachability[0] < max_age_s:
+            return self._reachability[1]
+        try:
+            self._pacs("checking that the PACS answers", self._client.search_for_series, limit=1)
+            reason = None
+        except (PacsUnavailable, NotFound) as e:
+            reason = e.detail
+        self._reachability = (now, reason)
+        return reason
 
     def json(self) -> dict[str, Any]:
         """``/datastore/?output=all``: every series the PACS lists (those not fetched yet without files)."""
@@ -479,12 +497,20 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
 
     def _update_label_info(self, image_id: str, expected: dict[str, Any], info: dict[str, Any]) -> None:
         """Record how sending went, unless the label was saved again meanwhile (its own send records that)."""
-        with FileLock(self._lock_file):
+        with self.index_write_lock():
             self.reload_index_locked()
             obj = self._datastore.objects.get(image_id)
             if obj and FINAL in obj.labels and obj.labels[FINAL].info.get("save_id") == expected.get("save_id"):
                 obj.labels[FINAL].info = info
                 self._write_index(lock=False)
+
+
+def _remember_patient(path: str) -> None:
+    """The names and ids of the patient of a downloaded DICOM file, for the log scrubber."""
+    try:
+        remember_identifiers(identifying_values(pydicom.dcmread(path, stop_before_pixels=True)))
+    except Exception as e:  # not readable here: the conversion reports it
+        logger.debug("No patient attributes read from a downloaded file: %s", type(e).__name__)
 
 
 def _download(series_uid: str, folder: str, client: DICOMwebClient, by_frame: bool) -> None:

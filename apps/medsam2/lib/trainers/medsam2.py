@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from lib.engine.model_provider import ModelProvider
 from lib.engine.preprocessing import IntensityWindow
 from lib.training.data import load_study
 from lib.training.distributed import DistributedContext, DistributedPlan, cpu_ranks_from_env, launch, plan_distributed
+from lib.training.lease import exit_when_orphaned
 from lib.training.loop import EpochReport, TrainResult, train
 from lib.training.options import check_train_body, parse_train_settings
 from lib.training.settings import TrainSettings
@@ -78,6 +80,8 @@ class MedSAM2Trainer(TrainTask):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         """Train in this process, or with ``multi_gpu`` over several GPUs in one spawned process per GPU (DDP)."""
+        if _started_by_server():
+            exit_when_orphaned()  # a killed server released the training lock: this run must not publish
         settings = self._settings(request)
         plan = self._plan(request)
         items = sorted(datastore.datalist(), key=lambda d: str(d["image"]))
@@ -133,6 +137,12 @@ class MedSAM2Trainer(TrainTask):
             write_json_atomic(self.stats_path, state)
             raise
         return self.stats()
+
+
+def _started_by_server() -> bool:
+    """This process is the training subprocess MONAI Label's server starts (``-m monailabel.interfaces.utils.app``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", "") == "monailabel.interfaces.utils.app"
 
 
 @dataclass

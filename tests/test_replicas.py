@@ -1,0 +1,358 @@
+"""Two real server replicas behind a real nginx (deploy/nginx/medsam2-replicas.conf, rendered by
+scripts/replicas.py) on one shared studies folder and one shared model folder: an image keeps meeting its
+replica, labels saved on either are seen by both, one training run at a time for both and its checkpoint
+reaches both, the operations endpoints answer, and a SIGKILL of one replica while annotators work loses no
+acknowledged label (failures: only requests in flight at the kill, each a 502 from nginx saying what to do).
+
+The tests of this module share one replica set and run in file order: the last one kills a replica.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+import torch
+from pacs_testing import require
+from test_training import learnable_volume
+
+from conftest import Server, kill_server, start_server, stop_server, write_image
+from lib.engine.checkpoints import build_model, save_checkpoint
+from sam2_testing import APP_DIR, small_config_file
+
+sys.path.insert(0, str(APP_DIR.parents[1] / "scripts"))
+from local_orthanc import free_port  # noqa: E402
+from replicas import nginx_binary, render_nginx_conf, start_nginx, wait_ready  # noqa: E402
+
+SHAPE = (12, 48, 48)
+GEOMETRY = dict(spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+IMAGES = [f"case{i}" for i in range(6)]
+LABELLED = IMAGES[:4]
+PUBLISHING_RUN = {"epochs": 1, "steps_per_epoch": 2, "clip_length": 3, "max_objects": 2, "lr": 3e-3}
+PUBLISHING_RUN |= {"grad_clip": 1.0, "p_box": 1.0, "p_cross_end": 0.0}
+BOX_3D = {"prompts": [{"label": "lesion", "slice": 6, "box": [14, 14, 34, 34]}]}
+BOX_2D = {"prompts": [{"label": "lesion", "slice": 5, "box": [14, 14, 34, 34]}]}
+
+
+@dataclass
+class ReplicaSet:
+    url: str  # nginx
+    replicas: dict[str, Server]
+    nginx: subprocess.Popen
+    studies: Path
+    published: Path
+    run_dir: Path
+    killed: set[str] = field(default_factory=set)
+
+
+def label_array(image: str, version: int) -> np.ndarray:
+    """The image's true label; version v > 0 lacks one voxel, which one depends on v."""
+    label = learnable_volume(int(image[4:]), SHAPE)[1].copy()
+    if version:
+        voxels = np.flatnonzero(label)
+        label.flat[voxels[version % len(voxels)]] = 0
+    return label
+
+
+@pytest.fixture(scope="module")
+def replica_set(tmp_path_factory):
+    require([nginx_binary()], "nginx (Debian nginx)")
+    root = tmp_path_factory.mktemp("replicas")
+    config = small_config_file(root)
+    torch.manual_seed(0)
+    ckpt = root / "random_small.pt"
+    save_checkpoint(build_model(config), ckpt)
+    # served from the start; its object-score head says "no object", so a training run beats it and publishes
+    published = root / "shared_model" / "finetuned.pt"
+    torch.manual_seed(1)
+    earlier = build_model(config)
+    torch.nn.init.zeros_(earlier.sam_mask_decoder.pred_obj_score_head.layers[-1].weight)
+    torch.nn.init.zeros_(earlier.sam_mask_decoder.pred_obj_score_head.layers[-1].bias)
+    save_checkpoint(earlier, published)
+    studies = root / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for seed, image in enumerate(IMAGES):
+        write_image(learnable_volume(seed, SHAPE)[0].astype(np.int16), studies / f"{image}.nii.gz", **GEOMETRY)
+        if image in LABELLED:
+            write_image(label_array(image, 0), studies / "labels" / "final" / f"{image}.nii.gz", **GEOMETRY)
+    conf = {"checkpoint": str(ckpt), "model_config": str(config), "window": "128,256", "device": "cpu"}
+    conf |= {"finetuned_checkpoint": str(published), "max_sessions": "8"}
+    replicas = {}
+    for name in ("r1", "r2"):
+        log = root / f"{name}.log"
+        replicas[name] = start_server(studies, {**conf, "replica_name": name}, log, own_process_group=True)
+    port = free_port()
+    run_dir = root / "nginx"
+    nginx = start_nginx(
+        render_nginx_conf(f"127.0.0.1:{port}", [s.url[len("http://") :] for s in replicas.values()], run_dir)
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, 60)
+    rs = ReplicaSet(url, replicas, nginx, studies, published, run_dir)
+    yield rs
+    nginx.terminate()
+    nginx.wait(timeout=30)
+    for name, server in replicas.items():
+        if name not in rs.killed:
+            stop_server(server)
+
+
+def infer(url: str, image: str, params: dict, model: str = "medsam2_3d", **kw) -> requests.Response:
+    return requests.post(
+        f"{url}/infer/{model}",
+        params={"image": image, "output": "all"},
+        data={"params": json.dumps(params)},
+        timeout=300,
+        **kw,
+    )
+
+
+def answer_of(response: requests.Response) -> tuple[np.ndarray | None, dict]:
+    """(label voxels, result JSON) of an output=all answer."""
+    boundary = response.headers["content-type"].split("boundary=")[1].encode()
+    label, result = None, {}
+    for part in response.content.split(b"--" + boundary):
+        head, _, body = part.partition(b"\r\n\r\n")
+        body = body.rstrip(b"\r\n")
+        if b"application/json" in head:
+            result = json.loads(body)
+        elif body and b"Content-" in head:
+            path = Path(os.environ.get("TMPDIR", "/tmp")) / f"answer_{threading.get_ident()}.nii.gz"
+            path.write_bytes(body)
+            label = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    return label, result
+
+
+def save_label(url: str, image: str, version: int, folder: Path) -> requests.Response:
+    path = folder / f"{image}_v{version}_{threading.get_ident()}.nii.gz"
+    write_image(label_array(image, version), path, **GEOMETRY)
+    try:
+        return requests.put(
+            f"{url}/datastore/label",
+            params={"image": image, "tag": "final"},
+            files={"label": (f"{image}.nii.gz", path.read_bytes())},
+            data={"params": json.dumps({"version": version})},
+            timeout=120,
+        )
+    finally:
+        path.unlink()
+
+
+def _served_by(url: str, image: str) -> str:
+    """The replica nginx sends requests about ``image`` to."""
+    return requests.get(f"{url}/datastore/image/info", params={"image": image}, timeout=30).headers["x-served-by"]
+
+
+def test_an_image_keeps_meeting_its_replica(replica_set):
+    # which replica answers: the consistent hash of the image id (existing or not), the same every time
+    served_by = {}
+    for i in range(40):
+        image = f"no_such_image_{i}"
+        answers = {
+            requests.get(f"{replica_set.url}/datastore/image/info", params={"image": image}, timeout=30)
+            for _ in range(2)
+        }
+        replicas = {r.headers["x-served-by"] for r in answers}
+        assert len(replicas) == 1, (image, replicas)
+        served_by[image] = replicas.pop()
+    assert set(served_by.values()) == {"r1", "r2"}, "the images did not spread over both replicas"
+    # a 3D session stays on its replica: the follow-up reuses the encoded slices
+    first = infer(replica_set.url, "case4", {**BOX_3D, "client_id": "affinity"})
+    moved = {"prompts": [{"label": "lesion", "slice": 6, "box": [15, 15, 33, 33]}]}
+    again = infer(replica_set.url, "case4", {**moved, "client_id": "affinity"})
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert first.headers["x-served-by"] == again.headers["x-served-by"]
+    assert answer_of(again)[1]["session"]["reused"] is True
+
+
+def test_labels_saved_on_either_replica_are_seen_by_both(replica_set, tmp_path):
+    results: list[tuple[str, int, int]] = []
+
+    def saver(name: str, image: str) -> None:
+        for version in range(1, 9):
+            r = save_label(replica_set.replicas[name].url, image, version, tmp_path)
+            results.append((image, version, r.status_code))
+
+    threads = [
+        threading.Thread(target=saver, args=(n, img))
+        for n, img in (("r1", "case4"), ("r2", "case5"), ("r1", "case0"), ("r2", "case1"))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(code == 200 for *_, code in results), results
+    for name, server in replica_set.replicas.items():
+        objects = server.get("/datastore/?output=all").json()["objects"]
+        for image in ("case4", "case5", "case0", "case1"):
+            info = objects[image]["labels"]["final"]["info"]
+            assert info["version"] == 8, (name, image, info)
+    index = json.loads((replica_set.studies / "datastore_v2.json").read_text())
+    assert {i for i, o in index["objects"].items() if "final" in o["labels"]} >= {"case0", "case1", "case4", "case5"}
+
+
+def test_metrics_health_and_request_ids(replica_set):
+    rid = "viewer-req-0123456789"
+    r = infer(replica_set.url, "case2", {**BOX_3D, "client_id": "metrics"}, headers={"X-Request-ID": rid})
+    assert r.status_code == 200 and r.headers["x-request-id"] == rid
+    server = replica_set.replicas[r.headers["x-served-by"]]
+    metrics = server.get("/metrics").text
+    assert 'medsam2_requests_total{method="POST",route="/infer/{model}",status="200",task="medsam2_3d"}' in metrics
+    assert 'medsam2_request_seconds_bucket{le="+Inf",route="/infer/{model}",status="200",task="medsam2_3d"}' in metrics
+    for name in (
+        "medsam2_ready 1.0",
+        "medsam2_session_cache_bytes",
+        "medsam2_infer_queued",
+        "medsam2_training_running",
+    ):
+        assert name in metrics, name
+    assert 'medsam2_checkpoint_info{licence="unknown",model="medsam2"' in metrics  # a file given by path
+    assert server.get("/health/live").json()["status"] == "alive"
+    assert server.get("/health/ready").json() == {"status": "ready", "replica": r.headers["x-served-by"]}
+    lines = [json.loads(x.split(" - ", 1)[1]) for x in server.log.read_text().splitlines() if '"event": "request"' in x]
+    mine = [x for x in lines if x["request_id"] == rid]
+    assert mine and mine[0]["route"] == "/infer/{model}" and mine[0]["status"] == 200, mine
+    inner = [x for x in server.log.read_text().splitlines() if f"[req={rid}]" in x and '"event": "request"' not in x]
+    assert inner, "the inference thread's own log lines carry the request id"
+    info = server.get("/info/").json()
+    assert info["replica"] == r.headers["x-served-by"] and info["checkpoints"]["medsam2"]["licence"] == "unknown"
+
+
+def _train_done(server: Server, timeout_s: float) -> dict:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        status = server.get("/train/").json()
+        if status.get("status") in ("DONE", "ERROR"):
+            return status
+        time.sleep(1)
+    raise AssertionError(f"training on {server.url} did not end within {timeout_s} s")
+
+
+def test_one_training_run_for_all_replicas_and_its_checkpoint_reaches_both(replica_set):
+    r1, r2 = replica_set.replicas["r1"], replica_set.replicas["r2"]
+    before = replica_set.published.stat().st_mtime_ns
+    assert r1.post("/train/medsam2", json=PUBLISHING_RUN).status_code == 200
+    refused = r2.post("/train/medsam2", json=PUBLISHING_RUN)
+    assert refused.status_code == 409, refused.text
+    assert "replica 'r1'" in refused.json()["detail"], refused.text
+    assert "medsam2_training_running 1.0" in r2.get("/metrics").text
+    assert r2.get("/info/").json()["training_lock"]["held_by"].startswith("model 'medsam2' on replica 'r1'")
+    assert _train_done(r1, 300)["status"] == "DONE"
+    assert replica_set.published.stat().st_mtime_ns != before, "the run did not publish"
+    # both replicas serve the new weights without a restart: the same request gives the same voxels
+    answers = [answer_of(infer(s.url, "case3", {**BOX_3D, "client_id": "after-train"})) for s in (r1, r2)]
+    assert np.array_equal(answers[0][0], answers[1][0])
+    assert 'medsam2_checkpoint_loads{model="medsam2"} 2.0' in r2.get("/metrics").text
+    # the lock was released: the other replica may train now
+    deadline = time.time() + 30
+    while (r := r2.post("/train/medsam2", json={**PUBLISHING_RUN, "steps_per_epoch": 1})).status_code == 409:
+        assert time.time() < deadline, r.text
+        time.sleep(1)
+    assert r.status_code == 200, r.text
+    assert _train_done(r2, 300)["status"] == "DONE"
+
+
+@dataclass
+class Ledger:
+    acked: dict[str, int] = field(default_factory=dict)
+    in_flight: dict[str, set[int]] = field(default_factory=dict)
+    served: int = 0
+    failed: list[tuple[float, int, str]] = field(default_factory=list)
+    served_after_kill: dict[str, int] = field(default_factory=dict)
+    moved_session_reused: dict[str, bool] = field(default_factory=dict)  # first answer after the kill
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _annotator(
+    url: str, image: str, victim: str, ledger: Ledger, stop: threading.Event, killed_at: list[float], folder: Path
+):
+    version = 100 * (IMAGES.index(image) + 1)
+    step = 0
+    while not stop.is_set():
+        step += 1
+        kind = ("3d", "save", "2d")[step % 3]
+        t0 = time.time()
+        try:
+            if kind == "save":
+                version += 1
+                with ledger.lock:
+                    ledger.in_flight.setdefault(image, set()).add(version)
+                r = save_label(url, image, version, folder)
+            elif kind == "3d":
+                r = infer(url, image, {**BOX_3D, "client_id": image})
+            else:
+                r = infer(url, image, {**BOX_2D, "client_id": image}, model="medsam2_2d")
+        except requests.RequestException as e:
+            with ledger.lock:
+                ledger.failed.append((t0, 0, type(e).__name__))
+            continue
+        with ledger.lock:
+            if r.status_code != 200:
+                ledger.failed.append((t0, r.status_code, r.text[:300]))
+                continue
+            ledger.served += 1
+            if kind == "save":
+                ledger.acked[image] = version
+                ledger.in_flight[image].discard(version)
+            if killed_at and t0 > killed_at[0]:
+                ledger.served_after_kill[image] = ledger.served_after_kill.get(image, 0) + 1
+                if kind != "save" and image not in ledger.moved_session_reused and r.headers["x-served-by"] != victim:
+                    ledger.moved_session_reused[image] = answer_of(r)[1]["session"]["reused"]
+
+
+def test_sigkill_of_a_replica_while_annotators_work_loses_no_label(replica_set, tmp_path):
+    ledger, stop, killed_at = Ledger(), threading.Event(), []
+    images = IMAGES[:4]
+    home = {i: _served_by(replica_set.url, i) for i in images}
+    victim = home[images[0]]  # a replica that holds at least one annotator's session
+    moved = {i for i in images if home[i] == victim}
+    survivor = replica_set.replicas[({"r1", "r2"} - {victim}).pop()]
+    args = (victim, ledger, stop, killed_at, tmp_path)
+    threads = [threading.Thread(target=_annotator, args=(replica_set.url, img, *args)) for img in images]
+    for t in threads:
+        t.start()
+    time.sleep(8)
+    kill_server(replica_set.replicas[victim])
+    killed_at.append(time.time())
+    replica_set.killed.add(victim)
+    time.sleep(12)
+    stop.set()
+    for t in threads:
+        t.join(timeout=300)
+    report = {"served": ledger.served, "failed": len(ledger.failed), "acknowledged_labels": len(ledger.acked)}
+    report["sessions_moved"] = len(moved)
+    # every failure is a request in flight at the kill, answered by nginx with its JSON 502
+    # (or sent in the moment nginx takes to see the replica's connections close)
+    failures = [(round(t0 - killed_at[0], 2), code, text) for t0, code, text in ledger.failed]
+    for since_kill, code, text in failures:
+        assert since_kill <= 2.0 and code == 502 and "replica" in json.loads(text)["detail"], failures
+    assert len(failures) <= len(images), failures
+    assert set(ledger.served_after_kill) == set(images), ledger.served_after_kill  # everyone goes on working
+    # the sessions of the killed replica start over on the survivor, and its answers say so
+    assert moved and {ledger.moved_session_reused.get(i) for i in moved} == {False}, (home, ledger.moved_session_reused)
+    # every acknowledged label is in the datastore, whole, as acknowledged (or as the save in flight at the kill)
+    objects = survivor.get("/datastore/?output=all").json()["objects"]
+    lost = 0
+    for image, version in ledger.acked.items():
+        allowed = {version, *ledger.in_flight.get(image, set())}
+        saved = sitk.GetArrayFromImage(
+            sitk.ReadImage(str(replica_set.studies / "labels" / "final" / f"{image}.nii.gz"))
+        )
+        listed = objects[image]["labels"]["final"]["info"].get("version")
+        lost += not (listed in allowed and any(np.array_equal(saved, label_array(image, v)) for v in allowed))
+    report["labels_lost"] = lost
+    print("FAILOVER " + json.dumps(report))
+    (APP_DIR.parents[1] / "test-artifacts").mkdir(exist_ok=True)
+    (APP_DIR.parents[1] / "test-artifacts" / "failover.json").write_text(json.dumps(report))
+    assert lost == 0 and ledger.acked, report
+    assert not list(replica_set.studies.rglob("*.part"))
