@@ -9,14 +9,16 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pydicom
 import pytest
 import requests
 import SimpleITK as sitk
-from pacs_testing import CtSeries, Orthanc, lung_ct, write_ct_series
+from pacs_testing import CtSeries, Orthanc, free_port, lung_ct, require, write_ct_series
 from pydicom.uid import generate_uid
+from replicas import nginx_binary, render_nginx_conf, start_nginx, wait_ready
 from test_server_2d import split_multipart
 
 from conftest import start_server, stop_server, wait_for_training
@@ -295,9 +297,13 @@ def test_pacs_down_keeps_the_label_and_sends_it_when_the_pacs_is_back(pacs, pacs
         assert r.status_code == 503 and "could not be reached" in r.json()["detail"], r.text
         info = pacs_server.get("/info/")
         assert info.status_code == 200 and "could not be reached" in info.json()["datastore"]["error"]
+        ready = pacs_server.get("/health/ready")
+        assert ready.status_code == 503 and "could not be reached" in " ".join(ready.json()["reasons"]), ready.text
         label = designed_label(second, seed=3)
         r = save_final(pacs_server, second.series_uid, as_image(label, second.image), tmp_path)  # image cached
         assert r.status_code == 502, r.text
+        metrics = pacs_server.get("/metrics").text
+        assert "medsam2_ready 0.0" in metrics and "medsam2_pacs_labels_not_sent 1.0" in metrics
         detail = r.json()["detail"]
         assert "saved on the MONAI Label server" in detail and "sent again" in detail
         kept = pacs_server.get(f"/datastore/label?label={second.series_uid}&tag=final")
@@ -320,3 +326,38 @@ def test_pacs_down_keeps_the_label_and_sends_it_when_the_pacs_is_back(pacs, pacs
     assert seg.StudyInstanceUID == second.study_uid
     check_seg_frames(seg, second, label, back)
     assert pacs_server.get("/info/").json()["datastore"]["labels_not_sent"] == 0
+
+
+def test_replicas_behind_nginx_share_the_pacs(pacs, pacs_server, random_checkpoint, tmp_path):
+    """A second replica with its own cache, both behind nginx: a label saved through nginx (on either replica)
+    is read back by both from the PACS's SEG, voxel for voxel."""
+    require([nginx_binary()], "nginx (Debian nginx)")
+    orthanc, _, _, third = pacs
+    conf = {"checkpoint": str(random_checkpoint), "model_config": str(small_config_file(tmp_path)), "window": "lung"}
+    conf |= {"dicomweb_timeout_s": str(TIMEOUT_S), "pacs_resend_every_s": "1", "replica_name": "r2"}
+    env = {"MONAI_LABEL_DATASTORE_CACHE_PATH": str(tmp_path / "cache")}
+    second = start_server(orthanc.dicomweb, conf, tmp_path / "r2.log", env=env)  # type: ignore[arg-type]
+    port = free_port()
+    upstreams = [s.url[len("http://") :] for s in (pacs_server, second)]
+    nginx = start_nginx(render_nginx_conf(f"127.0.0.1:{port}", upstreams, tmp_path / "nginx"))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, 60)
+        label = designed_label(third, seed=11)
+        r = save_final(SimpleNamespace(url=url), third.series_uid, as_image(label, third.image), tmp_path)
+        assert r.status_code == 200, r.text
+        for server in (pacs_server, second):
+            deadline = time.time() + 30  # the other replica sees the new SEG at its next PACS refresh (1 s here)
+            while (back := server.get(f"/datastore/label?label={third.series_uid}&tag=final")).status_code == 404:
+                assert time.time() < deadline, (server.url, back.text)
+                time.sleep(0.5)
+            assert back.status_code == 200, (server.url, back.text)
+            path = tmp_path / "back.nii.gz"
+            path.write_bytes(back.content)
+            assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(path))), label), server.url
+            assert server.get("/health/ready").status_code == 200
+            assert "medsam2_pacs_labels_not_sent 0.0" in server.get("/metrics").text
+    finally:
+        nginx.terminate()
+        nginx.wait(timeout=30)
+        stop_server(second)
