@@ -141,6 +141,7 @@ class Annotator(threading.Thread):
                 record.update(error=f"{type(e).__name__}: {e}", seconds=time.monotonic() - t0)
                 return record
             record["seconds"] = time.monotonic() - t0
+            record["served_by"] = r.headers.get("x-served-by")  # the replica (bench/load_replicas.py)
             if r.status_code == 503 and "Retry-After" in r.headers:
                 record["refused"] += 1
                 record["retry_after"] = int(r.headers["Retry-After"])

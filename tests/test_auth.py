@@ -470,3 +470,14 @@ def test_an_unreachable_identity_provider_is_named_in_a_503():
     with pytest.raises(Refused, match="MONAI_LABEL_AUTH_REALM_URI") as refused:
         RealmPublicKey(realm, timeout_s=2).get()
     assert refused.value.status == 503 and realm in refused.value.detail
+
+
+def test_health_is_open_and_metrics_need_a_token(auth_server, idp):
+    """Load balancers probe /health/* without credentials; /metrics is a route like the others."""
+    for path in ("/health/live", "/health/ready"):
+        r = call(auth_server, "GET", path)
+        assert r.status_code in (200, 503) and r.json()["replica"], (path, r.text)
+    assert call(auth_server, "GET", "/metrics").status_code == 401
+    r = call(auth_server, "GET", "/metrics", bearer(idp.token(roles=["monailabel-user"])))
+    assert r.status_code == 200 and "medsam2_requests_total" in r.text
+    assert 'status="401"' in r.text  # refusals are counted too
