@@ -62,7 +62,7 @@ def write_ct_series(
         ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.PatientName = "MedSAM2^Test"
+        ds.PatientName = "Doe^Jane"  # a placeholder: the log scrubber hides its parts wherever they appear
         ds.PatientID = patient_id
         ds.PatientBirthDate = "19700101"
         ds.PatientSex = "O"

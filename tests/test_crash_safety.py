@@ -122,29 +122,36 @@ def train_status(server: Server) -> str | None:
     return server.get("/train/").json().get("status")
 
 
-@pytest.fixture()
-def setup(tmp_path):
-    """Studies (4 labelled volumes, 1 unlabelled), a small random model, and an earlier fine-tune's checkpoint."""
-    config = small_config_file(tmp_path)
+def publishing_setup(root: Path, images: int = 5, labelled: int = 4) -> tuple[Path, dict[str, str], Path]:
+    """Studies (``images`` volumes, the first ``labelled`` with a final label), a small random model, and an
+    earlier fine-tune's checkpoint as the served one; returns (studies, server conf, published checkpoint)."""
+    config = small_config_file(root)
     torch.manual_seed(0)
-    ckpt = tmp_path / "random_small.pt"
+    ckpt = root / "random_small.pt"
     save_checkpoint(build_model(config), ckpt)
     # an earlier fine-tune, served from the start; its object-score head says "no object" everywhere, so
     # its validation Dice is 0 and the first epoch of a run is sure to improve on it (and publish)
-    published = tmp_path / "published" / "finetuned.pt"
+    published = root / "published" / "finetuned.pt"
     torch.manual_seed(1)
     earlier = build_model(config)
     torch.nn.init.zeros_(earlier.sam_mask_decoder.pred_obj_score_head.layers[-1].weight)
     torch.nn.init.zeros_(earlier.sam_mask_decoder.pred_obj_score_head.layers[-1].bias)
     save_checkpoint(earlier, published)
-    studies = tmp_path / "studies"
+    studies = root / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
-    for seed in range(5):
+    for seed in range(images):
         write_image(learnable_volume(seed, SHAPE)[0].astype(np.int16), studies / f"case{seed}.nii.gz", **GEOMETRY)
-        if seed < 4:
+        if seed < labelled:
             write_image(label_array(f"case{seed}", 0), studies / "labels" / "final" / f"case{seed}.nii.gz", **GEOMETRY)
     conf = {"checkpoint": str(ckpt), "model_config": str(config), "window": "128,256"}
     conf |= {"finetuned_checkpoint": str(published), "device": "cpu"}
+    return studies, conf, published
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    """Studies (4 labelled volumes, 1 unlabelled), a small random model, and an earlier fine-tune's checkpoint."""
+    studies, conf, published = publishing_setup(tmp_path)
     return tmp_path, studies, conf, published
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,24 +23,18 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-import torch
 from pacs_testing import require
-from test_training import learnable_volume
+from test_crash_safety import GEOMETRY, PUBLISHING_RUN, label_array, publishing_setup
 
 from conftest import Server, kill_server, start_server, stop_server, write_image
-from lib.engine.checkpoints import build_model, save_checkpoint
-from sam2_testing import APP_DIR, small_config_file
+from sam2_testing import APP_DIR
 
 sys.path.insert(0, str(APP_DIR.parents[1] / "scripts"))
 from local_orthanc import free_port  # noqa: E402
 from replicas import nginx_binary, render_nginx_conf, start_nginx, wait_ready  # noqa: E402
 
-SHAPE = (12, 48, 48)
-GEOMETRY = dict(spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
 IMAGES = [f"case{i}" for i in range(6)]
 LABELLED = IMAGES[:4]
-PUBLISHING_RUN = {"epochs": 1, "steps_per_epoch": 2, "clip_length": 3, "max_objects": 2, "lr": 3e-3}
-PUBLISHING_RUN |= {"grad_clip": 1.0, "p_box": 1.0, "p_cross_end": 0.0}
 BOX_3D = {"prompts": [{"label": "lesion", "slice": 6, "box": [14, 14, 34, 34]}]}
 BOX_2D = {"prompts": [{"label": "lesion", "slice": 5, "box": [14, 14, 34, 34]}]}
 
@@ -55,38 +50,12 @@ class ReplicaSet:
     killed: set[str] = field(default_factory=set)
 
 
-def label_array(image: str, version: int) -> np.ndarray:
-    """The image's true label; version v > 0 lacks one voxel, which one depends on v."""
-    label = learnable_volume(int(image[4:]), SHAPE)[1].copy()
-    if version:
-        voxels = np.flatnonzero(label)
-        label.flat[voxels[version % len(voxels)]] = 0
-    return label
-
-
 @pytest.fixture(scope="module")
 def replica_set(tmp_path_factory):
     require([nginx_binary()], "nginx (Debian nginx)")
     root = tmp_path_factory.mktemp("replicas")
-    config = small_config_file(root)
-    torch.manual_seed(0)
-    ckpt = root / "random_small.pt"
-    save_checkpoint(build_model(config), ckpt)
-    # served from the start; its object-score head says "no object", so a training run beats it and publishes
-    published = root / "shared_model" / "finetuned.pt"
-    torch.manual_seed(1)
-    earlier = build_model(config)
-    torch.nn.init.zeros_(earlier.sam_mask_decoder.pred_obj_score_head.layers[-1].weight)
-    torch.nn.init.zeros_(earlier.sam_mask_decoder.pred_obj_score_head.layers[-1].bias)
-    save_checkpoint(earlier, published)
-    studies = root / "studies"
-    (studies / "labels" / "final").mkdir(parents=True)
-    for seed, image in enumerate(IMAGES):
-        write_image(learnable_volume(seed, SHAPE)[0].astype(np.int16), studies / f"{image}.nii.gz", **GEOMETRY)
-        if image in LABELLED:
-            write_image(label_array(image, 0), studies / "labels" / "final" / f"{image}.nii.gz", **GEOMETRY)
-    conf = {"checkpoint": str(ckpt), "model_config": str(config), "window": "128,256", "device": "cpu"}
-    conf |= {"finetuned_checkpoint": str(published), "max_sessions": "8"}
+    studies, conf, published = publishing_setup(root, images=len(IMAGES), labelled=len(LABELLED))
+    conf |= {"max_sessions": "8"}
     replicas = {}
     for name in ("r1", "r2"):
         log = root / f"{name}.log"
@@ -239,27 +208,31 @@ def _train_done(server: Server, timeout_s: float) -> dict:
 
 
 def test_one_training_run_for_all_replicas_and_its_checkpoint_reaches_both(replica_set):
-    r1, r2 = replica_set.replicas["r1"], replica_set.replicas["r2"]
     before = replica_set.published.stat().st_mtime_ns
-    assert r1.post("/train/medsam2", json=PUBLISHING_RUN).status_code == 200
-    refused = r2.post("/train/medsam2", json=PUBLISHING_RUN)
-    assert refused.status_code == 409, refused.text
-    assert "replica 'r1'" in refused.json()["detail"], refused.text
-    assert "medsam2_training_running 1.0" in r2.get("/metrics").text
-    assert r2.get("/info/").json()["training_lock"]["held_by"].startswith("model 'medsam2' on replica 'r1'")
-    assert _train_done(r1, 300)["status"] == "DONE"
+    servers = replica_set.replicas
+    with ThreadPoolExecutor(2) as pool:  # both asked at once
+        asked = {name: pool.submit(s.post, "/train/medsam2", json=PUBLISHING_RUN) for name, s in servers.items()}
+        answers = {name: future.result() for name, future in asked.items()}
+    assert sorted(r.status_code for r in answers.values()) == [200, 409], {n: r.text for n, r in answers.items()}
+    winner = next(n for n, r in answers.items() if r.status_code == 200)
+    trainer, other = servers[winner], servers[({"r1", "r2"} - {winner}).pop()]
+    refused = next(r for r in answers.values() if r.status_code == 409)
+    assert f"replica '{winner}'" in refused.json()["detail"], refused.text
+    assert "medsam2_training_running 1.0" in other.get("/metrics").text
+    assert other.get("/info/").json()["training_lock"]["held_by"].startswith(f"model 'medsam2' on replica '{winner}'")
+    assert _train_done(trainer, 300)["status"] == "DONE"
     assert replica_set.published.stat().st_mtime_ns != before, "the run did not publish"
     # both replicas serve the new weights without a restart: the same request gives the same voxels
-    answers = [answer_of(infer(s.url, "case3", {**BOX_3D, "client_id": "after-train"})) for s in (r1, r2)]
-    assert np.array_equal(answers[0][0], answers[1][0])
-    assert 'medsam2_checkpoint_loads{model="medsam2"} 2.0' in r2.get("/metrics").text
+    masks = [answer_of(infer(s.url, "case3", {**BOX_3D, "client_id": "after-train"}))[0] for s in (trainer, other)]
+    assert np.array_equal(masks[0], masks[1])
+    assert 'medsam2_checkpoint_loads{model="medsam2"} 2.0' in other.get("/metrics").text
     # the lock was released: the other replica may train now
     deadline = time.time() + 30
-    while (r := r2.post("/train/medsam2", json={**PUBLISHING_RUN, "steps_per_epoch": 1})).status_code == 409:
+    while (r := other.post("/train/medsam2", json={**PUBLISHING_RUN, "steps_per_epoch": 1})).status_code == 409:
         assert time.time() < deadline, r.text
         time.sleep(1)
     assert r.status_code == 200, r.text
-    assert _train_done(r2, 300)["status"] == "DONE"
+    assert _train_done(other, 300)["status"] == "DONE"
 
 
 @dataclass
