@@ -57,17 +57,21 @@ def start_nginx(conf: Path) -> subprocess.Popen:
 
 def start_replica(index: int, port: int, studies: str, extra: list[str], log_dir: Path) -> subprocess.Popen:
     """One ``monailabel start_server`` of this app, named ``replica-<index>``."""
-    cmd = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(REPO / "apps" / "medsam2")]
+    bin_dir = Path(sys.executable).parent  # the venv's: its `monailabel` launcher runs the `python` on PATH
+    cmd = [str(bin_dir / "monailabel"), "start_server", "--app", str(REPO / "apps" / "medsam2")]
     cmd += ["--studies", studies, "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--conf", "replica_name", f"replica-{index}", *extra]
     log = open(log_dir / f"replica-{index}.log", "w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), start_new_session=True)
+    env = {**os.environ, "PATH": str(bin_dir) + os.pathsep + os.environ.get("PATH", "")}
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), env=env, start_new_session=True)
 
 
-def wait_ready(url: str, timeout_s: float) -> None:
-    """Wait for ``url/health/ready`` to answer 200."""
+def wait_ready(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+    """Wait for ``url/health/ready`` to answer 200 (fail at once if ``process`` exits)."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server for {url} exited with status {process.returncode}: see its log")
         try:
             if requests.get(url + "/health/ready", timeout=2).status_code == 200:
                 return
@@ -107,8 +111,8 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    for address in upstreams[: args.replicas]:
-        wait_ready(f"http://{address}", 600)
+    for address, replica in zip(upstreams, replicas, strict=False):  # --upstream ones are not ours to wait for
+        wait_ready(f"http://{address}", 600, replica)
     print(f"{len(upstreams)} replicas behind http://{args.host}:{args.port} (logs in {run_dir})", flush=True)
     while all(p.poll() is None for p in processes):
         time.sleep(1)
