@@ -329,3 +329,23 @@ def test_sigkill_of_a_replica_while_annotators_work_loses_no_label(replica_set, 
     (APP_DIR.parents[1] / "test-artifacts" / "failover.json").write_text(json.dumps(report))
     assert lost == 0 and ledger.acked, report
     assert not list(replica_set.studies.rglob("*.part"))
+
+
+@pytest.mark.server
+def test_the_launcher_starts_replicas_behind_nginx_and_stops_them(replica_set, random_checkpoint, tmp_path):
+    """``scripts/replicas.py``, the command in docs/scale_out.md (one replica here, to keep it short)."""
+    port = free_port()
+    cmd = [sys.executable, str(APP_DIR.parents[1] / "scripts" / "replicas.py"), "--replicas", "1", "--port", str(port)]
+    cmd += ["--studies", str(replica_set.studies), "--run-dir", str(tmp_path), "--"]
+    cmd += ["--conf", "checkpoint", str(random_checkpoint), "--conf", "finetuned_checkpoint", str(tmp_path / "ft.pt")]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = launcher.stdout.readline()
+        assert "1 replicas behind" in line, line + (tmp_path / "replica-1.log").read_text()[-2000:]
+        r = requests.get(f"http://127.0.0.1:{port}/health/ready", timeout=30)
+        assert r.status_code == 200 and r.headers["x-served-by"] == "replica-1"
+    finally:
+        launcher.terminate()
+        assert launcher.wait(timeout=60) == 0
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/health/live", timeout=5)
