@@ -27,6 +27,7 @@ from pacs_testing import require
 from test_crash_safety import GEOMETRY, PUBLISHING_RUN, label_array, publishing_setup
 
 from conftest import Server, kill_server, start_server, stop_server, write_image
+from lib.atomic_files import remove_stale_temp_files
 from sam2_testing import APP_DIR
 
 sys.path.insert(0, str(APP_DIR.parents[1] / "scripts"))
@@ -328,7 +329,12 @@ def test_sigkill_of_a_replica_while_annotators_work_loses_no_label(replica_set, 
     (APP_DIR.parents[1] / "test-artifacts").mkdir(exist_ok=True)
     (APP_DIR.parents[1] / "test-artifacts" / "failover.json").write_text(json.dumps(report))
     assert lost == 0 and ledger.acked, report
-    assert not list(replica_set.studies.rglob("*.part"))
+    # a save in flight at the kill may leave its temporary file: never listed or served, unlocked (its writer is
+    # dead), and removed by the next start of any replica on this folder
+    leftovers = sorted(replica_set.studies.rglob("*.part"))
+    assert len(leftovers) <= len(images), leftovers
+    removed = [p for folder in sorted({p.parent for p in leftovers}) for p in remove_stale_temp_files(folder)]
+    assert sorted(map(Path, removed)) == leftovers
 
 
 @pytest.mark.server
