@@ -1,8 +1,10 @@
-"""Fine-tune the MedSAM2-shaped model (hiera-t 512) from random weights on generated 3D volumes for a fixed
-time; print one JSON line per epoch (held-out propagated Dice/NSD, training slices/s) and a summary.
+"""Fine-tune the MedSAM2-shaped model (hiera-t 512) from random weights on generated 3D volumes for a number of
+epochs (warm-up, cosine decay, early stopping) within a time limit; print one JSON line per epoch (held-out
+propagated Dice/NSD, training slices/s, learning rate) and a summary.
 
-    python bench/finetune_speed.py --minutes 10 --out bench/results/finetune_h100.jsonl   # GPU
-    python bench/finetune_speed.py --minutes 2 --image-size 256 --size 48                   # a CPU smoke run
+    python bench/finetune_speed.py --minutes 10 --out bench/results/finetune_h100_10min.jsonl   # GPU
+    python bench/finetune_speed.py --minutes 20 --image-size 256 --size 48 --epochs 8 --steps-per-epoch 16 \
+        --clips-per-step 2 --out bench/results/finetune_cpu.jsonl                               # 2 CPU cores
 """
 
 from __future__ import annotations
@@ -49,10 +51,13 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=32)
     ap.add_argument("--train-studies", type=int, default=24)
     ap.add_argument("--val-studies", type=int, default=4)
-    ap.add_argument("--steps-per-epoch", type=int, default=50)
+    ap.add_argument("--epochs", type=int, default=40, help="the schedule's length; --minutes may stop it sooner")
+    ap.add_argument("--steps-per-epoch", type=int, default=64, help="training clips per epoch")
+    ap.add_argument("--clips-per-step", type=int, default=8)
+    ap.add_argument("--patience", type=int, default=8)
     ap.add_argument("--train-parts", default="all")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--lr-image-encoder", type=float, default=2e-4)
+    ap.add_argument("--lr", type=float, default=2e-4, help="per clip; scaled by sqrt(clips per step)")
+    ap.add_argument("--lr-image-encoder", type=float, default=5e-5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
@@ -65,8 +70,10 @@ def main() -> None:
     train_set = [generated_study(s, args.slices, args.size) for s in range(args.train_studies)]
     val_set = [generated_study(1000 + s, args.slices, args.size) for s in range(args.val_studies)]
     settings = TrainSettings(
-        epochs=10_000,  # bounded by time below
+        epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch,
+        clips_per_step=args.clips_per_step,
+        patience=args.patience,
         clip_length=8,
         max_objects=3,
         lr=args.lr,
@@ -101,6 +108,7 @@ def main() -> None:
                 "val_dice": round(report.val_dice, 4),
                 "val_nsd": round(report.val_nsd, 4),
                 "train_slices_per_s": report.slices_per_second,
+                "lr": report.lr,
             }
         )
 
@@ -123,6 +131,8 @@ def main() -> None:
             "best_val_dice": round(result.best_dice, 4),
             "best_epoch": result.best_epoch,
             "epochs": len(result.epochs),
+            "stopped_early": result.stopped_early,
+            "clips_per_step": args.clips_per_step,
             "mean_train_slices_per_s": round(float(np.mean([e.slices_per_second for e in result.epochs])), 2)
             if result.epochs
             else None,

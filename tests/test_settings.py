@@ -44,6 +44,8 @@ CUSTOM_BAD: dict[str, list[str]] = {
     "device": ["gpu", "cuda:x", "cdua"],
     "stop_rule": ["sometimes", "0,0", "0,3,1", "x,3"],
     "replica_name": ["replica one", "a/b", "x" * 65, "node;rm"],
+    "adapter": ["../site", "a b", "x" * 65, "site.pt"],
+    "adapter_name": ["", "../site", "a/b", "x" * 65],
 }
 
 

@@ -37,8 +37,16 @@ from sam2_testing import small_config_file
 TWO_CPU_RANKS = DistributedPlan("gloo", ("cpu", "cpu"))
 SIZE = 128  # model input: the MedSAM2 architecture (same parameters) at 1/16 of the pixels, for 2 CPU cores
 # 4 clips per epoch: 2 steps on each of the 2 ranks
-SETTINGS = TrainSettings(
-    epochs=1, steps_per_epoch=4, clip_length=3, max_objects=2, lr=3e-3, grad_clip=1.0, p_box=1.0, seed=7
+SETTINGS = TrainSettings(  # one clip per step: each rank's steps are counted below
+    epochs=1,
+    steps_per_epoch=4,
+    clips_per_step=1,
+    clip_length=3,
+    max_objects=2,
+    lr=3e-3,
+    grad_clip=1.0,
+    p_box=1.0,
+    seed=7,
 )
 
 

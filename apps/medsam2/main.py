@@ -92,6 +92,7 @@ class MedSAM2App(MONAILabelApp):
             if provider is not None:
                 remove_unfinished_checkpoint_writes(provider.published)
                 remove_unfinished_checkpoint_writes(provider.base.path)
+                remove_unfinished_checkpoint_writes(provider.adapter)
         self.admission = AdmissionGate(AdmissionSettings.from_settings(self.settings))
         self.auto_train = AutoTrain(self.settings.auto_train_after)
         self._warm_errors: dict[str, str] = {}
@@ -321,6 +322,7 @@ class MedSAM2App(MONAILabelApp):
                 "path": c.path,
                 "serving": c.provider.source().name,
                 "licence": c.provider.source().licence,
+                "adapter": c.provider.adapter_info(),  # None, or its name, file size and whether it is merged
             }
             for name, c in self.models.items()
             if hasattr(c, "checkpoint")

@@ -30,7 +30,7 @@ from lib.server.admission import (
     DEFAULT_QUEUE_TIMEOUT_S,
 )
 from lib.training.options import BOUNDS
-from lib.training.settings import TRAIN_PARTS, TrainSettings
+from lib.training.settings import ADAPTER_NAME, TRAIN_PARTS, TrainSettings
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 # keys MONAI Label itself reads from --conf (MONAILabelApp: server_mode); accepted and left to it
@@ -40,13 +40,19 @@ TRAIN_CHOICES: dict[str, tuple[str, ...]] = {"train_parts": tuple(TRAIN_PARTS), 
 TRAIN_MEANINGS: dict[str, str] = {
     "epochs": "training epochs; each ends with a validation",
     "steps_per_epoch": "training clips per epoch (0: 4 per training study)",
+    "clips_per_step": "clips trained together in one optimiser step (their objects are one batch)",
+    "warmup_fraction": "share of the optimiser steps with a linear learning-rate warm-up (then cosine decay to 5%)",
+    "patience": "stop after this many epochs without a better validation Dice (0: run every epoch)",
+    "feature_cache_mb": "memory for image-encoder outputs reused across epochs while the encoder is frozen (0: off)",
+    "publish_max_drop": "refuse to publish when Dice on the frozen reference studies drops by more than this",
     "clip_length": "consecutive slices per training clip (forwards or backwards)",
     "max_objects": "labelled objects prompted per clip, at most",
-    "lr": "AdamW learning rate (cosine schedule)",
+    "lr": "AdamW learning rate for one clip per step on one process; scaled by √(clips_per_step × processes)",
     "lr_image_encoder": "learning rate of the image encoder, when it trains",
     "weight_decay": "AdamW weight decay",
     "grad_clip": "gradient norm clip",
-    "train_parts": "what trains: `no_image_encoder` (the image encoder stays frozen), `all`, or `no_encoders`",
+    "train_parts": "what trains: `no_image_encoder` (the image encoder stays frozen), `all`, `no_encoders`, or "
+    "`lora` (low-rank adapters on the attention projections; every base weight stays frozen)",
     "loss": "`sam2`: focal ×20 + Dice + IoU L1 + object-score BCE; `dice_ce`: Dice + cross-entropy",
     "val_fraction": "share of the labelled studies held out for validation (the last ones by name)",
     "nsd_tolerance_mm": "tolerance of the validation NSD, in mm",
@@ -55,6 +61,10 @@ TRAIN_MEANINGS: dict[str, str] = {
     "p_correction": "probability of a correction click on the prompt slice",
     "p_cross_end": "probability that a clip starts near where an object ends and runs past it",
     "seed": "random seed of the clip sampling (each DDP process adds its rank)",
+    "lora_rank": "rank of the LoRA adapters of a `lora` run",
+    "lora_alpha": "LoRA scale numerator: an adapter adds (lora_alpha / lora_rank) · B·A to its weight",
+    "adapter_name": "the adapter a `lora` run writes (`adapters/<name>.pt` beside `finetuned_checkpoint`); "
+    "default: the served `--conf adapter`, else `site`",
 }
 
 
@@ -228,6 +238,13 @@ def _finetuned_checkpoint(text: str) -> Path | None:
     return path
 
 
+def _adapter(text: str) -> str:
+    name = text.strip()
+    if name and not ADAPTER_NAME.fullmatch(name):
+        raise NotAllowed()
+    return name
+
+
 def _window(text: str) -> IntensityWindow:
     return parse_window(text)  # its ValueError names the value and the windows
 
@@ -341,6 +358,16 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "where training publishes its best weights; the inferers serve this file when it exists",
         shown_default="`apps/medsam2/model/medsam2_finetuned.pt`",
+    ),
+    Setting(
+        "adapter",
+        MODEL,
+        Custom(_adapter, "empty (no adapter) or an adapter name: 1 to 64 letters, digits, '-' or '_'"),
+        "",
+        "a LoRA adapter served on top of the weights (the published fine-tune if present, else the checkpoint), "
+        "merged: `adapters/<name>.pt` beside `finetuned_checkpoint`, written by a `train_parts=lora` run; reloaded "
+        "when replaced, base weights alone while it does not exist",
+        shown_default="none",
     ),
     Setting(
         "models",
@@ -511,6 +538,7 @@ class AppSettings:
     checkpoint: str
     model_config: Path | None  # None: the checkpoint's own
     finetuned_checkpoint: Path | None  # None: medsam2_finetuned.pt in the app's model folder
+    adapter: str  # '': none
     models: tuple[str, ...]
     window: IntensityWindow
     labels: dict[str, int]
@@ -562,5 +590,7 @@ def parse_settings(conf: dict[str, Any], cuda_available: bool | None = None) -> 
     device_type = device.split(":")[0]
     values = {s.key: s.read(str(conf[s.key]) if s.key in conf else s.default_text(device_type)) for s in SETTINGS}
     values["device"] = device
+    if values["adapter"] and "adapter_name" not in conf:  # lora runs update the served adapter by default
+        values["adapter_name"] = values["adapter"]
     train = TrainSettings(**{k: values.pop(k) for k in TRAIN_KEYS})
     return AppSettings(**values, train=train)

@@ -10,6 +10,7 @@ import torch
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
+from lib.engine.adapters import adapter_path
 from lib.engine.checkpoints import ResolvedCheckpoint, ensure_checkpoint_file, resolve_checkpoint
 from lib.engine.model_provider import ModelProvider
 from lib.engine.precision import compute_dtype_for, pick_device
@@ -48,7 +49,8 @@ class MedSAM2(TaskConfig):
         device = pick_device(s.device)
         dtype = compute_dtype_for(device, s.precision)
         published = s.finetuned_checkpoint or _path(os.path.join(model_dir, "medsam2_finetuned.pt"))
-        self.provider = ModelProvider(self.checkpoint, device, dtype, published)
+        adapter = adapter_path(published, s.adapter) if s.adapter else None  # adapters/<name>.pt beside it
+        self.provider = ModelProvider(self.checkpoint, device, dtype, published, adapter)
         cache = SessionCache(max_sessions=s.max_sessions, max_bytes=int(s.max_session_gb * (1 << 30)))
         segmenter_settings = SegmenterSettings(
             window=self.window,

@@ -1,5 +1,6 @@
 """One SAM2 model per process, built lazily on first use and shared by all tasks; reloaded when the
-checkpoint file is replaced (a trainer publishes by atomic rename, so a reader never sees half a file).
+checkpoint file (or the served adapter's file) is replaced (a trainer publishes by atomic rename, so a reader never
+sees half a file).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,7 +23,8 @@ class ModelProvider:
     """Lazily loads the model; ``get()`` returns ``(model, version)``.
 
     The weights come from ``published`` (what the trainer writes) when that file exists, else from the
-    base ``checkpoint``; a change of either file (atomic rename) makes the next ``get()`` reload.
+    base ``checkpoint``; with ``adapter`` (a LoRA adapter file, :mod:`lib.engine.adapters`), that adapter is merged
+    into them while its file exists. A change of any of these files (atomic rename) makes the next ``get()`` reload.
     """
 
     def __init__(
@@ -30,9 +33,12 @@ class ModelProvider:
         device: torch.device,
         compute_dtype: torch.dtype | None,
         published: Path | None = None,
+        adapter: Path | None = None,
     ):
         self.base = checkpoint
         self.published = published
+        self.adapter = adapter
+        self.adapter_loaded: dict[str, Any] | None = None  # the adapter merged into the served model
         self.device = device
         self.compute_dtype = compute_dtype
         self._model: torch.nn.Module | None = None
@@ -52,7 +58,7 @@ class ModelProvider:
 
     def _file_stamp(self) -> tuple | None:
         stamps = []
-        for path in (self.published, self.base.path):
+        for path in (self.published, self.base.path, self.adapter):
             try:
                 st = os.stat(path) if path is not None else None
             except FileNotFoundError:
@@ -79,7 +85,7 @@ class ModelProvider:
                 t0 = time.perf_counter()
                 source = self.source()
                 try:
-                    model = load_model(source, self.device)
+                    model, adapter = self._load(source)
                 except CheckpointError:
                     if self._model is None:
                         raise
@@ -89,6 +95,34 @@ class ModelProvider:
                 if self._model is not None:
                     logger.info("Checkpoint %s changed on disk: reloaded the model", source.path)
                 self._model, self._stamp, self.checkpoint = model, stamp, source
+                self.adapter_loaded = adapter
                 self._version += 1
                 self.load_seconds = time.perf_counter() - t0
             return self._model, self._version
+
+    def _load(self, source: ResolvedCheckpoint) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+        """The weights of ``source`` and, when the adapter file exists, that adapter merged into them (strictly:
+        it must have been trained on these weights); also what is known of the adapter (None: none merged)."""
+        if self.adapter is None or not self.adapter.exists():
+            return load_model(source, self.device), None
+        from lib.engine.adapters import load_adapter, merge_adapter
+
+        size = os.stat(self.adapter).st_size
+        model = load_model(source, "cpu")
+        payload = load_adapter(model, self.adapter, source.name)
+        merge_adapter(model)
+        logger.info("Adapter %s (%d bytes) merged into %s", self.adapter, size, source.name)
+        adapter = {"name": self.adapter.stem, "bytes": size, "rank": payload["lora"].get("rank")}
+        adapter.update({k: payload[k] for k in ("epoch", "val_dice") if k in payload})
+        return model.to(self.device).eval(), adapter
+
+    def adapter_info(self) -> dict[str, Any] | None:
+        """For ``/info``: the adapter asked for (None: none), its file's size now, and whether it is merged into
+        the served model (with that file's rank, epoch, val_dice and size)."""
+        if self.adapter is None:
+            return None
+        try:
+            size: int | None = os.stat(self.adapter).st_size
+        except FileNotFoundError:
+            size = None
+        return {"name": self.adapter.stem, "file_bytes": size, "loaded": self.adapter_loaded}

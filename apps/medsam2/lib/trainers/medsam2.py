@@ -17,6 +17,7 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.atomic_files import remove_stale_temp_files, temp_pattern, write_json_atomic
+from lib.engine.adapters import adapter_path, save_adapter
 from lib.engine.checkpoints import ResolvedCheckpoint, load_model, save_checkpoint
 from lib.engine.model_provider import ModelProvider
 from lib.engine.preprocessing import IntensityWindow
@@ -25,6 +26,13 @@ from lib.training.distributed import DistributedContext, DistributedPlan, cpu_ra
 from lib.training.lease import exit_when_orphaned
 from lib.training.loop import EpochReport, TrainResult, train
 from lib.training.options import check_train_body, parse_train_settings
+from lib.training.reference_set import (
+    StudySplit,
+    freeze_reference,
+    read_reference_names,
+    reference_file,
+    split_studies,
+)
 from lib.training.settings import TrainSettings
 
 logger = logging.getLogger(__name__)
@@ -66,6 +74,23 @@ class MedSAM2Trainer(TrainTask):
         except MONAILabelException as e:
             raise ValueError(e.msg) from None
 
+    def _split(self, studies: list[tuple[str, str, str]], settings: TrainSettings) -> StudySplit:
+        """Train / held-out / frozen reference studies."""
+        assert self.provider.published is not None
+        path = reference_file(self.provider.published)
+        try:
+            split = split_studies(studies, settings.val_fraction, read_reference_names(path))
+        except ValueError as e:
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(e)) from None
+        return split
+
+    def _freeze_reference(self, split: StudySplit) -> None:
+        """After the first completed run: its held-out studies become the frozen reference set."""
+        if split.newly_frozen and self.provider.published is not None:
+            path = reference_file(self.provider.published)
+            freeze_reference(path, [name for name, _, _ in split.held_out])
+            logger.info("froze %d held-out studies as the reference set in %s", len(split.held_out), path)
+
     def _plan(self, request: dict[str, Any]) -> DistributedPlan | None:
         try:
             return plan_distributed(
@@ -90,10 +115,8 @@ class MedSAM2Trainer(TrainTask):
                 MONAILabelError.INVALID_INPUT, "No final labels in the datastore: save some first."
             )
         studies = [(Path(d["image"]).name, str(d["image"]), str(d["label"])) for d in items]
-        n_val = max(1, round(len(studies) * settings.val_fraction)) if len(studies) > 1 else 0
-        train_items, val_items = studies[: len(studies) - n_val], studies[len(studies) - n_val :]
-        if not val_items:  # a single study: validate on it (better than no signal at all)
-            val_items = studies
+        split = self._split(studies, settings)
+        train_items, val_items = split.train, split.held_out
         device = torch.device(request.get("device") or self.provider.device)
         if (
             isinstance(request.get("device"), str)
@@ -110,6 +133,7 @@ class MedSAM2Trainer(TrainTask):
             window=self.window,
             train_items=train_items,
             val_items=val_items,
+            reference_items=split.reference,
             provider_device_type=self.provider.device.type,
             provider_dtype=self.provider.compute_dtype,
             state={
@@ -118,6 +142,7 @@ class MedSAM2Trainer(TrainTask):
                 "total_epochs": settings.epochs,
                 "train_studies": [name for name, _, _ in train_items],
                 "val_studies": [name for name, _, _ in val_items],
+                "reference_studies": [name for name, _, _ in split.reference],
                 "checkpoint_start": str(self.provider.checkpoint.path or "random"),
                 "published_to": str(self.provider.published),
                 "world_size": plan.world_size if plan else 1,
@@ -127,7 +152,9 @@ class MedSAM2Trainer(TrainTask):
         )
         write_json_atomic(self.stats_path, job.state)
         if plan is None:
-            return _run(job, device, None)
+            result = _run(job, device, None)
+            self._freeze_reference(split)
+            return result
         try:
             launch(plan, _distributed_worker, (job,))
         except Exception as e:  # a rank failed: the others were terminated, rank 0 may have died mid-write
@@ -136,6 +163,7 @@ class MedSAM2Trainer(TrainTask):
             state.update(status="FAILED", error=f"{type(e).__name__}: {e}", total_time=_elapsed(state))
             write_json_atomic(self.stats_path, state)
             raise
+        self._freeze_reference(split)
         return self.stats()
 
 
@@ -156,6 +184,7 @@ class _Job:
     window: IntensityWindow
     train_items: list[tuple[str, str, str]]  # (name, image path, label path)
     val_items: list[tuple[str, str, str]]
+    reference_items: list[tuple[str, str, str]]  # frozen: checked before publishing, never trained on
     provider_device_type: str
     provider_dtype: torch.dtype | None
     state: dict[str, Any]
@@ -183,8 +212,15 @@ def _run(job: _Job, device: torch.device, distributed: DistributedContext | None
             write_json_atomic(job.stats_path, state)
 
     def publish(m: torch.nn.Module, report: EpochReport) -> None:
-        save_checkpoint(m, job.published, extra={"epoch": report.epoch, "val_dice": report.val_dice})
-        logger.info("published epoch %d (val Dice %.4f) to %s", report.epoch, report.val_dice, job.published)
+        extra = {"epoch": report.epoch, "val_dice": report.val_dice}
+        if settings.train_parts == "lora":  # only the adapter, adapters/<name>.pt beside the published weights
+            path = adapter_path(job.published, settings.adapter_name)
+            save_adapter(m, path, job.checkpoint.name, settings.lora_rank, settings.lora_alpha, extra)
+        else:
+            path = job.published
+            save_checkpoint(m, path, extra=extra)
+        state["published_to"] = str(path)
+        logger.info("published epoch %d (val Dice %.4f) to %s", report.epoch, report.val_dice, path)
 
     def on_epoch(report: EpochReport, result: TrainResult) -> None:
         state.update(
@@ -194,6 +230,11 @@ def _run(job: _Job, device: torch.device, distributed: DistributedContext | None
             best_metric=result.best_dice,  # what the Slicer plugin's accuracy bar reads
             best_epoch=result.best_epoch,
             initial_dice=result.initial["dice"],
+            held_out_dice=report.val_dice,
+            reference_dice_before=result.reference_before,
+            reference_dice=result.reference_dice,
+            not_published=result.not_published,
+            stopped_early=result.stopped_early,
             epochs=[dataclasses.asdict(e) for e in result.epochs],
             # not total_time: the Slicer plugin reads it as "the run has ended" and resets its progress bar
             elapsed_time=_elapsed(state),
@@ -205,15 +246,32 @@ def _run(job: _Job, device: torch.device, distributed: DistributedContext | None
         # only rank 0 validates
         val_items = job.val_items if lead else []
         val_studies = [load_study(name, image, label, job.window) for name, image, label in val_items]
+        reference_items = job.reference_items if lead else []
+        reference = [load_study(name, image, label, job.window) for name, image, label in reference_items]
         model = load_model(job.checkpoint, device)
         result = train(
-            model, train_studies, val_studies, settings, device, dtype, publish, on_epoch, distributed=distributed
+            model,
+            train_studies,
+            val_studies,
+            settings,
+            device,
+            dtype,
+            publish,
+            on_epoch,
+            distributed=distributed,
+            reference_studies=reference,
         )
     except Exception as e:
         state.update(status="FAILED", error=f"{type(e).__name__}: {e}", total_time=_elapsed(state))
         write_state()
         raise
-    state.update(status="DONE", total_time=_elapsed(state), published=result.published)
+    state.update(
+        status="DONE",
+        total_time=_elapsed(state),
+        published=result.published,
+        stopped_early=result.stopped_early,
+        not_published=result.not_published,
+    )
     write_state()
     return result.as_json()
 

@@ -52,6 +52,8 @@ class Clip:
     frames: np.ndarray  # (T, H, W) uint8
     masks: np.ndarray  # (T, B, H, W) bool, one channel per object
     values: list[int]
+    study: str = ""  # the study's name and the clip's slice indices: what the encoder-feature cache keys on
+    slices: np.ndarray | None = None
 
 
 def sample_clip(
@@ -84,4 +86,4 @@ def sample_clip(
     rng.shuffle(values)
     values = values[:max_objects]
     masks = np.stack([study.label[idx] == v for v in values], axis=1)
-    return Clip(study.frames[idx], masks, values)
+    return Clip(study.frames[idx], masks, values, study.name, idx)

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from lib.engine.precision import autocast_for
-from lib.training.clip_loss import ClipLoss
+from lib.training.clip_loss import ClipLoss, PreparedStep, prepare_step
 from lib.training.data import Clip, Study, sample_clip
 from lib.training.distributed import DistributedContext, any_rank, sum_over_ranks
+from lib.training.prefetch import StepPrefetcher
 from lib.training.settings import TRAIN_PARTS, TrainSettings
 from lib.training.validation import evaluate
 
@@ -26,8 +27,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EpochReport:
-    """One epoch: its mean training loss, the validation scores after it, its speed, and whether it was
-    the best so far (and so published)."""
+    """One epoch: its mean training loss, the validation scores after it, its speed, whether it was the best
+    so far on the held-out studies, and whether it was published (a best epoch is not when the reference
+    studies' Dice dropped by more than allowed: ``not_published`` says why)."""
 
     epoch: int
     train_loss: float
@@ -37,24 +39,38 @@ class EpochReport:
     seconds: float
     slices_per_second: float
     best: bool
+    reference_dice: float | None = None
+    published: bool = False
+    not_published: str = ""
+    lr: float = 0.0
+    train_slices: int = 0
+    train_seconds: float = 0.0
 
 
 @dataclass
 class TrainResult:
-    """A run: the validation scores before training, each epoch's report, and the best epoch."""
+    """A run: the validation scores before training, each epoch's report, the best published epoch, the
+    reference studies' Dice before training, and why the run stopped early or did not publish."""
 
     initial: dict
     epochs: list[EpochReport] = field(default_factory=list)
     best_dice: float = -1.0
     best_epoch: int = -1
     published: bool = False
+    reference_before: float | None = None
+    reference_dice: float | None = None  # of the published model
+    stopped_early: str = ""
+    not_published: str = ""
 
     def as_json(self) -> dict:
         return {**asdict(self)}
 
 
-def configure_trainable(model: torch.nn.Module, parts: str) -> list[dict]:
-    """Freeze what ``parts`` excludes; parameter groups with MedSAM2's learning rates."""
+def configure_trainable(model: torch.nn.Module, parts: str, settings: TrainSettings | None = None) -> list[dict]:
+    """Freeze what ``parts`` excludes; parameter groups with MedSAM2's learning rates. ``lora``: adapters are
+    added (``settings``' rank and alpha; default: TrainSettings') and only they train (see :func:`train_adapters`)."""
+    if parts == "lora":
+        return train_adapters(model, settings or TrainSettings(train_parts="lora"))
     frozen = TRAIN_PARTS[parts]
     encoder, rest = [], []
     for name, p in model.named_parameters():
@@ -65,14 +81,30 @@ def configure_trainable(model: torch.nn.Module, parts: str) -> list[dict]:
     return [g for g in ({"params": encoder, "name": "image_encoder"}, {"params": rest, "name": "rest"}) if g["params"]]
 
 
+def train_adapters(model: torch.nn.Module, settings: TrainSettings) -> list[dict]:
+    """``train_parts="lora"``: add LoRA adapters of ``settings.lora_rank``/``lora_alpha`` (unless the model has
+    them), freeze every base weight; one parameter group, the adapters, trained at ``lr``."""
+    from lib.engine.adapters import add_lora_adapters, has_adapters, is_adapter_weight
+
+    if not has_adapters(model):
+        add_lora_adapters(model, settings.lora_rank, settings.lora_alpha)
+    adapters = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_adapter_weight(name))
+        if p.requires_grad:
+            adapters.append(p)
+    return [{"params": adapters, "name": "adapters"}]
+
+
 @dataclass
 class _Optimisation:
-    """The trained parameter groups, AdamW over them, and its cosine learning-rate schedule."""
+    """The trained parameter groups, AdamW over them, and the learning-rate schedule."""
 
     groups: list[dict]
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
-    steps_per_epoch: int  # on this rank
+    steps_per_epoch: int  # optimiser steps per epoch on this rank
+    clips_per_step: int
 
     def step(self, loss: torch.Tensor, grad_clip: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -82,18 +114,38 @@ class _Optimisation:
         self.schedule.step()
 
 
+FINAL_LR_FRACTION = 0.05
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
+    """The learning-rate factor at ``step``: linear warm-up to 1, then cosine decay to FINAL_LR_FRACTION."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay = min(step - warmup_steps, total_steps - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * decay))
+
+
+def scaled_lr(lr: float, clips_per_step: int, world_size: int) -> float:
+    """``lr`` is set for one clip per step on one process; larger batches take it times the square root of
+    the batch (the rule for Adam-type optimisers: the gradient noise falls with the square root of the batch)."""
+    return lr * math.sqrt(clips_per_step * world_size)
+
+
 def _optimisation(model: torch.nn.Module, settings: TrainSettings, n_studies: int, world_size: int) -> _Optimisation:
-    """Freeze what the settings exclude; an epoch's clips are split across the ranks (rounded up)."""
-    groups = configure_trainable(model, settings.train_parts)
+    """Freeze what the settings exclude; an epoch's clips are split across the ranks and into steps of
+    ``clips_per_step`` clips (rounded up)."""
+    groups = configure_trainable(model, settings.train_parts, settings)
+    clips_per_step = settings.clips_per_step
     for g in groups:
-        g["lr"] = settings.lr_image_encoder if g["name"] == "image_encoder" else settings.lr
+        base = settings.lr_image_encoder if g["name"] == "image_encoder" else settings.lr
+        g["lr"] = scaled_lr(base, clips_per_step, world_size)
     optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
-    steps = math.ceil((settings.steps_per_epoch or max(4 * n_studies, 1)) / world_size)
+    clips = settings.steps_per_epoch or max(4 * n_studies, 1)
+    steps = math.ceil(clips / (world_size * clips_per_step))
     total_steps = steps * settings.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
-    )
-    return _Optimisation(groups, optimizer, schedule, steps)
+    warmup = round(settings.warmup_fraction * total_steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
+    return _Optimisation(groups, optimizer, schedule, steps, clips_per_step)
 
 
 def _labelled(studies: Sequence[Study]) -> list[Study]:
@@ -131,10 +183,12 @@ class _Training:
     optimisation: _Optimisation
     studies: list[Study]  # those with a labelled voxel
     settings: TrainSettings
-    rng: np.random.Generator
+    rng: np.random.Generator  # the correction clicks (they depend on the predictions)
+    sample_rng: np.random.Generator  # clips and their prompts, drawn ahead by the prefetch thread
     device: torch.device
     should_stop: Callable[[], bool] | None
     distributed: DistributedContext | None
+    steps: StepPrefetcher[PreparedStep] | None = None
 
     def stop_requested(self) -> bool:
         """Asked by ``should_stop`` here or, when distributed, on any rank."""
@@ -145,9 +199,14 @@ class _Training:
         s = self.settings
         clip = None
         while clip is None:
-            study = self.studies[int(self.rng.integers(len(self.studies)))]
-            clip = sample_clip(study, s.clip_length, s.max_objects, self.rng, s.p_cross_end)
+            study = self.studies[int(self.sample_rng.integers(len(self.studies)))]
+            clip = sample_clip(study, s.clip_length, s.max_objects, self.sample_rng, s.p_cross_end)
         return clip
+
+    def prepare_step(self) -> PreparedStep:
+        """The next step's clips, batch layout and prompts (run in the prefetch thread)."""
+        clips = [self.sample_clip() for _ in range(self.optimisation.clips_per_step)]
+        return prepare_step(clips, self.settings, self.sample_rng, self.model.image_size)
 
     def run_epoch(self) -> _Epoch | None:
         """Train on this epoch's clips; None when a stop was requested."""
@@ -157,11 +216,11 @@ class _Training:
         for _ in range(self.optimisation.steps_per_epoch):
             if self.stop_requested():
                 return None
-            clip = self.sample_clip()
-            loss = self.step_loss(clip, self.rng)
+            step = self.steps.next() if self.steps else self.prepare_step()
+            loss = self.step_loss(step, self.rng)
             self.optimisation.step(loss, self.settings.grad_clip)
             losses.append(float(loss.detach()))
-            slices += clip.frames.shape[0]
+            slices += step.slices
         train_seconds = time.perf_counter() - t0
         loss_sum, n_losses = float(np.sum(losses)), len(losses)
         if self.distributed:
@@ -169,25 +228,74 @@ class _Training:
         return _Epoch(loss_sum, n_losses, slices, train_seconds)
 
 
-def _record_epoch(
-    result: TrainResult, report: EpochReport, model: torch.nn.Module, publish: Callable, epochs: int
+@dataclass
+class PublishGuard:
+    """Do no harm: the reference studies (labelled before this run, never trained on in it) must not lose more
+    than ``max_drop`` Dice against the model the run started from, or a better held-out epoch is not published."""
+
+    studies: Sequence[Study]
+    max_drop: float
+    before: float | None = None
+
+    def refusal(self, dice: float | None) -> str:
+        """Why a model with reference Dice ``dice`` must not be published ("" when it may)."""
+        if dice is None or self.before is None or dice >= self.before - self.max_drop:
+            return ""
+        return (
+            f"Dice on the {len(self.studies)} reference studies fell from {self.before:.4f} to {dice:.4f}, "
+            f"more than the allowed {self.max_drop:g} (publish_max_drop)"
+        )
+
+
+def _consider_publishing(
+    report: EpochReport, result: TrainResult, model, publish: Callable, guard: PublishGuard, validate: Callable
 ) -> None:
-    """Add the epoch to ``result``; publish the model if it is the best so far."""
-    result.epochs.append(report)
-    if report.best:
-        result.best_dice, result.best_epoch = report.val_dice, report.epoch
-        publish(model, report)
-        result.published = True
+    """Publish a best epoch unless the guard refuses it; note the outcome in ``report`` and ``result``."""
+    if not report.best:
+        return
+    if guard.studies:
+        report.reference_dice = validate(guard.studies)["dice"]
+    report.not_published = guard.refusal(report.reference_dice)
+    if report.not_published:
+        result.not_published = f"epoch {report.epoch}: {report.not_published}"
+        logger.warning("not published: %s", result.not_published)
+        return
+    result.best_dice, result.best_epoch = report.val_dice, report.epoch
+    result.reference_dice = report.reference_dice
+    publish(model, report)
+    report.published = result.published = True
+    result.not_published = ""
+
+
+def _log_epoch(report: EpochReport, epochs: int) -> None:
     logger.info(
-        "epoch %d/%d loss %.4f val Dice %.4f NSD %.4f (%.1f slices/s)%s",
+        "epoch %d/%d loss %.4f val Dice %.4f NSD %.4f%s (%.1f slices/s, lr %.2e)%s",
         report.epoch,
         epochs,
         report.train_loss,
         report.val_dice,
         report.val_nsd,
+        "" if report.reference_dice is None else f" reference Dice {report.reference_dice:.4f}",
         report.slices_per_second,
-        " [published]" if report.best else "",
+        report.lr,
+        " [published]" if report.published else (" [not published]" if report.not_published else ""),
     )
+
+
+@dataclass
+class _EarlyStop:
+    """Stop after ``patience`` epochs in a row without a better held-out Dice (0: never)."""
+
+    patience: int
+    best: float
+    stale: int = 0
+
+    def update(self, dice: float) -> bool:
+        if dice > self.best:
+            self.best, self.stale = dice, 0
+        else:
+            self.stale += 1
+        return 0 < self.patience <= self.stale
 
 
 def train(
@@ -201,8 +309,11 @@ def train(
     on_epoch: Callable[[EpochReport, TrainResult], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     distributed: DistributedContext | None = None,
+    reference_studies: Sequence[Study] = (),
 ) -> TrainResult:
-    """Fine-tune ``model`` in place; ``publish`` is called with the model whenever validation Dice improves.
+    """Fine-tune ``model`` in place; ``publish`` is called with the model whenever validation Dice improves,
+    unless the Dice on ``reference_studies`` fell by more than ``settings.publish_max_drop`` (see PublishGuard).
+    The run stops early after ``settings.patience`` epochs without a better validation Dice.
 
     ``distributed``: this process is one rank of an initialised process group (see :mod:`lib.training.distributed`).
     Each rank samples its own clips (seed + rank), an epoch's ``steps_per_epoch`` clips are split across the
@@ -217,36 +328,76 @@ def train(
     optimisation = _optimisation(model, settings, len(train_studies), world_size)
     autocast = autocast_for(device, compute_dtype)
     usable = _labelled(train_studies)
+    guard = PublishGuard(list(reference_studies), settings.publish_max_drop)
 
-    def validate() -> dict:
-        return evaluate(model, val_studies, device, compute_dtype, settings.nsd_tolerance_mm)
+    def validate(studies: Sequence[Study]) -> dict:
+        return evaluate(model, studies, device, compute_dtype, settings.nsd_tolerance_mm)
 
     result = TrainResult(initial={})
     if lead:
-        result.initial = validate()
+        result.initial = validate(val_studies)
         result.best_dice = result.initial["dice"]
+        if guard.studies:
+            guard.before = result.reference_before = validate(guard.studies)["dice"]
         logger.info("validation before training: Dice %.4f NSD %.4f", result.initial["dice"], result.initial["nsd"])
     step_loss = _step_loss(ClipLoss(model, settings, device, autocast), distributed)
-    training = _Training(model, step_loss, optimisation, usable, settings, rng, device, should_stop, distributed)
+    sample_rng = np.random.default_rng([settings.seed, rank, 1])
+    training = _Training(
+        model, step_loss, optimisation, usable, settings, rng, sample_rng, device, should_stop, distributed
+    )
+    with StepPrefetcher(training.prepare_step) as training.steps:
+        _run_epochs(training, result, val_studies, validate, guard, publish, on_epoch, lead)
+    return result
+
+
+def _run_epochs(
+    training: _Training,
+    result: TrainResult,
+    val_studies: Sequence[Study],
+    validate: Callable,
+    guard: PublishGuard,
+    publish: Callable,
+    on_epoch: Callable | None,
+    lead: bool,
+) -> None:
+    """Train epoch after epoch (until the last one, a stop request, or early stopping); rank 0 validates,
+    publishes and reports."""
+    settings, model, optimisation = training.settings, training.model, training.optimisation
+    early = _EarlyStop(settings.patience, result.best_dice)
     for epoch in range(1, settings.epochs + 1):
         t0 = time.perf_counter()
         trained = training.run_epoch()
         if trained is None:
-            return result
-        if not lead:
-            continue
-        scores = validate()
-        report = EpochReport(
-            epoch,
-            trained.loss_sum / max(trained.n_losses, 1),
-            scores["dice"],
-            scores["nsd"],
-            scores["per_label"],
-            round(time.perf_counter() - t0, 3),
-            round(trained.slices / max(trained.train_seconds, 1e-9), 2),
-            best=scores["dice"] > result.best_dice,
-        )
-        _record_epoch(result, report, model, publish, settings.epochs)
-        if on_epoch:
-            on_epoch(report, result)
-    return result
+            return
+        stop = False
+        if lead:
+            report = _epoch_report(epoch, trained, validate(val_studies), t0, result, optimisation)
+            _consider_publishing(report, result, model, publish, guard, validate)
+            result.epochs.append(report)
+            _log_epoch(report, settings.epochs)
+            stop = early.update(report.val_dice) and epoch < settings.epochs
+            if stop:
+                result.stopped_early = f"no better validation Dice in the last {settings.patience} epochs"
+                logger.info("stopping early after epoch %d: %s", epoch, result.stopped_early)
+            if on_epoch:
+                on_epoch(report, result)
+        if any_rank(stop, training.device) if training.distributed else stop:
+            return
+
+
+def _epoch_report(
+    epoch: int, trained: _Epoch, scores: dict, t0: float, result: TrainResult, optimisation: _Optimisation
+) -> EpochReport:
+    return EpochReport(
+        epoch,
+        trained.loss_sum / max(trained.n_losses, 1),
+        scores["dice"],
+        scores["nsd"],
+        scores["per_label"],
+        round(time.perf_counter() - t0, 3),
+        round(trained.slices / max(trained.train_seconds, 1e-9), 2),
+        best=scores["dice"] > result.best_dice,
+        lr=optimisation.optimizer.param_groups[-1]["lr"],
+        train_slices=int(trained.slices),
+        train_seconds=round(trained.train_seconds, 3),
+    )

@@ -28,12 +28,19 @@ def frame_loss(
     object_score_logits: torch.Tensor,
     target: torch.Tensor,
     kind: str,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SAM2's loss on one frame: the best of the candidate masks gets focal x20 + Dice + IoU L1; the object
-    score gets BCE. Objects absent from the frame only train the object score. ``dice_ce``: Dice + CE."""
+    score gets BCE. Objects absent from the frame only train the object score. ``dice_ce``: Dice + CE.
+    ``valid`` (B,): 0 for objects whose clip has already ended (padding of a batch of clips), which count nowhere.
+    """
     target = target.expand_as(multimask_logits).float()
-    present = (target.flatten(1).amax(-1) > 0).float()  # (B,)
-    score_loss = F.binary_cross_entropy_with_logits(object_score_logits[:, 0].float(), present)
+    weight = torch.ones(target.shape[0], device=target.device) if valid is None else valid.float()
+    present = (target.flatten(1).amax(-1) > 0).float() * weight  # (B,)
+    score_bce = F.binary_cross_entropy_with_logits(
+        object_score_logits[:, 0].float(), (target.flatten(1).amax(-1) > 0).float(), reduction="none"
+    )
+    score_loss = (score_bce * weight).sum() / weight.sum().clamp(min=1)
     if kind == "dice_ce":
         ce = F.binary_cross_entropy_with_logits(multimask_logits, target, reduction="none").flatten(2).mean(-1)
         per_mask = ce + _dice_loss(multimask_logits, target)

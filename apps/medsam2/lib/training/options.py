@@ -14,6 +14,7 @@ from lib.training.settings import TrainSettings
 BOUNDS: dict[str, tuple[float, float]] = {
     "epochs": (1, 100_000),
     "steps_per_epoch": (0, 10_000_000),
+    "clips_per_step": (1, 256),
     "clip_length": (1, 1024),
     "max_objects": (1, 255),
     "lr": (1e-12, 1.0),
@@ -27,6 +28,12 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "p_correction": (0.0, 1.0),
     "p_cross_end": (0.0, 1.0),
     "seed": (0, 2**32 - 1),
+    "warmup_fraction": (0.0, 0.9),
+    "patience": (0, 100_000),
+    "feature_cache_mb": (0, 1_000_000),
+    "publish_max_drop": (0.0, 1.0),
+    "lora_rank": (1, 1024),
+    "lora_alpha": (1e-6, 1e6),
 }
 # request keys besides TrainSettings' fields: MONAI Label's multi-GPU options, the device, the model name, and
 # client_id, which MONAI Label's Python client (MONAILabelClient) and its 3D Slicer plugin add to every request body:

@@ -32,12 +32,20 @@ def _click_in(region: np.ndarray, rng: np.random.Generator) -> tuple[float, floa
     return float(xs[i]), float(ys[i])
 
 
-def simulate_prompts(masks0: np.ndarray, settings: TrainSettings, rng: np.random.Generator, image_size: int):
-    """Per object on the first slice: a jittered box, 1-3 clicks, or the mask itself (as SAM2 trains)."""
-    b, h, w = masks0.shape
+def prompt_kind(settings: TrainSettings, rng: np.random.Generator) -> str:
+    """What the simulated annotator gives on a step's first slice: ``mask``, ``box`` or ``clicks``."""
     if rng.random() < settings.p_mask:
+        return "mask"
+    return "box" if rng.random() < settings.p_box else "clicks"
+
+
+def simulate_prompts(masks0: np.ndarray, rng: np.random.Generator, image_size: int, kind: str):
+    """Per object on the first slice: a jittered box, 1-3 clicks, or the mask itself (as SAM2 trains), as
+    ``(point_inputs, mask_inputs)`` with point coordinates in the model's input scale."""
+    b, h, w = masks0.shape
+    if kind == "mask":
         return None, torch.from_numpy(masks0[:, None].astype(np.float32))
-    use_box = rng.random() < settings.p_box
+    use_box = kind == "box"
     coords, labels = [], []
     for obj in range(b):
         pts, lab = [], []
