@@ -17,7 +17,7 @@ from lib.training import loop
 from lib.training.clip_loss import batch_clips, batch_loss
 from lib.training.data import Study, sample_clip
 from lib.training.encoder_features import EncoderFeatureCache, encode_slices
-from lib.training.loop import FINAL_LR_FRACTION, configure_trainable, scaled_lr, train, warmup_cosine
+from lib.training.loop import FINAL_LR_FRACTION, clips_per_step_on, configure_trainable, scaled_lr, train, warmup_cosine
 from lib.training.reference_set import freeze_reference, read_reference_names, split_studies
 from lib.training.settings import TrainSettings
 from sam2_testing import small_config_file
@@ -138,6 +138,8 @@ def test_warmup_then_cosine_decay_to_the_floor():
     assert factors[100] == pytest.approx(FINAL_LR_FRACTION)
     assert warmup_cosine(0, 10, 0) == pytest.approx(1.0)
     assert scaled_lr(1e-4, 4, 1) == pytest.approx(2e-4) and scaled_lr(1e-4, 4, 4) == pytest.approx(4e-4)
+    assert clips_per_step_on(CPU, 0) == 1 and clips_per_step_on(torch.device("cuda"), 0) == 4
+    assert clips_per_step_on(CPU, 3) == 3
 
 
 def _scripted_evaluate(monkeypatch, held_out: list[float], reference: list[float]):

@@ -40,7 +40,8 @@ TRAIN_CHOICES: dict[str, tuple[str, ...]] = {"train_parts": tuple(TRAIN_PARTS), 
 TRAIN_MEANINGS: dict[str, str] = {
     "epochs": "training epochs; each ends with a validation",
     "steps_per_epoch": "training clips per epoch (0: 4 per training study)",
-    "clips_per_step": "clips trained together in one optimiser step (their objects are one batch)",
+    "clips_per_step": "clips trained together in one optimiser step (their objects are one batch); 0: 4 on a GPU, "
+    "1 on a CPU (where batching saves little time and multiplies memory)",
     "warmup_fraction": "share of the optimiser steps with a linear learning-rate warm-up (then cosine decay to 5%)",
     "patience": "stop after this many epochs without a better validation Dice (0: run every epoch)",
     "feature_cache_mb": "memory for image-encoder outputs reused across epochs while the encoder is frozen (0: off)",

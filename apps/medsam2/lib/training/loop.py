@@ -131,11 +131,19 @@ def scaled_lr(lr: float, clips_per_step: int, world_size: int) -> float:
     return lr * math.sqrt(clips_per_step * world_size)
 
 
-def _optimisation(model: torch.nn.Module, settings: TrainSettings, n_studies: int, world_size: int) -> _Optimisation:
+def clips_per_step_on(device: torch.device, setting: int) -> int:
+    """``clips_per_step``, with 0 resolved by device: 4 on a GPU (a step of one clip leaves it idle between small
+    kernels), 1 on a CPU (arithmetic-bound already: larger steps multiply memory and save little time)."""
+    return setting or (4 if device.type == "cuda" else 1)
+
+
+def _optimisation(
+    model: torch.nn.Module, settings: TrainSettings, n_studies: int, world_size: int, device: torch.device
+) -> _Optimisation:
     """Freeze what the settings exclude; an epoch's clips are split across the ranks and into steps of
     ``clips_per_step`` clips (rounded up)."""
     groups = configure_trainable(model, settings.train_parts, settings)
-    clips_per_step = settings.clips_per_step
+    clips_per_step = clips_per_step_on(device, settings.clips_per_step)
     for g in groups:
         base = settings.lr_image_encoder if g["name"] == "image_encoder" else settings.lr
         g["lr"] = scaled_lr(base, clips_per_step, world_size)
@@ -325,7 +333,7 @@ def train(
     lead = rank == 0
     rng = np.random.default_rng(settings.seed + rank)
     torch.manual_seed(settings.seed + rank)
-    optimisation = _optimisation(model, settings, len(train_studies), world_size)
+    optimisation = _optimisation(model, settings, len(train_studies), world_size, device)
     autocast = autocast_for(device, compute_dtype)
     usable = _labelled(train_studies)
     guard = PublishGuard(list(reference_studies), settings.publish_max_drop)

@@ -14,7 +14,7 @@ from lib.training.settings import TrainSettings
 BOUNDS: dict[str, tuple[float, float]] = {
     "epochs": (1, 100_000),
     "steps_per_epoch": (0, 10_000_000),
-    "clips_per_step": (1, 256),
+    "clips_per_step": (0, 256),
     "clip_length": (1, 1024),
     "max_objects": (1, 255),
     "lr": (1e-12, 1.0),

@@ -23,7 +23,7 @@ class TrainSettings:
 
     epochs: int = 10
     steps_per_epoch: int = 0  # training clips per epoch; 0: 4 per training study
-    clips_per_step: int = 4  # clips trained together in one optimiser step (their objects form one batch)
+    clips_per_step: int = 0  # clips trained together in one optimiser step; 0: 4 on a GPU, 1 on a CPU
     clip_length: int = 8
     max_objects: int = 3
     lr: float = 5e-5  # for one clip per step on one process; scaled by sqrt(clips_per_step x processes)
