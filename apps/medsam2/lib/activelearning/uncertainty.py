@@ -16,12 +16,16 @@ logger = logging.getLogger(__name__)
 
 
 class PropagationUncertainty(Strategy):
-    """Ranks unlabelled studies by SAM2's own uncertainty along a short propagation from a central box:
-    object-score entropy plus slice-to-slice mask instability. Scores are cached per (image, model version);
-    at most ``max_candidates`` new studies are scored per request (a random sample), to bound latency."""
+    """Ranks unlabelled studies by SAM2's own uncertainty along a short propagation from a central box
+    (:func:`lib.engine.confidence.propagation_uncertainty`: object-score entropy, mask-logit ambiguity and
+    slice-to-slice mask instability). Scores are cached per (image, model version); at most ``max_candidates`` new
+    studies are scored per request (a random sample), to bound latency. ``bench/active_learning_loop.py`` runs this
+    class in a simulated annotation loop against random picking."""
 
     def __init__(self, segmenter: MedSAM2Segmenter, max_candidates: int = 8):
-        super().__init__("Highest model uncertainty along a propagation (SAM2 object score and mask stability)")
+        super().__init__(
+            "Highest model uncertainty along a propagation (SAM2 object score, mask ambiguity and stability)"
+        )
         self.segmenter = segmenter
         self.max_candidates = max_candidates
         self._scores: dict[tuple[str, int], float] = {}

@@ -5,6 +5,7 @@ is about it, for the active-learning strategy)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,9 +136,37 @@ def object_score_entropy(scores: list[float]) -> float:
     return float((-(p * p.log2()) - (1 - p) * (1 - p).log2()).mean())
 
 
+def mask_ambiguity(logits: Sequence[torch.Tensor], margin: float = 2.0) -> float:
+    """How much of what SAM2 outlines it is unsure of, in [0, 1]: per slice, the share of its outline (mask logits
+    above ``-margin``) whose logit lies within ``margin`` of the decision boundary (probability 0.12-0.88 for 2),
+    averaged over the slices that have an outline (0.0 when none has). A share, so large and small objects score
+    alike; unlike the slice-to-slice change it does not mistake an object that moves or changes size for doubt."""
+    shares = []
+    for lg in logits:
+        outline = lg > -margin
+        size = int(outline.sum())
+        if size:
+            shares.append(int((outline & (lg < margin)).sum()) / size)
+    return float(np.mean(shares)) if shares else 0.0
+
+
+def mask_instability(masks: Sequence[np.ndarray]) -> float:
+    """Mean 1 - IoU between the masks of consecutive slices (0.0 for both empty), in [0, 1]."""
+    changes = []
+    for a, b in zip(masks, masks[1:], strict=False):
+        union = np.logical_or(a, b).sum()
+        changes.append(0.0 if union == 0 else 1.0 - np.logical_and(a, b).sum() / union)
+    return float(np.mean(changes)) if changes else 0.0
+
+
 def propagation_uncertainty(session: VolumeSession, half_span: int = 8, box_fraction: float = 0.5) -> float:
-    """Prompt a central box on the middle slice, propagate ``half_span`` slices each way, return the mean
-    object-score entropy and the mask's slice-to-slice instability (both in [0, 1]), averaged."""
+    """How unsure the model is about a study, in [0, 1]: prompt a central box on the middle slice, propagate
+    ``half_span`` slices each way, and average three signals of that propagation: SAM2's object-score entropy, the
+    ambiguity of its masks' logits (:func:`mask_ambiguity`) and the masks' slice-to-slice instability.
+
+    The ambiguity term was added after ``bench/active_learning_loop.py`` showed the first version (entropy and
+    instability only) ranking correct studies with moving objects above wrongly segmented ones; see
+    docs/training.md (Active learning, simulated)."""
     n, rows, cols = session.frames.shape
     key = n // 2
     mx, my = cols * (1 - box_fraction) / 2, rows * (1 - box_fraction) / 2
@@ -145,10 +174,6 @@ def propagation_uncertainty(session: VolumeSession, half_span: int = 8, box_frac
     result = propagate_volume(session, [prompt], (max(0, key - half_span), min(n - 1, key + half_span)))
     scores = [result.object_scores["probe"][f] for f in sorted(result.object_scores["probe"])]
     frames = sorted(result.logits["probe"])
-    masks = [(result.logits["probe"][f] > 0).cpu().numpy() for f in frames]
-    changes = []
-    for a, b in zip(masks, masks[1:], strict=False):
-        union = np.logical_or(a, b).sum()
-        changes.append(0.0 if union == 0 else 1.0 - np.logical_and(a, b).sum() / union)
-    instability = float(np.mean(changes)) if changes else 0.0
-    return 0.5 * object_score_entropy(scores) + 0.5 * instability
+    logits = [result.logits["probe"][f].float().cpu() for f in frames]
+    instability = mask_instability([(lg > 0).numpy() for lg in logits])
+    return (object_score_entropy(scores) + mask_ambiguity(logits) + instability) / 3
