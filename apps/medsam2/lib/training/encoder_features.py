@@ -42,7 +42,7 @@ class EncoderFeatureCache:
             self._levels.move_to_end(key)
         return levels
 
-    def put(self, key: SliceKey, levels: list[torch.Tensor], pos: list[torch.Tensor]) -> None:
+    def put(self, key: SliceKey, levels: list[torch.Tensor]) -> None:
         size = _nbytes(levels)
         if size > self.max_bytes or key in self._levels:
             return
@@ -51,7 +51,10 @@ class EncoderFeatureCache:
             self.bytes -= _nbytes(old)
         self._levels[key] = levels
         self.bytes += size
-        self._pos = self._pos or [p[:1] for p in pos]
+
+    def keep_position_encodings(self, pos: list[torch.Tensor]) -> None:
+        if self._pos is None:
+            self._pos = [p[:1] for p in pos]
 
     def position_encodings(self, n: int) -> list[torch.Tensor]:
         assert self._pos is not None
@@ -92,22 +95,18 @@ def encode_slices(
     if cache is None or not encoder_is_frozen(model):
         with autocast:
             return _with_high_res_projections(model, _encode(model, frames, device))
-    missing = [i for i, key in enumerate(keys) if cache.get(key) is None]
+    per_slice = [cache.get(key) for key in keys]  # taken before new entries can evict them
+    missing = [i for i, levels in enumerate(per_slice) if levels is None]
     if missing:
         with torch.no_grad(), autocast:
             fresh = _encode(model, [frames[i] for i in missing], device)
+        cache.keep_position_encodings(fresh["vision_pos_enc"])
         for row, i in enumerate(missing):
-            cache.put(keys[i], [level[row : row + 1] for level in fresh["backbone_fpn"]], fresh["vision_pos_enc"])
+            per_slice[i] = [level[row : row + 1] for level in fresh["backbone_fpn"]]
+            cache.put(keys[i], per_slice[i])
     cache.hits += len(keys) - len(missing)
     cache.misses += len(missing)
-    per_slice = [cache.get(key) for key in keys]
-    if any(levels is None for levels in per_slice):  # the batch alone exceeds the cache: encode it whole
-        with torch.no_grad(), autocast:
-            fresh = _encode(model, frames, device)
-        per_slice = [[level[i : i + 1] for level in fresh["backbone_fpn"]] for i in range(len(keys))]
-        pos = fresh["vision_pos_enc"]
-    else:
-        pos = cache.position_encodings(len(keys))
+    pos = cache.position_encodings(len(keys))
     fpn = [torch.cat([levels[lvl] for levels in per_slice]) for lvl in range(len(per_slice[0]))]  # type: ignore[index]
     with autocast:
         return _with_high_res_projections(
