@@ -129,7 +129,7 @@ def test_correction_adds_a_key_slice_and_refines_the_last_mask(model, tmp_path):
     label, second, _ = seg.segment_3d(str(path), {**fix, "client_id": "c"})
     assert second["correction"] and second["session"]["reused"] and "warnings" not in second
     assert sorted(p["slice"] for p in second["prompts_in_session"]) == sorted({6, target})
-    session = next(iter(seg.cache._entries.values())).session
+    session = next(iter(seg.sessions._entries.values())).session
     assert ("lesion", target) in session.prompt_masks  # the click refines the mask the user saw there
     # clicks on the key slice itself merge with its box
     more = {"prompts": [{"label": "lesion", "slice": 6, "background": [[2, 2]]}], "correction": True, "client_id": "c"}

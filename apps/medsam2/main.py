@@ -106,6 +106,7 @@ class MedSAM2App(MONAILabelApp):
                 infer_workers=self.admission.settings.max_concurrent + self.admission.settings.max_queued + 4,
                 dicomweb_timeout_s=self.dicomweb_timeout_s,
                 operations=OperationsSource(self.replica, self.operations_status, self.not_ready_reasons),
+                on_image_opened=self.image_opened,
             )
         )
         super().__init__(
@@ -304,9 +305,31 @@ class MedSAM2App(MONAILabelApp):
         if strategy and strategy not in self._strategies:
             raise NotFound(f"Unknown active-learning strategy {strategy!r}; available: {sorted(self._strategies)}.")
         if strategy in (None, "", "random", "first"):
-            return super().next_sample(request)
-        with self.admission.admit():
-            return super().next_sample(request)
+            answer = super().next_sample(request)
+        else:
+            with self.admission.admit():
+                answer = super().next_sample(request)
+        if isinstance(answer, dict) and isinstance(answer.get("id"), str):
+            self.image_opened(answer["id"], "next sample")  # the annotator opens it next
+        return answer
+
+    def image_opened(self, image_id: str, source: str) -> None:
+        """A viewer opened (or is handed) this image: encode it in the background (:mod:`lib.engine.encode_ahead`).
+        Returns at once; the image is read (downloaded from the PACS) by the background worker."""
+        datastore = self.datastore()
+        if isinstance(datastore, PacsDatastore) and not datastore.knows_image(image_id):
+            return  # a SEG series or a series outside the datastore's filter
+
+        def image_path() -> str:
+            path = datastore.get_image_uri(image_id)
+            if not path or not os.path.isfile(path):
+                raise NotFound(f"Image {image_id!r} is not in the datastore.")
+            return path
+
+        for config in self.models.values():
+            segmenter = getattr(config, "segmenter", None)
+            if segmenter is not None:
+                segmenter.open_ahead(image_id, source, image_path)
 
     def info(self) -> dict[str, Any]:
         meta = super().info()
@@ -340,6 +363,11 @@ class MedSAM2App(MONAILabelApp):
         meta["patches"] = self.patches.as_dict()
         caches = {n: c.segmenter.cache for n, c in self.models.items() if hasattr(c, "segmenter")}
         meta["session_cache"] = {n: cache.stats() for n, cache in caches.items()}
+        meta["encode_ahead"] = {
+            n: c.segmenter.ahead.status() if c.segmenter.ahead is not None else None
+            for n, c in self.models.items()
+            if hasattr(c, "segmenter")
+        }
         return meta
 
     def infer(self, request: dict[str, Any], datastore=None) -> dict[str, Any]:

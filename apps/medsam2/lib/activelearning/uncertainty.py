@@ -35,8 +35,9 @@ class PropagationUncertainty(Strategy):
         model, version = provider.get()
         key = (image_path, version)
         if key not in self._scores:
-            session = self.segmenter.open_image(image_path, axis=2, model=model)
-            self._scores[key] = propagation_uncertainty(session.volume)
+            with self.segmenter.foreground():  # the background encoder waits meanwhile
+                session = self.segmenter.open_image(image_path, axis=2, model=model)
+                self._scores[key] = propagation_uncertainty(session.volume)
         return self._scores[key]
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ from lib.engine.prompts import LabelMap
 from lib.engine.segmenter import MedSAM2Segmenter, SegmenterSettings
 from lib.engine.volume_session import SessionCache
 from lib.infers.medsam2 import MedSAM2Infer
+from lib.server.patches import in_server
 from lib.settings import AppSettings, parse_settings
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class MedSAM2(TaskConfig):
         dtype = compute_dtype_for(device, s.precision)
         published = s.finetuned_checkpoint or _path(os.path.join(model_dir, "medsam2_finetuned.pt"))
         adapter = adapter_path(published, s.adapter) if s.adapter else None  # adapters/<name>.pt beside it
-        self.provider = ModelProvider(self.checkpoint, device, dtype, published, adapter)
+        self.provider = ModelProvider(self.checkpoint, device, dtype, published, adapter, s.cpu_tracking)
         cache = SessionCache(max_sessions=s.max_sessions, max_bytes=int(s.max_session_gb * (1 << 30)))
         segmenter_settings = SegmenterSettings(
             window=self.window,
@@ -64,7 +65,9 @@ class MedSAM2(TaskConfig):
             scribble_mode=s.scribble_mode,
             undo_levels=s.undo_levels,
         )
-        self.segmenter = MedSAM2Segmenter(self.provider, segmenter_settings, cache)
+        # the background encoder runs inside the server only (not in a training process or a script)
+        encode_ahead = s.encode_ahead == "on" and in_server()
+        self.segmenter = MedSAM2Segmenter(self.provider, segmenter_settings, cache, encode_ahead=encode_ahead)
 
     def infer(self) -> InferTask | dict[str, InferTask]:
         info = {

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from lib.engine.checkpoints import CheckpointError, ResolvedCheckpoint, load_model
+from lib.engine.cpu_inference import use_cpu_inference_modules
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,10 @@ class ModelProvider:
         compute_dtype: torch.dtype | None,
         published: Path | None = None,
         adapter: Path | None = None,
+        cpu_tracking: str = "fast",
     ):
         self.base = checkpoint
+        self.cpu_tracking = cpu_tracking  # "fast": lib.engine.cpu_inference's modules on a CPU
         self.published = published
         self.adapter = adapter
         self.adapter_loaded: dict[str, Any] | None = None  # the adapter merged into the served model
@@ -86,6 +89,8 @@ class ModelProvider:
                 source = self.source()
                 try:
                     model, adapter = self._load(source)
+                    if self.device.type == "cpu" and self.cpu_tracking == "fast":
+                        use_cpu_inference_modules(model)
                 except CheckpointError:
                     if self._model is None:
                         raise

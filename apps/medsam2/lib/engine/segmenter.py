@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +16,7 @@ import numpy as np
 import torch
 
 from lib.engine.confidence import check_hint, slice_confidence, slices_to_check
+from lib.engine.encode_ahead import EncodeAhead, available_memory
 from lib.engine.mask_prompts import merge_strokes, resolve_drawn
 from lib.engine.model_provider import ModelProvider
 from lib.engine.preprocessing import IntensityWindow, resolve_window, to_uint8
@@ -64,6 +68,21 @@ class SegmenterSettings:
 
 
 @dataclass
+class PreparedImage:
+    """An image read, windowed and cut into frames along one axis, with its encoded slices: one per image, axis and
+    model version, shared by every annotator's session on it and by the background encoder."""
+
+    volume: VolumeSession
+    image: LoadedImage
+    window: IntensityWindow
+    evicted: threading.Event = field(default_factory=threading.Event)  # set when the cache drops it
+    grew: Callable[[], None] = lambda: None  # tells the cache to re-measure it
+
+    def nbytes(self) -> int:
+        return self.volume.nbytes() + int(self.image.array.nbytes)
+
+
+@dataclass
 class ImageSession:
     """A cached image: its encoded volume, geometry, window, and one annotator's state on it (prompts, the label
     being refined, the last answer's logits) with the undo history of that state."""
@@ -84,11 +103,12 @@ class ImageSession:
         return self.volume.lock
 
     def nbytes(self) -> int:
+        """Bytes of this annotator's state (the image and its encoded slices are counted in the image cache)."""
         masks = [t for per in self.last_logits.values() for t in per.values()] + list(self.prompt_masks.values())
         extra = (self.base.frames.nbytes if self.base is not None else 0) + (
             self.history.nbytes() if self.history else 0
         )
-        return self.volume.nbytes() + int(self.image.array.nbytes) + tensor_bytes(masks) + extra
+        return tensor_bytes(masks) + extra
 
     def state(self) -> dict[str, Any]:
         """What undo restores (the dicts are copied; the tensors and arrays in them are never changed in place)."""
@@ -138,17 +158,70 @@ class ImageSession:
 
 
 class MedSAM2Segmenter:
-    """Serves key-slice (2D) and propagation (3D) requests from cached per-image sessions."""
+    """Serves key-slice (2D) and propagation (3D) requests from cached images and per-annotator sessions.
 
-    def __init__(self, provider: ModelProvider, settings: SegmenterSettings, cache: SessionCache):
+    ``cache`` holds the prepared images with their encoded slices (bounded in count and bytes); the annotators'
+    sessions on them (prompts, answers, undo) are kept in ``sessions`` and dropped with their image. With
+    ``encode_ahead``, :meth:`open_ahead` encodes an opened image in the background (:mod:`lib.engine.encode_ahead`).
+    """
+
+    def __init__(
+        self,
+        provider: ModelProvider,
+        settings: SegmenterSettings,
+        cache: SessionCache,
+        encode_ahead: bool = False,
+        memory_reserve_bytes: int = 1 << 30,
+    ):
         self.provider = provider
         self.settings = settings
         self.cache = cache
+        cache.on_evict = self._image_evicted
+        self.sessions = SessionCache(max_sessions=8 * cache.max_sessions, max_bytes=cache.max_bytes)
+        self.memory_reserve_bytes = memory_reserve_bytes
+        self.ahead = EncodeAhead(self._room_for, chunk=min(2, settings.encode_batch)) if encode_ahead else None
+
+    def _image_evicted(self, key: Any, prepared: PreparedImage) -> None:
+        prepared.evicted.set()
+        self.sessions.drop_where(lambda session_key, _: session_key[0] == key)
+
+    def _room_for(self, prepared: PreparedImage, nbytes: int) -> str | None:
+        """Why the background encoder must not cache ``nbytes`` more (None: it may)."""
+        if self.cache.total_bytes() + nbytes > self.cache.max_bytes:
+            return "the session cache is full (--conf max_session_gb)"
+        available = available_memory()
+        if available is not None and available - nbytes < self.memory_reserve_bytes:
+            return f"the machine's free memory is short ({available / 2**30:.1f} GiB available)"
+        return None
+
+    def foreground(self):
+        """Wrap any use of the model for a request: the background encoder pauses meanwhile."""
+        return self.ahead.foreground() if self.ahead is not None else nullcontext()
+
+    def open_ahead(self, name: str, source: str, image_path: Callable[[], str]) -> bool:
+        """Encode an image a viewer opened, in the background (``image_path`` may download it: it runs there too).
+        False when encode-ahead is off or the image is already queued or encoded."""
+        if self.ahead is None:
+            return False
+
+        def prepare() -> PreparedImage:
+            path = image_path()
+            model, version = self.provider.get()
+            return self._prepared(path, axis=2, model=model, version=version)[0]
+
+        return self.ahead.submit(name, source, prepare)
 
     def open_image(
         self, image_path: str, axis: int, model: torch.nn.Module, timings: dict[str, float] | None = None
     ) -> ImageSession:
         """Read an image (size limit applied), window it and wrap it for the model: nothing encoded yet."""
+        prepared = self.prepare_image(image_path, axis, model, timings)
+        return ImageSession(prepared.volume, prepared.image, prepared.window)
+
+    def prepare_image(
+        self, image_path: str, axis: int, model: torch.nn.Module, timings: dict[str, float] | None = None
+    ) -> PreparedImage:
+        """Read an image (size limit applied), window it and cut it into frames: nothing encoded yet."""
         t1 = time.perf_counter()
         image = load_image(image_path, self.settings.max_voxels)
         t2 = time.perf_counter()
@@ -165,7 +238,26 @@ class MedSAM2Segmenter:
         if timings is not None:
             timings["load"] = round(t2 - t1, 4)
             timings["preprocess"] = round(time.perf_counter() - t2, 4)
-        return ImageSession(volume, image, window)
+        return PreparedImage(volume, image, window)
+
+    def _prepared(
+        self, image_path: str, axis: int, model: torch.nn.Module, version: int, timings: dict | None = None
+    ) -> tuple[PreparedImage, bool, tuple]:
+        """The cached prepared image (created when missing): (image, created, cache key)."""
+        try:
+            st = os.stat(image_path)
+            stamp = (st.st_mtime_ns, st.st_size)
+        except (OSError, ValueError):
+            raise PromptError("The image was not found in the datastore. Check the image id.", status=404) from None
+        key = (os.path.realpath(image_path), stamp, axis, self.settings.window, version)
+
+        def create() -> PreparedImage:
+            prepared = self.prepare_image(image_path, axis, model, timings)
+            prepared.grew = lambda: self.cache.update_size(key)
+            return prepared
+
+        prepared, created = self.cache.get_or_create(key, create)
+        return prepared, created, key
 
     def _session(
         self, image_path: str, request: dict[str, Any], axis: int
@@ -174,16 +266,17 @@ class MedSAM2Segmenter:
         t0 = time.perf_counter()
         model, version = self.provider.get()
         timings["model"] = round(time.perf_counter() - t0, 4)
-        try:
-            st = os.stat(image_path)
-            stamp = (st.st_mtime_ns, st.st_size)
-        except (OSError, ValueError):
-            raise PromptError("The image was not found in the datastore. Check the image id.", status=404) from None
+        prepared, created, image_key = self._prepared(image_path, axis, model, version, timings)
         user = str(request.get("annotation_session") or request.get("client_id") or "default")
-        key = (os.path.realpath(image_path), stamp, user, axis, self.settings.window, version)
-
-        session, created = self.cache.get_or_create(key, lambda: self.open_image(image_path, axis, model, timings))
+        key = (image_key, user)
+        session, _ = self.sessions.get_or_create(
+            key, lambda: ImageSession(prepared.volume, prepared.image, prepared.window)
+        )
         return session, not created, timings, key
+
+    def _update_sizes(self, key: tuple) -> None:
+        self.sessions.update_size(key)
+        self.cache.update_size(key[0])
 
     def _stop_rule(self, request: dict[str, Any]) -> StopRule | None:
         """The server's default stop rule with the request's overrides applied."""
@@ -208,10 +301,28 @@ class MedSAM2Segmenter:
             "image": {"shape_ijk": list(image.array.shape[::-1]), "spacing": list(image.spacing)},
             "window": session.window.describe(),
             "model": {"checkpoint": ckpt.name, "random_weights": ckpt.is_random, "device": str(self.provider.device)},
-            "session": {"reused": reused, "slices_encoded_total": session.volume.slices_encoded},
+            "session": {
+                "reused": reused,
+                "slices_encoded_total": session.volume.slices_encoded,
+                "encoded_ahead": session.volume.slices_encoded_ahead,
+            },
         }
 
     def segment_2d(
+        self, image_path: str, request: dict[str, Any], label_file: LabelFile | None = None
+    ) -> tuple[np.ndarray, dict[str, Any], Any]:
+        """See :meth:`_segment_2d` (the background encoder pauses while it runs)."""
+        with self.foreground():
+            return self._segment_2d(image_path, request, label_file)
+
+    def segment_3d(
+        self, image_path: str, request: dict[str, Any], label_file: LabelFile | None = None
+    ) -> tuple[np.ndarray, dict[str, Any], Any]:
+        """See :meth:`_segment_3d` (the background encoder pauses while it runs)."""
+        with self.foreground():
+            return self._segment_3d(image_path, request, label_file)
+
+    def _segment_2d(
         self, image_path: str, request: dict[str, Any], label_file: LabelFile | None = None
     ) -> tuple[np.ndarray, dict[str, Any], Any]:
         """One slice from its prompts (box, clicks, scribbles, lasso), or undo/redo. Returns (label volume (k, j, i)
@@ -247,7 +358,7 @@ class MedSAM2Segmenter:
             if base is not None:
                 result["refined_from"] = base.source
             self._push(session, history, label, result, "medsam2_2d")
-        self.cache.update_size(key)
+        self._update_sizes(key)
         result["latencies"] = {
             **timings,
             "encode": round(t2 - t1, 4),
@@ -257,7 +368,7 @@ class MedSAM2Segmenter:
         }
         return label, result, image.reference
 
-    def segment_3d(
+    def _segment_3d(
         self, image_path: str, request: dict[str, Any], label_file: LabelFile | None = None
     ) -> tuple[np.ndarray, dict[str, Any], Any]:
         """Key-slice prompts propagated through the volume, all labels of the session at once; a refine of a base
@@ -283,6 +394,7 @@ class MedSAM2Segmenter:
             orphaned = sorted({p.label for p in parsed.prompts if correction and p.label not in session.label_ranges})
             self._update_state(session, parsed, base, refining, correction)
             prompts = self._session_prompts(session, request)
+            ready = _ready_at_request(session.volume, session.label_ranges, prompts)
             result = propagate_volume(
                 session.volume,
                 prompts,
@@ -297,8 +409,9 @@ class MedSAM2Segmenter:
                 frames = compose_with_base(session.base, frames, self._spans(session))
             label = frames_to_volume(frames, axis)
             out = self._result_3d(session, parsed, reused, result, stop_rule, correction, orphaned, image_path)
+            out["session"]["ready_at_request"] = ready
             self._push(session, history, label, out, "medsam2_3d")
-        self.cache.update_size(key)
+        self._update_sizes(key)
         t2 = time.perf_counter()
         out["latencies"] = {
             **timings,
@@ -532,6 +645,16 @@ def _merge_same_slice(prompts: list[KeySlicePrompt]) -> list[KeySlicePrompt]:
 
 def _per_slice_json(per_label: dict[str, dict[int, float]]) -> dict[str, dict[str, float]]:
     return {name: {str(f): round(v, 3) for f, v in sorted(per.items())} for name, per in per_label.items()}
+
+
+def _ready_at_request(
+    volume: VolumeSession, ranges: dict[str, tuple[int, int] | None], prompts: list[KeySlicePrompt]
+) -> dict[str, int]:
+    """How many of the slices a propagation needs were encoded when the request came (e.g. by encode-ahead)."""
+    lo, hi = _union_range(ranges) or (0, volume.num_slices - 1)
+    keys = [p.slice_index for p in prompts] or [lo]
+    needed = range(min(lo, *keys), max(hi, *keys) + 1)
+    return {"slices": volume.encoded_count(needed), "needed": len(needed)}
 
 
 def _union_range(ranges: dict[str, tuple[int, int] | None]) -> tuple[int, int] | None:

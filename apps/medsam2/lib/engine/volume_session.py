@@ -78,6 +78,7 @@ class VolumeSession:
         self._pos_enc: list[torch.Tensor] | None = None
         self._feat_sizes: list[tuple[int, int]] | None = None
         self.slices_encoded = 0
+        self.slices_encoded_ahead = 0  # by the background encoder (lib.engine.encode_ahead)
 
     @property
     def num_slices(self) -> int:
@@ -95,6 +96,17 @@ class VolumeSession:
 
     def is_encoded(self, index: int) -> bool:
         return index in self._features
+
+    def encoded_count(self, indices: Sequence[int] | None = None) -> int:
+        """How many of ``indices`` (default: all slices) are encoded."""
+        if indices is None:
+            return len(self._features)
+        return sum(int(i) in self._features for i in indices)
+
+    def bytes_per_slice(self) -> int:
+        """Feature bytes of one encoded slice (0 before the first is encoded)."""
+        first = next(iter(list(self._features.values())), None)
+        return int(sum(t.element_size() * t.nelement() for t in first)) if first else 0
 
     @torch.inference_mode()
     def encode(self, indices: Sequence[int]) -> None:
@@ -145,7 +157,13 @@ class _Entry:
 class SessionCache:
     """LRU cache of sessions (objects with ``nbytes()``) keyed by (image, user, ...), bounded in count and bytes."""
 
-    def __init__(self, max_sessions: int = 4, max_bytes: int = 8 << 30):
+    def __init__(
+        self,
+        max_sessions: int = 4,
+        max_bytes: int = 8 << 30,
+        on_evict: Callable[[Hashable, Any], None] | None = None,
+    ):
+        self.on_evict = on_evict  # called (without the cache's lock) for each entry dropped for room
         self.max_sessions = max(1, int(max_sessions))
         self.max_bytes = int(max_bytes)
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
@@ -172,16 +190,38 @@ class SessionCache:
             with self._lock:
                 self._entries[key] = _Entry(session, session.nbytes())
                 self._key_locks.pop(key, None)
-                self._evict(keep=key)
+                dropped = self._evict(keep=key)
+            self._notify(dropped)
             return session, True
 
     def update_size(self, key: Hashable) -> None:
         """Re-measure a session after it grew (more slices encoded) and evict others if over the cap."""
+        dropped = []
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 entry.nbytes = entry.session.nbytes()
-                self._evict(keep=key)
+                dropped = self._evict(keep=key)
+        self._notify(dropped)
+
+    def drop_where(self, condition: Callable[[Hashable, Any], bool]) -> int:
+        """Drop the entries for which ``condition(key, session)`` holds (not counted as evictions)."""
+        with self._lock:
+            keys = [k for k, e in self._entries.items() if condition(k, e.session)]
+            for key in keys:
+                del self._entries[key]
+        return len(keys)
+
+    def get(self, key: Hashable) -> Any | None:
+        """The cached entry for ``key`` (None when absent), without changing its place in the LRU order."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry.session if entry is not None else None
+
+    def _notify(self, dropped: list[tuple[Hashable, Any]]) -> None:
+        if self.on_evict is not None:
+            for key, session in dropped:
+                self.on_evict(key, session)
 
     def total_bytes(self) -> int:
         with self._lock:
@@ -202,15 +242,17 @@ class SessionCache:
                 "evictions": self.evictions,
             }
 
-    def _evict(self, keep: Hashable) -> None:
+    def _evict(self, keep: Hashable) -> list[tuple[Hashable, Any]]:
         def over() -> bool:
             total = sum(e.nbytes for e in self._entries.values())
             return len(self._entries) > self.max_sessions or total > self.max_bytes
 
+        dropped = []
         for key in list(self._entries):
             if not over():
                 break
             if key != keep:
-                del self._entries[key]
+                dropped.append((key, self._entries.pop(key).session))
                 self.evictions += 1
         self.peak_bytes = max(self.peak_bytes, sum(e.nbytes for e in self._entries.values()))
+        return dropped

@@ -44,6 +44,7 @@ class PatchContext:
     infer_workers: int
     dicomweb_timeout_s: float
     operations: Any = None  # lib.server.operations.OperationsSource
+    on_image_opened: Callable[[str, str], None] | None = None  # (image id, source): lib.server.image_opened
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,15 @@ def _apply_operations(ctx: PatchContext) -> bool:
     return True
 
 
+def _apply_image_opened(ctx: PatchContext) -> bool:
+    from lib.server import image_opened
+
+    if ctx.on_image_opened is None:
+        return False
+    require(image_opened.install(ctx.on_image_opened), "monailabel.app middleware")
+    return True
+
+
 def _check_local_datastore(ctx: PatchContext) -> bool:
     from monailabel.datastore.local import LocalDatastore
 
@@ -282,6 +292,14 @@ PATCHES: tuple[Patch, ...] = (
         "and a load balancer nothing to probe",
         security=False,
         apply=_apply_operations,
+    ),
+    Patch(
+        "image_opened",
+        "an ASGI middleware in monailabel.app (watches GET /datastore/image and the DICOMweb proxy)",
+        "MONAI Label does not tell an app which image a viewer opened: the first click paid the whole image "
+        "encoding; now the app encodes it in the background while the annotator looks at it",
+        security=False,
+        apply=_apply_image_opened,
     ),
     Patch(
         "local_datastore_internals",

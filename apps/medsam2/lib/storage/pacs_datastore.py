@@ -176,6 +176,10 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         self._known_images = self._pacs("listing the image series", super().list_images, cached=True)
         return self._known_images
 
+    def knows_image(self, image_id: str) -> bool:
+        """Whether ``image_id`` is an image series of the last listing (not a SEG, not unknown)."""
+        return image_id in self._known_images
+
     def _dicom_info(self, series_id):
         try:
             info = self._pacs(f"looking up series {series_id}", super()._dicom_info, series_id)
