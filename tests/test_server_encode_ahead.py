@@ -67,6 +67,11 @@ def test_opened_image_is_encoded_before_the_click_and_requests_go_first(setup):
     server = _start(setup, "default")
     try:
         assert "image_opened" in server.get("/info/").json()["patches"]["applied"]
+        deadline = time.monotonic() + 60
+        while not server.get("/info/").json()["warm_up"].get("medsam2"):  # the model ran once at start
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert isinstance(server.get("/info/").json()["warm_up"]["medsam2"], float)
         assert server.get("/datastore/image", params={"image": "short", "check_only": "true"}).status_code == 200
         assert _ahead(server)["running"] is None and not _ahead(server)["finished"]  # a check opens nothing
         assert server.get("/datastore/image", params={"image": "short"}).status_code == 200  # Slicer opens it

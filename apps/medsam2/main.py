@@ -96,6 +96,7 @@ class MedSAM2App(MONAILabelApp):
         self.admission = AdmissionGate(AdmissionSettings.from_settings(self.settings))
         self.auto_train = AutoTrain(self.settings.auto_train_after)
         self._warm_errors: dict[str, str] = {}
+        self.warm_up: dict[str, float | str | None] = {}  # per model: seconds the warm-up took, or why it failed
         self.replica = self.settings.replica_name or default_replica_name(settings.MONAI_LABEL_SERVER_PORT)
         self.training_lease = self._make_training_lease()
         self.patches = install_all(
@@ -138,6 +139,14 @@ class MedSAM2App(MONAILabelApp):
             except Exception as e:  # reported by /health/ready; a request retries the load
                 self._warm_errors[name] = f"{type(e).__name__}: {e}"
                 logger.error("Model %s could not be loaded at start: %s", name, e)
+                continue
+            segmenter = getattr(self.models[name], "segmenter", None)
+            try:  # kernels set up (and CUDA graphs captured) now, not in the first user's request
+                self.warm_up[name] = round(segmenter.warm_up(), 2) if segmenter is not None else None
+                logger.info("Model %s warmed up (%.1f s)", name, self.warm_up[name] or 0.0)
+            except Exception as e:  # only a first request that is slower: never a reason to stop serving
+                self.warm_up[name] = f"failed: {type(e).__name__}: {e}"
+                logger.warning("Model %s warm-up failed: %s", name, e)
 
     def not_ready_reasons(self) -> list[str]:
         """Why ``/health/ready`` answers 503: a model not loaded yet (or failed), or the datastore unreachable."""
@@ -363,6 +372,7 @@ class MedSAM2App(MONAILabelApp):
         meta["patches"] = self.patches.as_dict()
         caches = {n: c.segmenter.cache for n, c in self.models.items() if hasattr(c, "segmenter")}
         meta["session_cache"] = {n: cache.stats() for n, cache in caches.items()}
+        meta["warm_up"] = dict(self.warm_up)
         meta["encode_ahead"] = {
             n: c.segmenter.ahead.status() if c.segmenter.ahead is not None else None
             for n, c in self.models.items()

@@ -211,6 +211,30 @@ class MedSAM2Segmenter:
 
         return self.ahead.submit(name, source, prepare)
 
+    def warm_up(self) -> float:
+        """Run the model once on a small synthetic volume (one label, both directions) so that the first request
+        does not pay the kernels' set-up: oneDNN's on a CPU; cuDNN's attention plans and the tracking step's CUDA
+        graphs on a GPU (there with enough slices to capture every graph a one-label request replays). Returns
+        the seconds it took."""
+        t0 = time.perf_counter()
+        model, _ = self.provider.get()
+        size = int(model.image_size)
+        steps = model.max_obj_ptrs_in_encoder if self.provider.device.type == "cuda" else 1
+        rng = np.random.default_rng(0)
+        frames = rng.integers(0, 256, size=(2 * steps + 1, size, size), dtype=np.uint8)
+        volume = VolumeSession(
+            frames,
+            model,
+            self.provider.device,
+            self.provider.compute_dtype,
+            self.settings.feature_dtype,
+            self.settings.encode_batch,
+        )
+        box = (size / 4, size / 4, 3 * size / 4, 3 * size / 4)
+        with self.foreground():
+            propagate_volume(volume, [KeySlicePrompt("warm-up", 1, steps, box=box)])
+        return time.perf_counter() - t0
+
     def open_image(
         self, image_path: str, axis: int, model: torch.nn.Module, timings: dict[str, float] | None = None
     ) -> ImageSession:
