@@ -105,6 +105,20 @@ def test_the_worker_waits_while_requests_run(model, tmp_path):
     assert _finished(seg, "c")["encoded"] == 30
 
 
+def test_a_newer_image_takes_over_and_the_older_one_resumes_after_it(model, tmp_path):
+    seg = _segmenter(model)
+    older, newer = _study(tmp_path, "older", 60), _study(tmp_path, "newer", 8)
+    seg.open_ahead("older", "image download", lambda: older)
+    _wait(lambda: (seg.ahead.status()["running"] or {}).get("encoded", 0) >= 2)
+    seg.open_ahead("newer", "image download", lambda: newer)  # the annotator opened another image
+    _wait(lambda: _finished(seg, "newer") is not None)
+    assert _finished(seg, "older") is None  # paused, not finished: the newer image went first
+    _wait(lambda: _finished(seg, "older") is not None)
+    finished = seg.ahead.status()["finished"]
+    assert [j["image"] for j in finished] == ["older", "newer"]  # newest first
+    assert all(j["state"] == "done" for j in finished) and finished[0]["encoded"] == 60
+
+
 def test_cancelled_when_its_image_leaves_the_cache(model, tmp_path):
     seg = _segmenter(model, max_sessions=1)
     big, other = _study(tmp_path, "big", 60), _study(tmp_path, "other", 6)

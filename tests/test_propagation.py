@@ -105,13 +105,25 @@ def test_segmenter_sessions_are_isolated_between_users_and_images(model, frames,
     again, res_again, _ = seg.segment_3d(one, dict(req_a))
     assert np.array_equal(alone, again) and res_again["session"]["reused"]
     assert [p["label"] for p in res_again["prompts_in_session"]] == ["lesion"]
-    # alice adds a label: one pass returns both, without re-encoding
+    # alice adds a label: only that label is propagated, the other's answer is kept; nothing is re-encoded
     both, res_both, _ = seg.segment_3d(one, {"client_id": "alice", "label": "organ", "roi": [2, 20, 2, 20, 5, 5]})
     assert (
         set(np.unique(both).tolist()) <= {0, 1, 2}
         and res_both["latencies"]["encode"] < res_alone["latencies"]["encode"]
     )
     assert sorted(res_both["coverage"]) == ["lesion", "organ"]
+    assert res_both["session"]["labels_recomputed"] == ["organ"]
+    both_at_once = {
+        "client_id": "carol",
+        "prompts": [
+            {"label": "lesion", "slice": 5, "box": [8, 8, 36, 30]},
+            {"label": "organ", "slice": 5, "box": [2, 2, 20, 20]},
+        ],
+        "slice_range": [5, 5],
+    }
+    fresh, res_fresh, _ = seg.segment_3d(one, both_at_once)  # the same prompts, both labels propagated together
+    assert res_fresh["session"]["labels_recomputed"] == ["lesion", "organ"]
+    assert np.mean(fresh == both) > 0.999
     # reset_state starts over
     reset, res_reset, _ = seg.segment_3d(one, dict(req_a, reset_state=True))
     assert [p["label"] for p in res_reset["prompts_in_session"]] == ["lesion"] and np.array_equal(reset, alone)

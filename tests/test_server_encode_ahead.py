@@ -7,12 +7,12 @@ import time
 
 import pytest
 import torch
+from test_server_2d import infer, split_multipart
 
 from conftest import start_server, stop_server, write_image
 from lib.engine.checkpoints import build_model, save_checkpoint
 from lib.server.image_opened import opened_image
 from sam2_testing import blob_volume, object_present_bias, small_config_file
-from test_server_2d import infer, split_multipart
 
 pytestmark = pytest.mark.server
 

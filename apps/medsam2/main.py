@@ -141,6 +141,8 @@ class MedSAM2App(MONAILabelApp):
                 logger.error("Model %s could not be loaded at start: %s", name, e)
                 continue
             segmenter = getattr(self.models[name], "segmenter", None)
+            if self.settings.warm_up != "on":
+                continue
             try:  # kernels set up (and CUDA graphs captured) now, not in the first user's request
                 self.warm_up[name] = round(segmenter.warm_up(), 2) if segmenter is not None else None
                 logger.info("Model %s warmed up (%.1f s)", name, self.warm_up[name] or 0.0)

@@ -416,6 +416,14 @@ SETTINGS: tuple[Setting, ...] = (
         "SAM2's own modules",
     ),
     Setting(
+        "warm_up",
+        MODEL,
+        Choice(("on", "off")),
+        "on",
+        "run the model once on a synthetic volume at start (kernels set up, CUDA graphs captured) so the first "
+        "request is as fast as the next; `/info` → `warm_up` shows the seconds it took",
+    ),
+    Setting(
         "encode_ahead",
         MEMORY,
         Choice(("on", "off")),
@@ -564,6 +572,7 @@ class AppSettings:
     device: str  # "cpu", "cuda" or "cuda:<index>" (auto resolved)
     precision: str
     cpu_tracking: str
+    warm_up: str
     encode_ahead: str
     stop_rule: StopRule | None
     slices_to_check: int

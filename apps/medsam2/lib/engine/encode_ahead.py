@@ -1,8 +1,9 @@
 """Encode an image's slices in the background while the annotator looks at it, so that a click waits for tracking
 only.
 
-One worker thread takes the images viewers open (most recent last), reads each into the segmenter's image cache
-and runs the image encoder on its slices a few at a time, from the middle slice outwards. Requests come first:
+One worker thread takes the images viewers open, the most recently opened first (a newer image takes over from
+the one being encoded at the next chunk; that one resumes later), reads each into the segmenter's image cache and
+runs the image encoder on its slices a few at a time, from the middle slice outwards. Requests come first:
 while any request is being served the worker waits between chunks, so a request waits for at most the chunk in
 flight. A job ends early when its image leaves the cache, when the cache (``max_session_gb``) or the machine's
 memory has no room for more, or when newer images push it out of the queue. A request that arrives mid-way uses
@@ -58,6 +59,7 @@ class AheadJob:
     by_this_job: int = 0
     submitted: float = field(default_factory=time.monotonic)
     seconds: float = 0.0
+    superseded: bool = False  # a newer image was opened: yield to it at the next chunk, resume later
 
     def describe(self) -> dict[str, Any]:
         out = {"image": self.name, "source": self.source, "state": self.state, "slices": self.slices}
@@ -114,10 +116,15 @@ class EncodeAhead:
             if self._stopping or self._known(name):
                 return False
             self._queue.append(AheadJob(name, source, prepare))
-            while len(self._queue) > self.max_queued:  # the viewer moved on: the oldest opened image goes
-                self._finish(self._queue.popleft(), "cancelled", "newer images were opened")
+            if self._running is not None:
+                self._running.superseded = True
+            self._trim_queue()
             self._cond.notify_all()
             return True
+
+    def _trim_queue(self) -> None:
+        while len(self._queue) > self.max_queued:  # the viewer moved on: the oldest opened image goes
+            self._finish(self._queue.popleft(), "cancelled", "newer images were opened")
 
     def _known(self, name: str) -> bool:
         if any(j.name == name for j in self._queue) or (self._running and self._running.name == name):
@@ -161,10 +168,15 @@ class EncodeAhead:
             except Exception as e:  # a bad image: the request that reads it answers with the reason
                 job.state, job.reason = "failed", " ".join(str(e).split())[:300] or type(e).__name__
                 logger.info("Encode-ahead of %s stopped: %s", job.name, job.reason)
-            job.seconds = time.monotonic() - started
+            job.seconds += time.monotonic() - started
             with self._cond:
                 self._running = None
-                self._finish(job, job.state if job.state in FINISHED else "done", job.reason)
+                if job.state == "superseded":  # after the newer images, unless they push it out
+                    job.state, job.superseded = "queued", False
+                    self._queue.appendleft(job)
+                    self._trim_queue()
+                else:
+                    self._finish(job, job.state if job.state in FINISHED else "done", job.reason)
 
     def _finish(self, job: AheadJob, state: str, reason: str = "") -> None:
         job.state, job.reason = state, reason
@@ -182,7 +194,7 @@ class EncodeAhead:
     def _encode(self, job: AheadJob) -> None:
         if not self._wait_for_idle():
             return
-        prepared = job.prepare()
+        prepared = getattr(job, "prepared", None) or job.prepare()
         job.prepared = prepared  # type: ignore[attr-defined]
         volume = prepared.volume
         job.slices = volume.num_slices
@@ -190,6 +202,9 @@ class EncodeAhead:
         for start in range(0, len(todo), self.chunk):
             if not self._wait_for_idle():
                 job.state, job.reason = "cancelled", "the server is stopping"
+                return
+            if job.superseded:
+                job.state = "superseded"
                 return
             reason = self._why_stop(prepared, volume)
             if reason:

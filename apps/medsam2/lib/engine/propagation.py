@@ -15,6 +15,7 @@ Overlaps between labels: a voxel goes to the label with the highest mask logit a
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -271,6 +272,22 @@ class PropagationResult:
     latencies: dict[str, float] = field(default_factory=dict)
     steps: int = 0
     static_steps: int = 0
+
+    def with_labels_from(self, other: PropagationResult, names: Sequence[str]) -> PropagationResult:
+        """This result plus ``other``'s answer for the labels ``names`` (labels this run did not propagate)."""
+
+        def merged(mine: dict, theirs: dict) -> dict:
+            return {**mine, **{n: theirs[n] for n in names if n in theirs}}
+
+        return dataclasses.replace(
+            self,
+            logits=merged(self.logits, other.logits),
+            object_scores=merged(self.object_scores, other.object_scores),
+            predicted_iou=merged(self.predicted_iou, other.predicted_iou),
+            label_values=merged(self.label_values, other.label_values),
+            key_slices=merged(self.key_slices, other.key_slices),
+            stopped=merged(self.stopped, other.stopped),
+        )
 
     def binary_mask(self, label: str, chunk: int = 32) -> np.ndarray:
         """(num_slices, rows, cols) bool mask of one label (before the overlap rule)."""

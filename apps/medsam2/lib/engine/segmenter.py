@@ -33,7 +33,14 @@ from lib.engine.prompts import (
     roi_slice_range,
     slice_shape,
 )
-from lib.engine.propagation import StopRule, compose_labels, propagate_volume, segment_key_slice, upsample_logits
+from lib.engine.propagation import (
+    PropagationResult,
+    StopRule,
+    compose_labels,
+    propagate_volume,
+    segment_key_slice,
+    upsample_logits,
+)
 from lib.engine.refine import (
     BaseLabel,
     DecodedLabel,
@@ -82,6 +89,16 @@ class PreparedImage:
         return self.volume.nbytes() + int(self.image.array.nbytes)
 
 
+@dataclass(frozen=True)
+class LastPropagation:
+    """A session's last 3D answer and what it depended on besides each label's own prompts: a follow-up with the
+    same ``signature`` recomputes only the labels it names and keeps the others' answers (an exact reuse: labels
+    are propagated independently)."""
+
+    signature: tuple  # (slice range, stop rule, scribble mode)
+    result: PropagationResult
+
+
 @dataclass
 class ImageSession:
     """A cached image: its encoded volume, geometry, window, and one annotator's state on it (prompts, the label
@@ -97,6 +114,7 @@ class ImageSession:
     prompt_masks: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     base: BaseLabel | None = None  # the label being refined, as frames along the session's axis
     history: UndoHistory | None = None
+    last_run: LastPropagation | None = None
 
     @property
     def lock(self):
@@ -118,6 +136,7 @@ class ImageSession:
             "last_logits": self.last_logits,
             "prompt_masks": dict(self.prompt_masks),
             "base": self.base,
+            "last_run": self.last_run,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -126,6 +145,7 @@ class ImageSession:
         self.last_logits = dict(state["last_logits"])
         self.prompt_masks = dict(state["prompt_masks"])
         self.base = state["base"]
+        self.last_run = state.get("last_run")
 
     def undo_history(self, levels: int) -> UndoHistory:
         if self.history is None:
@@ -179,7 +199,9 @@ class MedSAM2Segmenter:
         cache.on_evict = self._image_evicted
         self.sessions = SessionCache(max_sessions=8 * cache.max_sessions, max_bytes=cache.max_bytes)
         self.memory_reserve_bytes = memory_reserve_bytes
-        self.ahead = EncodeAhead(self._room_for, chunk=min(2, settings.encode_batch)) if encode_ahead else None
+        # a request waits for the chunk in flight at most: one slice at a time on a CPU (where a batch saves nothing)
+        chunk = settings.encode_batch if provider.device.type == "cuda" else 1
+        self.ahead = EncodeAhead(self._room_for, chunk=chunk) if encode_ahead else None
 
     def _image_evicted(self, key: Any, prepared: PreparedImage) -> None:
         prepared.evicted.set()
@@ -418,14 +440,20 @@ class MedSAM2Segmenter:
             orphaned = sorted({p.label for p in parsed.prompts if correction and p.label not in session.label_ranges})
             self._update_state(session, parsed, base, refining, correction)
             prompts = self._session_prompts(session, request)
+            span = _union_range(session.label_ranges)
+            signature = (span, stop_rule, str(request.get("scribble_mode") or self.settings.scribble_mode))
+            kept = _unchanged_labels(session, signature, {p.label for p in parsed.prompts}, refining)
             ready = _ready_at_request(session.volume, session.label_ranges, prompts)
             result = propagate_volume(
                 session.volume,
-                prompts,
-                _union_range(session.label_ranges),
+                [p for p in prompts if p.label not in kept],
+                span,
                 stop_rule=stop_rule,
                 mask_inputs=session.prompt_masks,
             )
+            if kept:
+                result = result.with_labels_from(session.last_run.result, kept)
+            session.last_run = LastPropagation(signature, result)
             session.last_logits = result.logits
             t1 = time.perf_counter()
             frames = result.label_frames()
@@ -434,6 +462,7 @@ class MedSAM2Segmenter:
             label = frames_to_volume(frames, axis)
             out = self._result_3d(session, parsed, reused, result, stop_rule, correction, orphaned, image_path)
             out["session"]["ready_at_request"] = ready
+            out["session"]["labels_recomputed"] = sorted(set(result.logits) - set(kept))
             self._push(session, history, label, out, "medsam2_3d")
         self._update_sizes(key)
         t2 = time.perf_counter()
@@ -624,7 +653,14 @@ class MedSAM2Segmenter:
         return label, out, session.image.reference
 
 
-_EMPTY_STATE: dict[str, Any] = {"prompts": {}, "label_ranges": {}, "last_logits": {}, "prompt_masks": {}, "base": None}
+_EMPTY_STATE: dict[str, Any] = {
+    "prompts": {},
+    "label_ranges": {},
+    "last_logits": {},
+    "prompt_masks": {},
+    "base": None,
+    "last_run": None,
+}
 
 
 def history_step(request: dict[str, Any]) -> str | None:
@@ -669,6 +705,15 @@ def _merge_same_slice(prompts: list[KeySlicePrompt]) -> list[KeySlicePrompt]:
 
 def _per_slice_json(per_label: dict[str, dict[int, float]]) -> dict[str, dict[str, float]]:
     return {name: {str(f): round(v, 3) for f, v in sorted(per.items())} for name, per in per_label.items()}
+
+
+def _unchanged_labels(session: ImageSession, signature: tuple, named: set[str], refining: bool) -> list[str]:
+    """The session's labels whose last answer still holds: not named by this request, nothing else changed."""
+    last = session.last_run
+    if refining or session.base is not None or last is None or last.signature != signature:
+        return []
+    labels = {label for label, _ in session.prompts}
+    return sorted(label for label in labels - named if label in last.result.logits)
 
 
 def _ready_at_request(
