@@ -154,8 +154,10 @@ def start_server(
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     cmd = ["monailabel", "start_server", "--app", str(APP_DIR), "--studies", str(studies)]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
-    # never serve (or overwrite) a fine-tuned checkpoint lying in the app's model folder
-    conf = {"finetuned_checkpoint": str(log.parent / "finetuned.pt"), **conf}
+    # never serve (or overwrite) a fine-tuned checkpoint lying in the app's model folder; the OpenVINO encoder's
+    # compilation and the warm-up cost CPU at every start: on only where a test asks (test_server_encode_ahead.py)
+    defaults = {"cpu_encoder": "torch", "warm_up": "off"}
+    conf = {"finetuned_checkpoint": str(log.parent / "finetuned.pt"), **defaults, **conf}
     for k, v in conf.items():
         cmd += ["--conf", k, v]
     handle = open(log, "w")

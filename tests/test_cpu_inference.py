@@ -17,6 +17,7 @@ from lib.engine.cpu_inference import (
     use_cpu_inference_modules,
     uses_cpu_inference_modules,
 )
+from lib.engine.openvino_encoder import use_openvino_image_encoder, uses_openvino_image_encoder
 from lib.engine.preprocessing import parse_window, to_uint8
 from lib.engine.prompts import KeySlicePrompt
 from lib.engine.propagation import propagate_volume
@@ -93,3 +94,27 @@ def test_masks_match_the_stock_modules_in_fp32(dtype):
         for name in ("a", "b"):
             for f, logits in want.logits[name].items():
                 assert torch.allclose(got.logits[name][f].float(), logits.float(), atol=2e-2)
+
+
+@pytest.mark.slow
+def test_openvino_encoder_matches_sam2s_and_keeps_the_masks():
+    """The OpenVINO-compiled encoder: same feature levels (cosine > 0.999 in bf16), any batch size, and masks
+    within Dice 0.99 of SAM2's fp32 modules when it serves the engine with the CPU tracking modules."""
+    stock = small_model(seed=3)
+    fast = copy.deepcopy(stock)
+    assert use_openvino_image_encoder(fast) is not None and uses_openvino_image_encoder(fast)
+    assert not uses_openvino_image_encoder(stock)
+    use_cpu_inference_modules(fast)
+    for batch in (1, 3):
+        images = torch.rand(batch, 3, 256, 256)
+        with torch.inference_mode():
+            want, got = stock.forward_image(images), fast.forward_image(images)
+        for a, b in zip(want["backbone_fpn"], got["backbone_fpn"], strict=True):
+            assert a.shape == b.shape and torch.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+        for a, b in zip(want["vision_pos_enc"], got["vision_pos_enc"], strict=True):
+            assert torch.equal(a, b)
+    frames = to_uint8(blob_volume((12, 64, 64), radius=12.0), parse_window("abdomen"))
+    prompts = [KeySlicePrompt("a", 1, 6, box=(18.0, 20.0, 46.0, 44.0))]
+    reference = propagate_volume(VolumeSession(frames, stock, "cpu", None), prompts).binary_mask("a")
+    served = propagate_volume(VolumeSession(frames, fast, "cpu", torch.bfloat16), prompts).binary_mask("a")
+    assert reference.sum() > 0 and _dice(served, reference) >= 0.99

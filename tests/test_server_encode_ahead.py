@@ -11,6 +11,7 @@ from test_server_2d import infer, split_multipart
 
 from conftest import start_server, stop_server, write_image
 from lib.engine.checkpoints import build_model, save_checkpoint
+from lib.engine.precision import cpu_has_fast_bf16
 from lib.server.image_opened import opened_image
 from sam2_testing import blob_volume, object_present_bias, small_config_file
 
@@ -30,7 +31,7 @@ def setup(tmp_path_factory):
     studies.mkdir()
     write_image(blob_volume((24, 48, 48), radius=10.0), studies / "short.nii.gz", **GEOMETRY)
     write_image(blob_volume((240, 64, 64), radius=14.0, seed=2), studies / "long.nii.gz", **GEOMETRY)
-    conf = {"checkpoint": str(checkpoint), "model_config": str(config), "window": "abdomen"}
+    conf = {"checkpoint": str(checkpoint), "model_config": str(config), "window": "abdomen", "warm_up": "on"}
     return root, studies, conf
 
 
@@ -64,14 +65,17 @@ def test_viewer_paths_that_open_an_image():
 
 
 def test_opened_image_is_encoded_before_the_click_and_requests_go_first(setup):
-    server = _start(setup, "default")
+    server = _start(setup, "default", cpu_encoder="openvino")
     try:
         assert "image_opened" in server.get("/info/").json()["patches"]["applied"]
         deadline = time.monotonic() + 60
         while not server.get("/info/").json()["warm_up"].get("medsam2"):  # the model ran once at start
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        assert isinstance(server.get("/info/").json()["warm_up"]["medsam2"], float)
+        info = server.get("/info/").json()
+        assert isinstance(info["warm_up"]["medsam2"], float)
+        encoder = "openvino" if cpu_has_fast_bf16() else "sam2"  # OpenVINO only where the app runs bf16
+        assert info["checkpoints"]["medsam2"]["engine"] == {"tracking": "cpu_inference", "image_encoder": encoder}
         assert server.get("/datastore/image", params={"image": "short", "check_only": "true"}).status_code == 200
         assert _ahead(server)["running"] is None and not _ahead(server)["finished"]  # a check opens nothing
         assert server.get("/datastore/image", params={"image": "short"}).status_code == 200  # Slicer opens it

@@ -357,6 +357,7 @@ class MedSAM2App(MONAILabelApp):
                 "serving": c.provider.source().name,
                 "licence": c.provider.source().licence,
                 "adapter": c.provider.adapter_info(),  # None, or its name, file size and whether it is merged
+                "engine": dict(c.provider.engine_paths),  # SAM2's modules or the CPU forms (cpu_tracking, ...)
             }
             for name, c in self.models.items()
             if hasattr(c, "checkpoint")

@@ -416,6 +416,14 @@ SETTINGS: tuple[Setting, ...] = (
         "SAM2's own modules",
     ),
     Setting(
+        "cpu_encoder",
+        MODEL,
+        Choice(("openvino", "torch")),
+        "openvino",
+        "on a CPU with bf16 (`precision auto`), `openvino` runs the image encoder compiled by OpenVINO (~1.6× faster, "
+        "mask Dice 0.996 against fp32; compiled once when the model loads, ~15 s); `torch`: PyTorch's bf16 autocast",
+    ),
+    Setting(
         "warm_up",
         MODEL,
         Choice(("on", "off")),
@@ -572,6 +580,7 @@ class AppSettings:
     device: str  # "cpu", "cuda" or "cuda:<index>" (auto resolved)
     precision: str
     cpu_tracking: str
+    cpu_encoder: str
     warm_up: str
     encode_ahead: str
     stop_rule: StopRule | None

@@ -51,7 +51,7 @@ class MedSAM2(TaskConfig):
         dtype = compute_dtype_for(device, s.precision)
         published = s.finetuned_checkpoint or _path(os.path.join(model_dir, "medsam2_finetuned.pt"))
         adapter = adapter_path(published, s.adapter) if s.adapter else None  # adapters/<name>.pt beside it
-        self.provider = ModelProvider(self.checkpoint, device, dtype, published, adapter, s.cpu_tracking)
+        self.provider = ModelProvider(self.checkpoint, device, dtype, published, adapter, s.cpu_tracking, s.cpu_encoder)
         cache = SessionCache(max_sessions=s.max_sessions, max_bytes=int(s.max_session_gb * (1 << 30)))
         segmenter_settings = SegmenterSettings(
             window=self.window,

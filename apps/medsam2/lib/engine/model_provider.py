@@ -16,6 +16,7 @@ import torch
 
 from lib.engine.checkpoints import CheckpointError, ResolvedCheckpoint, load_model
 from lib.engine.cpu_inference import use_cpu_inference_modules
+from lib.engine.openvino_encoder import use_openvino_image_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +37,12 @@ class ModelProvider:
         published: Path | None = None,
         adapter: Path | None = None,
         cpu_tracking: str = "fast",
+        cpu_encoder: str = "openvino",
     ):
         self.base = checkpoint
         self.cpu_tracking = cpu_tracking  # "fast": lib.engine.cpu_inference's modules on a CPU
+        self.cpu_encoder = cpu_encoder  # "openvino": lib.engine.openvino_encoder on a CPU with bf16
+        self.engine_paths: dict[str, str] = {}  # what the served model runs (for /info)
         self.published = published
         self.adapter = adapter
         self.adapter_loaded: dict[str, Any] | None = None  # the adapter merged into the served model
@@ -89,8 +93,7 @@ class ModelProvider:
                 source = self.source()
                 try:
                     model, adapter = self._load(source)
-                    if self.device.type == "cpu" and self.cpu_tracking == "fast":
-                        use_cpu_inference_modules(model)
+                    self.engine_paths = self._use_cpu_paths(model)
                 except CheckpointError:
                     if self._model is None:
                         raise
@@ -104,6 +107,20 @@ class ModelProvider:
                 self._version += 1
                 self.load_seconds = time.perf_counter() - t0
             return self._model, self._version
+
+    def _use_cpu_paths(self, model: torch.nn.Module) -> dict[str, str]:
+        """On a CPU, the faster forms of the tracking modules and of the image encoder (``bench/cpu_paths.py``)."""
+        if self.device.type != "cpu":
+            return {"tracking": "sam2", "image_encoder": "sam2"}
+        paths = {"tracking": "sam2", "image_encoder": "sam2"}
+        if self.cpu_tracking == "fast":
+            use_cpu_inference_modules(model)
+            paths["tracking"] = "cpu_inference"
+        # OpenVINO's CPU plugin runs bf16 where the CPU has it, so only where the app would run bf16 anyway
+        if self.cpu_encoder == "openvino" and self.compute_dtype == torch.bfloat16:
+            if use_openvino_image_encoder(model) is not None:
+                paths["image_encoder"] = "openvino"
+        return paths
 
     def _load(self, source: ResolvedCheckpoint) -> tuple[torch.nn.Module, dict[str, Any] | None]:
         """The weights of ``source`` and, when the adapter file exists, that adapter merged into them (strictly:
