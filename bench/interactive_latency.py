@@ -3,8 +3,9 @@ annotator looks and draws (the think time), click; each interaction timed from t
 
 Two servers run one after the other in the same process, on copies of the demo lung CT (512 x 512 x 61, the
 MedSAM2 model shape with random weights, saved and loaded as a checkpoint):
-- ``today``: the path before encode-ahead (``--conf encode_ahead off warm_up off cpu_tracking stock``);
-- ``new``: the defaults (encode-ahead, warm-up at start, the CPU tracking modules).
+- ``today``: the path before this work (``--conf encode_ahead off warm_up off cpu_tracking stock cpu_encoder
+  torch``);
+- ``new``: the defaults (encode-ahead, warm-up at start, the CPU tracking modules, the OpenVINO encoder).
 Prints one JSON line per interaction and per variant, then one ``summary`` line per interaction with the ratio
 today / new, the target, and the Dice between the two variants' labels (same prompts).
 
@@ -37,9 +38,9 @@ from conftest import start_server, stop_server  # noqa: E402
 from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, save_checkpoint  # noqa: E402
 from sam2_testing import object_present_bias  # noqa: E402
 
-VARIANTS = {
-    "today": {"encode_ahead": "off", "warm_up": "off", "cpu_tracking": "stock"},
-    "new": {},
+VARIANTS = {  # every setting named: the test helper that starts the server has defaults of its own
+    "today": {"encode_ahead": "off", "warm_up": "off", "cpu_tracking": "stock", "cpu_encoder": "torch"},
+    "new": {"encode_ahead": "on", "warm_up": "on", "cpu_tracking": "fast", "cpu_encoder": "openvino"},
 }
 # the lung2 tumour (pixel x = i, y = j) on its key slice, and a second structure for the two-label request
 KEY_SLICE, CORRECTION_SLICE = 20, 30
