@@ -142,6 +142,25 @@ def test_lists_the_series_and_propagates_in_its_geometry(pacs, pacs_server):
     assert arr[10].any() and set(np.unique(arr).tolist()) <= {0, 1}
 
 
+def test_a_series_read_through_the_dicomweb_proxy_is_encoded_ahead(pacs, pacs_server):
+    """OHIF reads a series through the app's proxy: the server downloads and encodes it in the background."""
+    _, _, second, _ = pacs
+    assert pacs_server.get("/datastore/?output=stats").status_code == 200  # the series listing is known
+    metadata = f"/proxy/dicom/wado/studies/{second.study_uid}/series/{second.series_uid}/metadata"
+    assert pacs_server.get(metadata, timeout=60).status_code == 200
+    deadline = time.time() + 180
+    while True:
+        ahead = pacs_server.get("/info/").json()["encode_ahead"]["medsam2"]
+        done = [j for j in ahead["finished"] if j["image"] == second.series_uid]
+        if done or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert done and done[0]["source"] == "dicomweb" and done[0]["state"] == "done", ahead
+    assert done[0]["encoded"] == done[0]["slices"] == second.image.GetSize()[2]
+    seg_reads = [j for j in ahead["finished"] if j["image"] not in (second.series_uid,)]
+    assert all(j["state"] != "failed" for j in seg_reads), ahead  # nothing but image series is opened
+
+
 def test_final_label_is_stored_as_a_dicom_seg_of_the_series(pacs, pacs_server, tmp_path):
     orthanc, first, _, _ = pacs
     expected = designed_label(first, seed=1)
