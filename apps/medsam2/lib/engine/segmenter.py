@@ -244,18 +244,17 @@ class MedSAM2Segmenter:
         steps = model.max_obj_ptrs_in_encoder if self.provider.device.type == "cuda" else 1
         rng = np.random.default_rng(0)
         frames = rng.integers(0, 256, size=(2 * steps + 1, size, size), dtype=np.uint8)
-        volume = VolumeSession(
-            frames,
-            model,
-            self.provider.device,
-            self.provider.compute_dtype,
-            self.settings.feature_dtype,
-            self.settings.encode_batch,
-        )
+        volume = self._volume(frames, model)
         box = (size / 4, size / 4, 3 * size / 4, 3 * size / 4)
         with self.foreground():
             propagate_volume(volume, [KeySlicePrompt("warm-up", 1, steps, box=box)])
         return time.perf_counter() - t0
+
+    def _volume(self, frames: np.ndarray, model: torch.nn.Module) -> VolumeSession:
+        provider, settings = self.provider, self.settings
+        return VolumeSession(
+            frames, model, provider.device, provider.compute_dtype, settings.feature_dtype, settings.encode_batch
+        )
 
     def open_image(
         self, image_path: str, axis: int, model: torch.nn.Module, timings: dict[str, float] | None = None
@@ -273,14 +272,7 @@ class MedSAM2Segmenter:
         t2 = time.perf_counter()
         window = resolve_window(self.settings.window, image.array)
         frames = frames_along_axis(to_uint8(image.array, window), axis)
-        volume = VolumeSession(
-            frames,
-            model,
-            self.provider.device,
-            self.provider.compute_dtype,
-            self.settings.feature_dtype,
-            self.settings.encode_batch,
-        )
+        volume = self._volume(frames, model)
         if timings is not None:
             timings["load"] = round(t2 - t1, 4)
             timings["preprocess"] = round(time.perf_counter() - t2, 4)
