@@ -34,7 +34,7 @@ settings.MONAI_LABEL_AUTH_ENABLE = True
 settings.MONAI_LABEL_AUTH_REALM_URI = "http://127.0.0.1:9/realms/none"  # unreachable: a warning, not a failure
 settings.MONAI_LABEL_AUTH_TIMEOUT = 1
 operations = OperationsSource("test", dict, list)
-report = install_all(PatchContext(settings, lambda model, body: None, 4, 5.0, operations))
+report = install_all(PatchContext(settings, lambda model, body: None, 4, 5.0, operations, lambda image, source: None))
 print("REPORT " + json.dumps(report.as_dict()))
 """
 
