@@ -140,9 +140,9 @@ class MedSAM2App(MONAILabelApp):
                 self._warm_errors[name] = f"{type(e).__name__}: {e}"
                 logger.error("Model %s could not be loaded at start: %s", name, e)
                 continue
-            segmenter = getattr(self.models[name], "segmenter", None)
             if self.settings.warm_up != "on":
                 continue
+            segmenter = getattr(self.models[name], "segmenter", None)
             try:  # kernels set up (and CUDA graphs captured) now, not in the first user's request
                 self.warm_up[name] = round(segmenter.warm_up(), 2) if segmenter is not None else None
                 logger.info("Model %s warmed up (%.1f s)", name, self.warm_up[name] or 0.0)

@@ -60,6 +60,7 @@ class AheadJob:
     submitted: float = field(default_factory=time.monotonic)
     seconds: float = 0.0
     superseded: bool = False  # a newer image was opened: yield to it at the next chunk, resume later
+    prepared: Any = None  # the PreparedImage, once read
 
     def describe(self) -> dict[str, Any]:
         out = {"image": self.name, "source": self.source, "state": self.state, "slices": self.slices}
@@ -130,8 +131,7 @@ class EncodeAhead:
         if any(j.name == name for j in self._queue) or (self._running and self._running.name == name):
             return True
         last = next((j for j in reversed(self._finished) if j.name == name), None)
-        prepared = getattr(last, "prepared", None)
-        return last is not None and last.state == "done" and prepared is not None and not prepared.evicted.is_set()
+        return last is not None and last.state == "done" and not last.prepared.evicted.is_set()
 
     def status(self) -> dict[str, Any]:
         """For ``/info``: the job running, those queued, the last finished, and totals."""
@@ -194,8 +194,9 @@ class EncodeAhead:
     def _encode(self, job: AheadJob) -> None:
         if not self._wait_for_idle():
             return
-        prepared = getattr(job, "prepared", None) or job.prepare()
-        job.prepared = prepared  # type: ignore[attr-defined]
+        if job.prepared is None:
+            job.prepared = job.prepare()
+        prepared = job.prepared
         volume = prepared.volume
         job.slices = volume.num_slices
         todo = [i for i in center_out(volume.num_slices) if not volume.is_encoded(i)]
@@ -218,9 +219,9 @@ class EncodeAhead:
             volume.slices_encoded_ahead += new
             job.by_this_job += new
             self.slices_encoded += new
-            job.encoded = sum(volume.is_encoded(i) for i in range(volume.num_slices))
+            job.encoded = volume.encoded_count()
             prepared.grew()
-        job.encoded = sum(volume.is_encoded(i) for i in range(volume.num_slices))
+        job.encoded = volume.encoded_count()
 
     def _why_stop(self, prepared: Any, volume: Any) -> str | None:
         if prepared.evicted.is_set():

@@ -110,9 +110,9 @@ class ModelProvider:
 
     def _use_cpu_paths(self, model: torch.nn.Module) -> dict[str, str]:
         """On a CPU, the faster forms of the tracking modules and of the image encoder (``bench/cpu_paths.py``)."""
-        if self.device.type != "cpu":
-            return {"tracking": "sam2", "image_encoder": "sam2"}
         paths = {"tracking": "sam2", "image_encoder": "sam2"}
+        if self.device.type != "cpu":
+            return paths
         if self.cpu_tracking == "fast":
             use_cpu_inference_modules(model)
             paths["tracking"] = "cpu_inference"

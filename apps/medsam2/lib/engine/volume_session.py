@@ -212,12 +212,6 @@ class SessionCache:
                 del self._entries[key]
         return len(keys)
 
-    def get(self, key: Hashable) -> Any | None:
-        """The cached entry for ``key`` (None when absent), without changing its place in the LRU order."""
-        with self._lock:
-            entry = self._entries.get(key)
-            return entry.session if entry is not None else None
-
     def _notify(self, dropped: list[tuple[Hashable, Any]]) -> None:
         if self.on_evict is not None:
             for key, session in dropped:
