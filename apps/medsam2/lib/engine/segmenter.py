@@ -304,10 +304,11 @@ class MedSAM2Segmenter:
         t0 = time.perf_counter()
         model, version = self.provider.get()
         timings["model"] = round(time.perf_counter() - t0, 4)
-        prepared, created, image_key = self._prepared(image_path, axis, model, version, timings)
+        prepared, _, image_key = self._prepared(image_path, axis, model, version, timings)
         user = str(request.get("annotation_session") or request.get("client_id") or "default")
         key = (image_key, user)
-        session, _ = self.sessions.get_or_create(
+        # "reused" is the annotator's session (prompts, answers): an image encoded ahead or for someone else is not
+        session, created = self.sessions.get_or_create(
             key, lambda: ImageSession(prepared.volume, prepared.image, prepared.window)
         )
         return session, not created, timings, key
