@@ -9,6 +9,9 @@ command -v "$py" >/dev/null || py=python3
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 stamp=.venv/.medsam2-installed
 want="$(cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)"
+# OHIF's release with the MedSAM2 panel, served at /ohif/ (from the npm registry, pinned; no Node.js needed)
+.venv/bin/python scripts/install_ohif.py ||
+  echo "setup: OHIF not installed: /ohif/ will serve MONAI Label's bundled viewer (no MedSAM2 panel)" >&2
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "setup: .venv is up to date"
   exit 0

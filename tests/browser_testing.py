@@ -76,38 +76,3 @@ def coloured_fraction(pixels: np.ndarray, min_chroma: int = 40) -> float:
     p = pixels.astype(np.int16)
     chroma = p.max(axis=2) - p.min(axis=2)
     return float((chroma >= min_chroma).mean())
-
-
-def image_box(pixels: np.ndarray, min_level: int = 10) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1) of the rendered image inside a viewport screenshot: the rows and columns that are mostly
-    not black (text overlays are too small to count)."""
-    lit = pixels.max(axis=2) > min_level
-    rows = np.nonzero(lit.mean(axis=1) > 0.5)[0]
-    cols = np.nonzero(lit.mean(axis=0) > 0.5)[0]
-    assert rows.size and cols.size, "no image in the viewport"
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-
-
-def overlay_iou(pixels: np.ndarray, mask: np.ndarray, min_chroma: int = 40) -> float:
-    """Intersection over union of the coloured (overlay) pixels and ``mask`` (rows, columns) resized to them."""
-    shown = (pixels.astype(np.int16).max(axis=2) - pixels.astype(np.int16).min(axis=2)) >= min_chroma
-    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((shown.shape[1], shown.shape[0]), Image.NEAREST)
-    expected = np.asarray(resized) > 0
-    union = np.logical_or(shown, expected).sum()
-    return float(np.logical_and(shown, expected).sum() / union) if union else 0.0
-
-
-AXIAL_VIEWPORT = ("css selector", "[data-viewport-uid='mpr-axial']")
-
-
-def open_monai_label_viewer(driver: webdriver.Chrome, server_url: str, study_uid: str) -> None:
-    """Open a study in OHIF's MONAI Label mode with the panel pointed at ``server_url`` (its cookie; the panel
-    defaults to port 8000) and wait for the axial viewport."""
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    driver.execute_script(
-        "document.cookie = 'MONAILABEL_SERVER_URL=' + escape(arguments[0]) + '; path=/';", server_url + "/"
-    )
-    driver.get(f"{server_url}/ohif/monai-label?StudyInstanceUIDs={study_uid}")
-    WebDriverWait(driver, 60).until(expected_conditions.presence_of_element_located(AXIAL_VIEWPORT))

@@ -201,6 +201,15 @@ def _apply_image_opened(ctx: PatchContext) -> bool:
     return True
 
 
+def _apply_ohif_viewer(ctx: PatchContext) -> bool:
+    from monailabel.endpoints import ohif
+
+    from lib.server import ohif_viewer
+
+    require(looks_up(ohif.api_get_ohif, "get_ohif", ohif), "monailabel.endpoints.ohif.api_get_ohif -> get_ohif")
+    return ohif_viewer.install()
+
+
 def _check_local_datastore(ctx: PatchContext) -> bool:
     from monailabel.datastore.local import LocalDatastore
 
@@ -300,6 +309,14 @@ PATCHES: tuple[Patch, ...] = (
         "encoding; now the app encodes it in the background while the annotator looks at it",
         security=False,
         apply=_apply_image_opened,
+    ),
+    Patch(
+        "ohif_viewer",
+        "monailabel.endpoints.ohif.get_ohif",
+        "the OHIF bundled with MONAI Label sends clicks only; /ohif/ now serves OHIF's release with the MedSAM2 "
+        "panel (boxes, scribbles, lasso, undo, per-slice confidence); not applied when it is not installed",
+        security=False,
+        apply=_apply_ohif_viewer,
     ),
     Patch(
         "local_datastore_internals",

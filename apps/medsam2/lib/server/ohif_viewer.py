@@ -1,0 +1,76 @@
+"""Serve this app's OHIF at ``/ohif/``: OHIF's prebuilt release (``scripts/install_ohif.py``) with the MedSAM2
+panel (``apps/medsam2/ohif/``) in place of the OHIF build bundled in the monailabel wheel.
+
+MONAI Label's ``GET /ohif/{path}`` route (and its access check) stays; only the function that maps a path to a
+file is replaced. Files of the app's own OHIF folder (``app-config.js``, the panel bundle) come first, then the
+installed release; any other path is the single-page app's ``index.html``. A path that leaves those folders is
+answered 404. When the release is not installed, MONAI Label's bundled viewer keeps being served.
+"""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+from pathlib import Path
+
+from lib.errors import NotFound
+
+logger = logging.getLogger(__name__)
+
+OHIF_DIR = Path(__file__).resolve().parents[2] / "ohif"
+VIEWER_DIR = OHIF_DIR / "viewer"
+PANEL_FILES = {
+    "app-config.js": OHIF_DIR / "app-config.js",
+    "medsam2-ohif.js": OHIF_DIR / "dist" / "medsam2-ohif.js",
+    "medsam2-mode.js": OHIF_DIR / "medsam2-mode.js",
+}
+NO_CACHE = {"Cache-Control": "no-cache"}
+
+
+def viewer_installed(viewer: Path = VIEWER_DIR) -> bool:
+    """True when the OHIF release is installed and the panel is built."""
+    return (viewer / "index.html").is_file() and all(p.is_file() for p in PANEL_FILES.values())
+
+
+def viewer_file(path: str, viewer: Path = VIEWER_DIR) -> Path:
+    """The file to answer ``GET /ohif/<path>`` with."""
+    path = path.strip("/")
+    if path in PANEL_FILES:
+        return PANEL_FILES[path]
+    if not path:
+        return viewer / "index.html"
+    root = viewer.resolve()
+    candidate = (root / path).resolve()
+    if not candidate.is_relative_to(root):
+        raise NotFound("No such file in the OHIF viewer.")
+    if candidate.is_file():
+        return candidate
+    if "." in candidate.name:  # a missing asset, not one of the viewer's routes
+        raise NotFound(f"No such file in the OHIF viewer: {path[:200]}")
+    return viewer / "index.html"
+
+
+def get_ohif(path: str):
+    """Replacement of ``monailabel.endpoints.ohif.get_ohif``."""
+    from fastapi.responses import FileResponse
+
+    file = viewer_file(path)
+    media_type = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+    if file.suffix in (".js", ".mjs"):
+        media_type = "text/javascript"
+    headers = NO_CACHE if file.name in ("index.html", *PANEL_FILES) else None
+    return FileResponse(file, media_type=media_type, headers=headers)
+
+
+def install() -> bool:
+    """Serve this app's OHIF; False (MONAI Label's bundled viewer stays) when it is not installed."""
+    from monailabel.endpoints import ohif
+
+    if not viewer_installed():
+        logger.warning(
+            "The MedSAM2 OHIF viewer is not installed (run scripts/setup.sh or scripts/install_ohif.py); "
+            "/ohif/ serves the viewer bundled with MONAI Label, without the MedSAM2 panel."
+        )
+        return False
+    ohif.get_ohif = get_ohif
+    return ohif.get_ohif is get_ohif

@@ -1,0 +1,366 @@
+"""The MedSAM2 OHIF panel (``apps/medsam2/ohif/``) in OHIF's release, served by the app at /ohif/, in headless
+Chromium, on the lung CT in a real Orthanc: real mouse drags with the panel's tools, and what reaches the server.
+
+One browser and one opened study serve the whole module (OHIF takes ~15 s to open a study on these machines);
+the tests run in file order and each says what it starts from. Screenshots: ``test-artifacts/ohif_panel/``
+(``box_3d.png`` is ``docs/ohif_medsam2_panel.png``).
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import importlib.util
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from pacs_testing import CHROMEDRIVER, CHROMIUM, REQUIRED, CtSeries, Orthanc, lung_ct, require, write_ct_series
+
+from conftest import ARTIFACTS, Server, start_server, stop_server
+from sam2_testing import small_config_file
+
+SHOTS = ARTIFACTS / "ohif_panel"
+LABELS = {"lesion": 1, "organ": 2}
+# the lung2 nodule (demo slices 15-25, i 318-404, j 333-398 at 512 px) in a slab from demo slice 10, shrunk to 256
+FIRST_SLICE = 10
+KEY_SLICE = 10  # demo slice 20
+NODULE_BOX = (157, 164, 204, 202)  # x0, y0, x1, y1 = i0, j0, i1, j1
+
+# (i, j, k) voxel -> page coordinates (CSS px) of the active viewport, through cornerstone's own camera
+VOXEL_TO_PAGE = """
+const [i, j, k] = arguments[0];
+const v = window.medsam2.bridge.active(), g = v.grid;
+const w = [0, 1, 2].map(c => g.origin[c] + i * g.spacing[0] * g.direction[c]
+  + j * g.spacing[1] * g.direction[3 + c] + k * g.spacing[2] * g.direction[6 + c]);
+const p = v.viewport.worldToCanvas(w), r = v.viewport.canvas.getBoundingClientRect();
+return [r.left + p[0], r.top + p[1]];
+"""
+# the panel's labelmap on the active series, slice k (sorted like the server's k) as base64 uint8 (i fastest)
+LABELMAP = """
+const v = window.medsam2.bridge.active();
+const seg = window.services.segmentationService.getSegmentation(window.medsam2.bridge.segmentationId(v));
+if (!seg) return null;
+const lm = seg.representationData.Labelmap;
+const byRef = new Map(lm.referencedImageIds.map((r, n) => [r, lm.imageIds[n]]));
+return v.grid.imageIds.map(id => {
+  const d = window.cornerstone.cache.getImage(byRef.get(id)).voxelManager.getScalarData();
+  let s = '';
+  for (let n = 0; n < d.length; n += 8192) s += String.fromCharCode.apply(null, d.subarray(n, n + 8192));
+  return btoa(s);
+});
+"""
+
+
+@dataclass
+class PanelSession:
+    orthanc: Orthanc
+    ct: CtSeries
+    server: Server
+    driver: object
+    console: list = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def panel(tmp_path_factory, random_checkpoint) -> Iterator[PanelSession]:
+    """Orthanc with the lung CT slab, the app on it, and Chromium showing the study in the MedSAM2 mode at the
+    key slice, the panel connected."""
+    require([CHROMIUM, CHROMEDRIVER], "Chromium and chromedriver (Debian chromium, chromium-driver)")
+    if importlib.util.find_spec("selenium") is None:
+        (pytest.fail if REQUIRED else pytest.skip)("selenium is not installed (requirements-dev.txt)")
+    from browser_testing import chromium
+
+    tmp = tmp_path_factory.mktemp("ohif_panel")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    orthanc = Orthanc(tmp / "orthanc").start()
+    try:
+        ct = write_ct_series(lung_ct(first_slice=FIRST_SLICE), tmp / "ct")
+        orthanc.upload(ct.files)
+        conf = {
+            "checkpoint": str(random_checkpoint),
+            "model_config": str(small_config_file(tmp)),
+            "window": "lung",
+            "labels": json.dumps(LABELS, separators=(",", ":")),
+        }
+        server = start_server(orthanc.dicomweb, conf, tmp / "server.log")
+        try:
+            with chromium(SHOTS / "chromedriver.log") as driver:
+                session = PanelSession(orthanc, ct, server, driver)
+                try:
+                    open_study(session)
+                    yield session
+                finally:
+                    session.console += driver.get_log("browser")
+                    (SHOTS / "browser_console.json").write_text(json.dumps(session.console, indent=1))
+        finally:
+            stop_server(server)
+    finally:
+        orthanc.stop()
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.25):
+    """Poll ``condition`` until it returns something truthy; fail with ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value is not None and value is not False:
+                return value
+        except Exception as e:  # noqa: BLE001 - the page re-renders while we look
+            last_error = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error!r})")
+
+
+def open_study(s: PanelSession) -> None:
+    from browser_testing import grey_std, screenshot
+
+    s.driver.get(f"{s.server.url}/ohif/medsam2?StudyInstanceUIDs={s.ct.study_uid}")
+    wait_for(lambda: s.driver.execute_script("return window.medsam2 && window.medsam2.state.info && 1"), 90, "panel")
+    wait_for(lambda: s.driver.execute_script("return window.medsam2.bridge.active() && 1"), 90, "the series shown")
+    wait_for(lambda: grey_std(screenshot(s.driver)[300:600, 500:1000]) > 20, 60, "the CT rendered")
+    jump(s, KEY_SLICE)
+    time.sleep(1)  # OHIF's own segmentation panel may take the focus while the study opens
+    screenshot(s.driver, SHOTS / "opened.png")
+
+
+def jump(s: PanelSession, k: int) -> None:
+    s.driver.execute_script("return window.medsam2.bridge.jumpToSlice(arguments[0])", k)
+    wait_for(lambda: current_slice(s) == k, 10, f"slice {k}")
+
+
+def current_slice(s: PanelSession) -> int:
+    return s.driver.execute_script("return window.medsam2.bridge.currentSlice()")
+
+
+def click(s: PanelSession, name: str) -> None:
+    s.driver.find_element("css selector", f"[data-medsam2='{name}']").click()
+
+
+def state(s: PanelSession, key: str):
+    return s.driver.execute_script(f"return window.medsam2.state[{json.dumps(key)}]")
+
+
+def page_point(s: PanelSession, i: float, j: float, k: int) -> tuple[float, float]:
+    return tuple(s.driver.execute_script(VOXEL_TO_PAGE, [i, j, k]))
+
+
+def drag(s: PanelSession, voxels: list[tuple[float, float]], k: int) -> float:
+    """Press the left button at the first voxel's page position, move through the others, release; returns the
+    monotonic time of the release."""
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    points = [page_point(s, i, j, k) for i, j in voxels]
+    actions = ActionBuilder(s.driver, duration=30)
+    actions.pointer_action.move_to_location(*map(int, points[0])).pointer_down()
+    for x, y in points[1:]:
+        actions.pointer_action.move_to_location(int(x), int(y))
+    actions.pointer_action.pointer_up()
+    actions.perform()
+    return time.monotonic()
+
+
+def labelmap(s: PanelSession) -> np.ndarray | None:
+    """The panel's labelmap as (k, j, i) uint8, or None before the first answer."""
+    slices = s.driver.execute_script(LABELMAP)
+    if slices is None:
+        return None
+    size = s.ct.image.GetSize()
+    return np.stack([np.frombuffer(base64.b64decode(b), np.uint8).reshape(size[1], size[0]) for b in slices])
+
+
+def infer_requests(s: PanelSession, model: str | None = None) -> list[dict]:
+    """The /infer requests the server logged (MONAI Label logs each request's params)."""
+    found = []
+    for line in s.server.log.read_text().splitlines():
+        if "Infer Request: " in line:
+            request = ast.literal_eval(line.split("Infer Request: ", 1)[1])
+            if model is None or request.get("model") == model:
+                found.append(request)
+    return found
+
+
+def run_and_wait(s: PanelSession, before: int) -> dict:
+    """Press Run and wait for the panel's answer; returns the new request the server logged."""
+    click(s, "run")
+    return answered(s, before)
+
+
+def answered(s: PanelSession, before: int) -> dict:
+    wait_for(lambda: len(infer_requests(s)) > before, 60, "the panel's request at the server")
+    wait_for(lambda: not state(s, "busy"), 120, "the panel's answer")
+    assert state(s, "error") is None, state(s, "error")
+    return infer_requests(s)[-1]
+
+
+def select_tool(s: PanelSession, tool: str, polarity: str = "foreground", dimension: str = "3d") -> None:
+    for name in (dimension, polarity):
+        click(s, name)
+    if state(s, "tool") != tool:
+        click(s, f"tool-{tool}")
+    wait_for(lambda: state(s, "tool") == tool, 5, f"the {tool} tool")
+
+
+def server_label(s: PanelSession, params: dict, model: str) -> np.ndarray:
+    """What the server answers to ``params`` in a new session: (k, j, i)."""
+    params = {**params, "client_id": f"replay-{time.monotonic_ns()}", "result_extension": ".nii.gz"}
+    r = s.server.post(
+        f"/infer/{model}", params={"image": s.ct.series_uid, "output": "image"}, data={"params": json.dumps(params)}
+    )
+    assert r.status_code == 200, r.text[:1000]
+    path = SHOTS / "replay.nii.gz"
+    path.write_bytes(r.content)
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_box_drag_reaches_the_server_in_voxels_of_the_shown_slice_and_its_3d_answer_is_overlaid(panel):
+    """Live mode, Box tool, 3D: a drag around the nodule on the key slice sends that box (voxel indices of the
+    server's image, the slice shown), and the labelmap becomes the server's answer voxel for voxel."""
+    from browser_testing import coloured_fraction, element_pixels, screenshot
+
+    s = panel
+    before = len(infer_requests(s))
+    select_tool(s, "box")
+    s.driver.find_element("css selector", "[data-medsam2='live']").click()
+    assert state(s, "live") is True
+    x0, y0, x1, y1 = NODULE_BOX
+    released = drag(s, [(x0, y0), ((x0 + x1) / 2, (y0 + y1) / 2), (x1, y1)], KEY_SLICE)
+    request = answered(s, before)
+    overlay = wait_for(lambda: (m := labelmap(s)) is not None and m.any() and m, 30, "the overlay")
+    seconds = time.monotonic() - released
+    print(json.dumps({"measure": "ohif_box_drag_to_overlay_s", "value": round(seconds, 2), "image": "256x256x20"}))
+    s.driver.find_element("css selector", "[data-medsam2='live']").click()
+
+    assert request["model"] == "medsam2_3d" and request["image"] == s.ct.series_uid
+    (prompt,) = request["prompts"]
+    assert prompt["label"] == "lesion" and prompt["slice"] == KEY_SLICE
+    assert np.abs(np.array(prompt["box"]) - np.array(NODULE_BOX)).max() <= 1, prompt["box"]
+    assert request["correction"] is False and request["client_id"].startswith("ohif-")
+
+    expected = server_label(s, {"prompts": request["prompts"]}, "medsam2_3d")
+    assert overlay.shape == expected.shape
+    assert np.array_equal(overlay, expected)
+    assert np.count_nonzero(overlay.any(axis=(1, 2))) > 1  # propagated beyond the key slice
+    viewport = s.driver.find_element("css selector", "[data-viewport-uid]")
+    assert coloured_fraction(element_pixels(s.driver, viewport)) > 0.01
+    screenshot(s.driver, SHOTS / "box_3d.png")
+
+
+def test_scribble_and_lasso_reach_the_server_as_drawn(panel):
+    """Background scribble then foreground lasso (2D) on the key slice: each request carries the stroke's
+    voxels in order, on the slice shown; the 2D answer changes that slice only."""
+    s = panel
+    before_map = labelmap(s)
+    stroke = [(150.0, 150.0), (165.0, 158.0), (180.0, 170.0)]
+    before = len(infer_requests(s))
+    select_tool(s, "scribble", polarity="background")
+    drag(s, stroke, KEY_SLICE)
+    request = run_and_wait(s, before)
+    (prompt,) = request["prompts"]
+    assert prompt["slice"] == KEY_SLICE and request["correction"] is True
+    drawn = np.array(prompt["background_scribbles"][0])
+    assert len(drawn) >= 3
+    assert np.abs(drawn[0] - stroke[0]).max() <= 1.5 and np.abs(drawn[-1] - stroke[-1]).max() <= 1.5
+
+    lasso = [(160.0, 170.0), (200.0, 172.0), (198.0, 200.0), (162.0, 198.0), (160.0, 171.0)]
+    before = len(infer_requests(s))
+    select_tool(s, "lasso", polarity="foreground", dimension="2d")
+    drag(s, lasso, KEY_SLICE)
+    request = run_and_wait(s, before)
+    assert request["model"] == "medsam2_2d"
+    (prompt,) = request["prompts"]
+    assert prompt["slice"] == KEY_SLICE
+    outline = np.array(prompt["foreground_lasso"][0])
+    assert len(outline) >= 4 and np.abs(outline[0] - lasso[0]).max() <= 1.5
+    after = labelmap(s)
+    changed = np.nonzero((after != before_map).any(axis=(1, 2)))[0].tolist()
+    assert KEY_SLICE in changed
+    inside = after[KEY_SLICE, 175:195, 165:195]
+    assert (inside == LABELS["lesion"]).all()  # a lasso alone on a slice is that slice's mask, pixel exact
+
+
+def test_undo_and_redo_restore_the_overlays(panel):
+    """After box (3D), scribble (3D) and lasso (2D), Ctrl+Z twice brings back the overlay of the box answer exactly;
+    the Redo button goes forward again; the server's session steps with each (undo/redo requests)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    s = panel
+    states = [labelmap(s)]
+    history = s.driver.execute_script("return window.medsam2.imageState().done.length")
+    assert history == 3  # box (3D), scribble (3D), lasso (2D)
+    before = len(infer_requests(s))
+    for _ in range(2):
+        ActionChains(s.driver).key_down(Keys.CONTROL).send_keys("z").key_up(Keys.CONTROL).perform()
+        wait_for(lambda n=before: len(infer_requests(s)) > n, 30, "the undo at the server")
+        wait_for(lambda: not state(s, "busy"), 60, "the undo")
+        before = len(infer_requests(s))
+        states.append(labelmap(s))
+    undos = infer_requests(s)[-2:]
+    assert [r.get("undo") for r in undos] == [True, True] and state(s, "error") is None
+    box_answer = server_label(s, {"prompts": infer_requests(s, "medsam2_3d")[0]["prompts"]}, "medsam2_3d")
+    assert np.array_equal(states[-1], box_answer)
+    assert not np.array_equal(states[0], states[-1])
+    click(s, "redo")
+    wait_for(lambda: len(infer_requests(s)) > before, 30, "the redo at the server")
+    wait_for(lambda: not state(s, "busy"), 60, "the redo")
+    assert infer_requests(s)[-1].get("redo") is True
+    assert not np.array_equal(labelmap(s), box_answer)
+
+
+def test_confidence_list_jumps_to_its_slice(panel):
+    """After a 3D answer the panel lists slices to check and every slice's confidence; a click shows the slice."""
+    s = panel
+    entries = s.driver.find_elements("css selector", "[data-medsam2='check-slices'] [data-slice]")
+    assert entries, s.driver.find_element("css selector", ".medsam2Panel").text
+    scores = s.driver.find_elements("css selector", "[data-medsam2='slice-confidence'] [data-slice]")
+    assert len(scores) > 1
+    for entry in (entries[0], scores[-1]):
+        k = int(entry.get_attribute("data-slice"))
+        entry.click()
+        wait_for(lambda k=k: current_slice(s) == k, 10, f"slice {k}")
+
+
+def test_saved_seg_comes_back_from_the_pacs_aligned(panel):
+    """Save label: the labelmap goes to the server as NRRD on the viewer's grid, reaches Orthanc as a DICOM SEG
+    in the study, and that SEG, read back on the CT's grid, is the labelmap voxel for voxel."""
+    from lib.imaging.dicom_seg import read_dicom_seg
+
+    s = panel
+    shown = labelmap(s)
+    assert shown is not None and shown.any()
+    click(s, "save")
+    wait_for(lambda: state(s, "status") == "Saved as the final label" or state(s, "error"), 60, "the save")
+    assert state(s, "error") is None, state(s, "error")
+
+    def segs() -> list[dict]:
+        study = s.ct.study_uid
+        return [x for x in s.orthanc.series_of_modality("SEG") if x["0020000D"]["Value"][0] == study]
+
+    (seg,) = wait_for(segs, 60, "the SEG in Orthanc")
+    (dataset,) = s.orthanc.instances_of_series(seg["0020000E"]["Value"][0])
+    path = SHOTS / "saved_seg.dcm"
+    dataset.save_as(path)
+    back = sitk.GetArrayFromImage(read_dicom_seg(str(path), s.ct.image, LABELS))
+    assert back.shape == shown.shape
+    assert np.array_equal(back, shown)
+
+
+def test_a_drawing_without_a_label_is_refused_in_the_panel(panel):
+    """No label chosen: the drawing is removed with a message, and nothing is sent."""
+    s = panel
+    s.driver.execute_script("window.medsam2.update({label: null})")
+    before = len(infer_requests(s))
+    select_tool(s, "box")
+    drag(s, [(20.0, 20.0), (40.0, 40.0)], KEY_SLICE)
+    message = wait_for(lambda: state(s, "error"), 10, "the panel's message")
+    assert "label" in message.lower()
+    time.sleep(1)
+    assert len(infer_requests(s)) == before
+    assert s.driver.execute_script("return window.medsam2.imageState().pending.length") == 0
+    s.driver.execute_script("window.medsam2.update({label: 'lesion', error: null})")

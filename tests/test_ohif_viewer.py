@@ -1,0 +1,174 @@
+"""The OHIF the app serves at /ohif/ (``lib/server/ohif_viewer.py``), its install from the npm release
+(``scripts/install_ohif.py``) and the committed panel bundle (``scripts/build_ohif_panel.sh``): no browser."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from sam2_testing import APP_DIR
+
+REPO = APP_DIR.parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import install_ohif  # noqa: E402
+
+from lib.errors import NotFound  # noqa: E402
+from lib.server import ohif_viewer  # noqa: E402
+
+INDEX = (
+    '<script>window.PUBLIC_URL="/"</script><script src="/app-config.js"></script>'
+    '<script>function browserImportFunction(n){return import(n)}window.PUBLIC_URL="/"</script>'
+    '<link href="/app.bundle.css"><script defer src="/app.bundle.abc.js"></script><a href="//cdn.example/x">'
+)
+
+
+def fake_release(tmp_path: Path, app_bundle: str = 'var x;__webpack_require__.p = "/";') -> dict:
+    """A tarball shaped like @ohif/app's (package/dist/...), with its pinned integrity."""
+    files = {
+        "package/dist/index.html": INDEX,
+        "package/dist/app.bundle.abc.js": app_bundle,
+        "package/dist/worker.bundle.js": '__webpack_require__.p = "/";',
+        "package/dist/app.bundle.css": "@font-face{src:url(/f.woff2)}",
+        "package/dist/manifest.json": '{"icons": [{"src": "/assets/a.png"}]}',
+        "package/dist/app-config.js": "window.config = {};",
+        "package/dist/ort/huge.wasm": "x",
+        "package/README.md": "readme",
+    }
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path = tmp_path / "app.tgz"
+    path.write_bytes(buffer.getvalue())
+    digest = __import__("base64").b64encode(hashlib.sha512(buffer.getvalue()).digest()).decode()
+    return {
+        "package": "@ohif/app",
+        "version": "0.0.0",
+        "tarball": path.as_uri(),
+        "integrity": f"sha512-{digest}",
+        "skip": ["dist/ort/"],
+    }
+
+
+def test_install_moves_the_release_to_ohif_and_keeps_only_what_is_served(tmp_path):
+    viewer = tmp_path / "viewer"
+    install_ohif.install(fake_release(tmp_path), viewer)
+    index = (viewer / "index.html").read_text()
+    assert 'window.PUBLIC_URL="/ohif/"' in index and 'window.PUBLIC_URL="/"' not in index
+    assert 'src="/ohif/app-config.js"' in index and 'href="/ohif/app.bundle.css"' in index
+    assert 'href="//cdn.example/x"' in index  # protocol-relative URLs are not ours to move
+    for bundle in ("app.bundle.abc.js", "worker.bundle.js"):
+        assert '__webpack_require__.p = "/ohif/"' in (viewer / bundle).read_text()
+    assert "url(/ohif/f.woff2)" in (viewer / "app.bundle.css").read_text()
+    assert '"src": "/ohif/assets/a.png"' in (viewer / "manifest.json").read_text()
+    assert not (viewer / "ort").exists() and not (viewer / "app-config.js").exists()
+    assert install_ohif.installed_version(viewer) == "@ohif/app@0.0.0"
+
+
+def test_install_refuses_a_tarball_that_is_not_the_pinned_one(tmp_path):
+    release = fake_release(tmp_path)
+    release["integrity"] = "sha512-" + "A" * 86 + "=="
+    with pytest.raises(install_ohif.InstallError, match="is not the pinned"):
+        install_ohif.install(release, tmp_path / "viewer")
+    assert not (tmp_path / "viewer").exists()
+
+
+def test_install_stops_when_the_public_path_is_not_where_it_was(tmp_path):
+    """A release whose app bundle no longer sets its public path the way this script expects: nothing is
+    installed (a half-moved viewer would load its chunks from the web root)."""
+    viewer = tmp_path / "viewer"
+    viewer.mkdir()
+    (viewer / "index.html").write_text("the installed one")
+    with pytest.raises(install_ohif.InstallError, match="public path"):
+        install_ohif.install(fake_release(tmp_path, app_bundle="var x;"), viewer)
+    assert (viewer / "index.html").read_text() == "the installed one"
+
+
+def test_pinned_release_is_an_exact_npm_version_with_its_integrity():
+    release = json.loads(install_ohif.RELEASE_FILE.read_text())
+    assert release["tarball"] == f"https://registry.npmjs.org/@ohif/app/-/app-{release['version']}.tgz"
+    assert release["integrity"].startswith("sha512-")
+
+
+@pytest.fixture
+def viewer(tmp_path) -> Path:
+    (tmp_path / "index.html").write_text("index")
+    (tmp_path / "app.bundle.1.js").write_text("bundle")
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "assets" / "logo.png").write_bytes(b"png")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("path", "served"),
+    [
+        ("", "index.html"),
+        ("app.bundle.1.js", "app.bundle.1.js"),
+        ("assets/logo.png", "assets/logo.png"),
+        ("medsam2", "index.html"),  # the viewer's routes are the single-page app
+        ("medsam2/dicomweb", "index.html"),
+    ],
+)
+def test_viewer_files_and_routes(viewer, path, served):
+    assert ohif_viewer.viewer_file(path, viewer) == (viewer / served).resolve() or served == "index.html"
+    assert ohif_viewer.viewer_file(path, viewer).read_bytes() == (viewer / served).read_bytes()
+
+
+def test_the_panel_files_come_from_the_app(viewer):
+    for name, source in ohif_viewer.PANEL_FILES.items():
+        assert ohif_viewer.viewer_file(name, viewer) == source
+        assert source.is_file(), f"{source} is committed"
+
+
+@pytest.mark.parametrize("path", ["../secret.txt", "assets/../../secret.txt", "missing.js", "assets/none.png"])
+def test_paths_outside_the_viewer_or_missing_files_are_404(viewer, path):
+    (viewer.parent / "secret.txt").write_text("no")
+    with pytest.raises(NotFound):
+        ohif_viewer.viewer_file(path, viewer)
+
+
+def test_app_config_loads_the_panel_and_uses_the_servers_dicomweb_proxy():
+    config = ohif_viewer.PANEL_FILES["app-config.js"].read_text()
+    assert "routerBasename: '/ohif/'" in config
+    assert "extensions: ['/ohif/medsam2-ohif.js']" in config and "modes: ['/ohif/medsam2-mode.js']" in config
+    for root in ("qidoRoot", "wadoRoot", "wadoUriRoot"):
+        assert f"{root}: '/proxy/dicom/" in config
+
+
+@pytest.mark.slow
+def test_committed_panel_bundle_is_the_build_of_its_sources(tmp_path):
+    """``scripts/build_ohif_panel.sh``'s output, built again from the pinned packages, is the committed file."""
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.skip("Node.js/npm is not installed")
+    panel = APP_DIR / "ohif" / "panel"
+    work = tmp_path / "panel"
+    shutil.copytree(panel, work, ignore=shutil.ignore_patterns("node_modules"))
+    subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=work, check=True, capture_output=True, timeout=600)
+    out = tmp_path / "built.js"
+    script = json.loads((work / "package.json").read_text())["scripts"]["build"]
+    script = script.replace("--outfile=../dist/medsam2-ohif.js", f"--outfile={out}")
+    assert str(out) in script
+    subprocess.run(
+        script,
+        shell=True,
+        cwd=work,
+        check=True,
+        capture_output=True,
+        timeout=300,
+        env={"PATH": f"{work / 'node_modules' / '.bin'}:/usr/bin:/bin"},
+    )
+    assert (
+        out.read_bytes() == ohif_viewer.PANEL_FILES["medsam2-ohif.js"].read_bytes()
+    ), "the committed panel bundle is not the build of its sources: run scripts/build_ohif_panel.sh"
