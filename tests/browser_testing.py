@@ -4,6 +4,8 @@ software (SwiftShader), and pixel statistics of a page element taken from a real
 from __future__ import annotations
 
 import io
+import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,3 +78,76 @@ def coloured_fraction(pixels: np.ndarray, min_chroma: int = 40) -> float:
     p = pixels.astype(np.int16)
     chroma = p.max(axis=2) - p.min(axis=2)
     return float((chroma >= min_chroma).mean())
+
+
+# ----- the MedSAM2 panel (apps/medsam2/ohif): helpers shared by tests/test_ohif_panel.py and bench/ -----
+
+# (i, j, k) voxel -> page coordinates (CSS px) of the active viewport, through cornerstone's own camera
+VOXEL_TO_PAGE = """
+const [i, j, k] = arguments[0];
+const v = window.medsam2.bridge.active(), g = v.grid;
+const w = [0, 1, 2].map(c => g.origin[c] + i * g.spacing[0] * g.direction[c]
+  + j * g.spacing[1] * g.direction[3 + c] + k * g.spacing[2] * g.direction[6 + c]);
+const p = v.viewport.worldToCanvas(w), r = v.viewport.canvas.getBoundingClientRect();
+return [r.left + p[0], r.top + p[1]];
+"""
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.25):
+    """Poll ``condition`` until it returns something other than None/False; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value is not None and value is not False:
+                return value
+        except Exception as e:  # noqa: BLE001 - the page re-renders while we look
+            last_error = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error!r})")
+
+
+def panel_state(driver: webdriver.Chrome, key: str):
+    """One field of the panel's state (``window.medsam2.state``)."""
+    return driver.execute_script(f"return window.medsam2.state[{json.dumps(key)}]")
+
+
+def click_panel(driver: webdriver.Chrome, name: str) -> None:
+    """Click the panel's control ``data-medsam2=<name>``."""
+    driver.find_element("css selector", f"[data-medsam2='{name}']").click()
+
+
+def current_slice(driver: webdriver.Chrome) -> int:
+    """The slice k (the server's k) the active viewport shows."""
+    return driver.execute_script("return window.medsam2.bridge.currentSlice()")
+
+
+def jump_to_slice(driver: webdriver.Chrome, k: int) -> None:
+    driver.execute_script("return window.medsam2.bridge.jumpToSlice(arguments[0])", k)
+    wait_for(lambda: current_slice(driver) == k, 10, f"slice {k}")
+
+
+def open_medsam2_study(driver: webdriver.Chrome, server_url: str, study_uid: str, key_slice: int) -> None:
+    """Open a study in the MedSAM2 mode, wait for the panel and the CT, show ``key_slice``."""
+    driver.get(f"{server_url}/ohif/medsam2?StudyInstanceUIDs={study_uid}")
+    wait_for(lambda: driver.execute_script("return window.medsam2 && window.medsam2.state.info && 1"), 90, "panel")
+    wait_for(lambda: driver.execute_script("return window.medsam2.bridge.active() && 1"), 90, "the series shown")
+    wait_for(lambda: grey_std(screenshot(driver)[300:600, 500:1000]) > 20, 60, "the CT rendered")
+    jump_to_slice(driver, key_slice)
+    time.sleep(1)  # OHIF's own segmentation panel may take the focus while the study opens
+
+
+def drag_voxels(driver: webdriver.Chrome, voxels: list[tuple[float, float]], k: int) -> float:
+    """Press the left button at the first (i, j) voxel's page position on slice k, move through the others,
+    release; returns the monotonic time of the release."""
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    points = [driver.execute_script(VOXEL_TO_PAGE, [i, j, k]) for i, j in voxels]
+    actions = ActionBuilder(driver, duration=30)
+    actions.pointer_action.move_to_location(*map(int, points[0])).pointer_down()
+    for x, y in points[1:]:
+        actions.pointer_action.move_to_location(int(x), int(y))
+    actions.pointer_action.pointer_up()
+    actions.perform()
+    return time.monotonic()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import base64
-import importlib.util
 import json
 import time
 from collections.abc import Iterator
@@ -19,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from pacs_testing import CHROMEDRIVER, CHROMIUM, REQUIRED, CtSeries, Orthanc, lung_ct, require, write_ct_series
+from browser_testing import click_panel, current_slice, drag_voxels, panel_state, wait_for
+from pacs_testing import CHROMEDRIVER, CHROMIUM, CtSeries, Orthanc, lung_ct, require, write_ct_series
 
 from conftest import ARTIFACTS, Server, start_server, stop_server
 from sam2_testing import small_config_file
@@ -31,15 +31,6 @@ FIRST_SLICE = 10
 KEY_SLICE = 10  # demo slice 20
 NODULE_BOX = (157, 164, 204, 202)  # x0, y0, x1, y1 = i0, j0, i1, j1
 
-# (i, j, k) voxel -> page coordinates (CSS px) of the active viewport, through cornerstone's own camera
-VOXEL_TO_PAGE = """
-const [i, j, k] = arguments[0];
-const v = window.medsam2.bridge.active(), g = v.grid;
-const w = [0, 1, 2].map(c => g.origin[c] + i * g.spacing[0] * g.direction[c]
-  + j * g.spacing[1] * g.direction[3 + c] + k * g.spacing[2] * g.direction[6 + c]);
-const p = v.viewport.worldToCanvas(w), r = v.viewport.canvas.getBoundingClientRect();
-return [r.left + p[0], r.top + p[1]];
-"""
 # the panel's labelmap on the active series, slice k (sorted like the server's k) as base64 uint8 (i fastest)
 LABELMAP = """
 const v = window.medsam2.bridge.active();
@@ -70,9 +61,7 @@ def panel(tmp_path_factory, random_checkpoint) -> Iterator[PanelSession]:
     """Orthanc with the lung CT slab, the app on it, and Chromium showing the study in the MedSAM2 mode at the
     key slice, the panel connected."""
     require([CHROMIUM, CHROMEDRIVER], "Chromium and chromedriver (Debian chromium, chromium-driver)")
-    if importlib.util.find_spec("selenium") is None:
-        (pytest.fail if REQUIRED else pytest.skip)("selenium is not installed (requirements-dev.txt)")
-    from browser_testing import chromium
+    from browser_testing import chromium, open_medsam2_study, screenshot
 
     tmp = tmp_path_factory.mktemp("ohif_panel")
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -91,7 +80,8 @@ def panel(tmp_path_factory, random_checkpoint) -> Iterator[PanelSession]:
             with chromium(SHOTS / "chromedriver.log") as driver:
                 session = PanelSession(orthanc, ct, server, driver)
                 try:
-                    open_study(session)
+                    open_medsam2_study(driver, server.url, ct.study_uid, KEY_SLICE)
+                    screenshot(driver, SHOTS / "opened.png")
                     yield session
                 finally:
                     session.console += driver.get_log("browser")
@@ -102,67 +92,16 @@ def panel(tmp_path_factory, random_checkpoint) -> Iterator[PanelSession]:
         orthanc.stop()
 
 
-def wait_for(condition, timeout: float, what: str, interval: float = 0.25):
-    """Poll ``condition`` until it returns something truthy; fail with ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = condition()
-            if value is not None and value is not False:
-                return value
-        except Exception as e:  # noqa: BLE001 - the page re-renders while we look
-            last_error = e
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error!r})")
-
-
-def open_study(s: PanelSession) -> None:
-    from browser_testing import grey_std, screenshot
-
-    s.driver.get(f"{s.server.url}/ohif/medsam2?StudyInstanceUIDs={s.ct.study_uid}")
-    wait_for(lambda: s.driver.execute_script("return window.medsam2 && window.medsam2.state.info && 1"), 90, "panel")
-    wait_for(lambda: s.driver.execute_script("return window.medsam2.bridge.active() && 1"), 90, "the series shown")
-    wait_for(lambda: grey_std(screenshot(s.driver)[300:600, 500:1000]) > 20, 60, "the CT rendered")
-    jump(s, KEY_SLICE)
-    time.sleep(1)  # OHIF's own segmentation panel may take the focus while the study opens
-    screenshot(s.driver, SHOTS / "opened.png")
-
-
-def jump(s: PanelSession, k: int) -> None:
-    s.driver.execute_script("return window.medsam2.bridge.jumpToSlice(arguments[0])", k)
-    wait_for(lambda: current_slice(s) == k, 10, f"slice {k}")
-
-
-def current_slice(s: PanelSession) -> int:
-    return s.driver.execute_script("return window.medsam2.bridge.currentSlice()")
+def state(s: PanelSession, key: str):
+    return panel_state(s.driver, key)
 
 
 def click(s: PanelSession, name: str) -> None:
-    s.driver.find_element("css selector", f"[data-medsam2='{name}']").click()
-
-
-def state(s: PanelSession, key: str):
-    return s.driver.execute_script(f"return window.medsam2.state[{json.dumps(key)}]")
-
-
-def page_point(s: PanelSession, i: float, j: float, k: int) -> tuple[float, float]:
-    return tuple(s.driver.execute_script(VOXEL_TO_PAGE, [i, j, k]))
+    click_panel(s.driver, name)
 
 
 def drag(s: PanelSession, voxels: list[tuple[float, float]], k: int) -> float:
-    """Press the left button at the first voxel's page position, move through the others, release; returns the
-    monotonic time of the release."""
-    from selenium.webdriver.common.actions.action_builder import ActionBuilder
-
-    points = [page_point(s, i, j, k) for i, j in voxels]
-    actions = ActionBuilder(s.driver, duration=30)
-    actions.pointer_action.move_to_location(*map(int, points[0])).pointer_down()
-    for x, y in points[1:]:
-        actions.pointer_action.move_to_location(int(x), int(y))
-    actions.pointer_action.pointer_up()
-    actions.perform()
-    return time.monotonic()
+    return drag_voxels(s.driver, voxels, k)
 
 
 def labelmap(s: PanelSession) -> np.ndarray | None:
@@ -232,8 +171,9 @@ def test_box_drag_reaches_the_server_in_voxels_of_the_shown_slice_and_its_3d_ans
     released = drag(s, [(x0, y0), ((x0 + x1) / 2, (y0 + y1) / 2), (x1, y1)], KEY_SLICE)
     request = answered(s, before)
     overlay = wait_for(lambda: (m := labelmap(s)) is not None and m.any() and m, 30, "the overlay")
-    seconds = time.monotonic() - released
-    print(json.dumps({"measure": "ohif_box_drag_to_overlay_s", "value": round(seconds, 2), "image": "256x256x20"}))
+    timing = state(s, "lastRun")["timing"]
+    print(json.dumps({"measure": "ohif_box_drag_to_overlay", **timing, "image": "256x256x20"}))
+    assert 0 < timing["prompt_to_overlay_s"] <= time.monotonic() - released
     s.driver.find_element("css selector", "[data-medsam2='live']").click()
 
     assert request["model"] == "medsam2_3d" and request["image"] == s.ct.series_uid
@@ -323,7 +263,7 @@ def test_confidence_list_jumps_to_its_slice(panel):
     for entry in (entries[0], scores[-1]):
         k = int(entry.get_attribute("data-slice"))
         entry.click()
-        wait_for(lambda k=k: current_slice(s) == k, 10, f"slice {k}")
+        wait_for(lambda k=k: current_slice(s.driver) == k, 10, f"slice {k}")
 
 
 def test_saved_seg_comes_back_from_the_pacs_aligned(panel):

@@ -93,7 +93,7 @@ export class Annotator {
     if (prompt.slice < 0 || prompt.slice >= view.grid.dimensions[2]) return fail('The drawing is outside the series.');
     const colour = kind === 'box' ? PROMPT_COLOURS.box : PROMPT_COLOURS[this.state.polarity];
     this.bridge.styleAnnotation(annotation, colour, view.viewportId);
-    image.pending.push({ uid: annotation.annotationUID, label: this.state.label, ...prompt });
+    image.pending.push({ uid: annotation.annotationUID, label: this.state.label, drawnAt: performance.now(), ...prompt });
     this.update({ error: null, status: `${image.pending.length} prompt(s) ready on slice ${prompt.slice}` });
     if (this.state.live) this.run();
   }
@@ -119,8 +119,15 @@ export class Annotator {
     try {
       const { answer, label } = await infer(model, view.displaySet.SeriesInstanceUID, params);
       const step = await this.applyAnswer(view, model, drawn, answer, label);
-      const seconds = (performance.now() - started) / 1000;
-      const result = { model, answer, seconds, slices: params.prompts.map(p => p.slice) };
+      await new Promise(resolve => requestAnimationFrame(() => resolve())); // the overlay's frame
+      const shown = performance.now();
+      const seconds = (shown - started) / 1000;
+      const timing = {
+        prompt_to_overlay_s: (shown - Math.max(...drawn.map(p => p.drawnAt))) / 1000,
+        request_to_overlay_s: seconds,
+        server_s: answer.latencies?.total ?? null,
+      };
+      const result = { model, answer, seconds, timing, slices: params.prompts.map(p => p.slice) };
       step.before3d = this.state.lastRun3d;
       step.after3d = model === 'medsam2_3d' ? result : step.before3d;
       keys.forEach(key => image.prompted.add(`${model}:${key}`));
