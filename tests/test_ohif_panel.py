@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from browser_testing import click_panel, current_slice, drag_voxels, panel_state, wait_for
+from browser_testing import click_panel, current_slice, drag_voxels, jump_to_slice, panel_state, wait_for
 from pacs_testing import CHROMEDRIVER, CHROMIUM, CtSeries, Orthanc, lung_ct, require, write_ct_series
 
 from conftest import ARTIFACTS, Server, start_server, stop_server
@@ -45,6 +45,9 @@ return v.grid.imageIds.map(id => {
   return btoa(s);
 });
 """
+
+
+PENDING = "return window.medsam2.imageState().pending.length"
 
 
 @dataclass
@@ -291,6 +294,32 @@ def test_saved_seg_comes_back_from_the_pacs_aligned(panel):
     assert np.array_equal(back, shown)
 
 
+def test_a_prompt_the_server_refuses_is_dropped_with_the_servers_message(panel):
+    """A background click alone, for a label the slice does not have (nothing to remove it from): the server
+    answers 422; the panel shows its detail, drops the drawing, keeps the overlay, and the next prompt runs."""
+    s = panel
+    jump_to_slice(s.driver, KEY_SLICE)
+    overlay = labelmap(s)
+    before = len(infer_requests(s))
+    s.driver.execute_script("window.medsam2.update({label: 'organ'})")
+    select_tool(s, "click", polarity="background", dimension="2d")
+    drag(s, [(40.0, 40.0)], KEY_SLICE)
+    # cornerstone holds a mouse-down until it knows it is not half of a double click
+    wait_for(lambda: s.driver.execute_script(PENDING) == 1, 10, "the click as a prompt")
+    click(s, "run")
+    wait_for(lambda: len(infer_requests(s)) > before, 60, "the request at the server")
+    message = wait_for(lambda: state(s, "error"), 60, "the server's message in the panel")
+    assert message.startswith("Not used: ") and "background" in message.lower(), message
+    assert s.driver.execute_script(PENDING) == 0
+    assert np.array_equal(labelmap(s), overlay)
+    s.driver.execute_script("window.medsam2.update({label: 'lesion'})")
+    select_tool(s, "click", polarity="foreground", dimension="2d")
+    drag(s, [(175.0, 180.0)], KEY_SLICE)
+    wait_for(lambda: s.driver.execute_script(PENDING) == 1, 10, "the click as a prompt")
+    request = run_and_wait(s, len(infer_requests(s)))
+    assert request["prompts"][0]["foreground"] == [[175, 180]]
+
+
 def test_a_drawing_without_a_label_is_refused_in_the_panel(panel):
     """No label chosen: the drawing is removed with a message, and nothing is sent."""
     s = panel
@@ -302,5 +331,5 @@ def test_a_drawing_without_a_label_is_refused_in_the_panel(panel):
     assert "label" in message.lower()
     time.sleep(1)
     assert len(infer_requests(s)) == before
-    assert s.driver.execute_script("return window.medsam2.imageState().pending.length") == 0
+    assert s.driver.execute_script(PENDING) == 0
     s.driver.execute_script("window.medsam2.update({label: 'lesion', error: null})")

@@ -131,7 +131,9 @@ def test_the_panel_files_come_from_the_app(viewer):
         assert source.is_file(), f"{source} is committed"
 
 
-@pytest.mark.parametrize("path", ["../secret.txt", "assets/../../secret.txt", "missing.js", "assets/none.png"])
+@pytest.mark.parametrize(
+    "path", ["../secret.txt", "assets/../../secret.txt", "missing.js", "assets/none.png", "a\x00b.js", "x" * 5000]
+)
 def test_paths_outside_the_viewer_or_missing_files_are_404(viewer, path):
     (viewer.parent / "secret.txt").write_text("no")
     with pytest.raises(NotFound):

@@ -40,10 +40,14 @@ def viewer_file(path: str, viewer: Path = VIEWER_DIR) -> Path:
     if not path:
         return viewer / "index.html"
     root = viewer.resolve()
-    candidate = (root / path).resolve()
+    try:
+        candidate = (root / path).resolve()
+        found = candidate.is_relative_to(root) and candidate.is_file()
+    except (OSError, ValueError):  # NUL bytes, names too long for the file system
+        raise NotFound("No such file in the OHIF viewer.") from None
     if not candidate.is_relative_to(root):
         raise NotFound("No such file in the OHIF viewer.")
-    if candidate.is_file():
+    if found:
         return candidate
     if "." in candidate.name:  # a missing asset, not one of the viewer's routes
         raise NotFound(f"No such file in the OHIF viewer: {path[:200]}")

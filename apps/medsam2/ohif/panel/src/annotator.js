@@ -137,8 +137,14 @@ export class Annotator {
       image.undone = [];
       this.update({ status: `${model}: answered in ${seconds.toFixed(1)} s`, lastRun: result, lastRun3d: step.after3d });
     } catch (e) {
-      image.pending = [...drawn, ...image.pending];
-      this.update({ error: e.detail ?? e.message, status: `${model} failed` });
+      if (e.status >= 400 && e.status < 500) {
+        // the server cannot use these prompts as drawn: drop them (their drawings too), say why
+        this.bridge.removeAnnotations(drawn.map(p => p.uid));
+        this.update({ error: `Not used: ${e.detail}`, status: `${model}: prompts refused` });
+      } else {
+        image.pending = [...drawn, ...image.pending]; // the server was busy or unreachable: Run retries them
+        this.update({ error: `${e.detail ?? e.message} (press Run to try again)`, status: `${model} failed` });
+      }
     } finally {
       this.update({ busy: false });
       if (this.rerun) {
