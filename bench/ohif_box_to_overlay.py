@@ -73,7 +73,7 @@ def direct_request(server, image: str, model: str, prompts: list[dict]) -> float
     return time.monotonic() - started
 
 
-def draw_box(driver, box: tuple[int, int, int, int], k: int, dimension: str) -> dict:
+def draw_box(driver, image, box: tuple[int, int, int, int], k: int, dimension: str) -> dict:
     """Live-mode box on slice k; the panel's timing of its answer."""
     from browser_testing import jump_to_slice
 
@@ -81,7 +81,7 @@ def draw_box(driver, box: tuple[int, int, int, int], k: int, dimension: str) -> 
     click_panel(driver, dimension)
     runs = driver.execute_script("return window.medsam2.imageState().done.length")
     x0, y0, x1, y1 = box
-    drag_voxels(driver, [(x0, y0), ((x0 + x1) / 2, (y0 + y1) / 2), (x1, y1)], k)
+    drag_voxels(driver, image, [(x0, y0), ((x0 + x1) / 2, (y0 + y1) / 2), (x1, y1)], k)
     wait_for(
         lambda: driver.execute_script("return window.medsam2.imageState().done.length") > runs
         or panel_state(driver, "error"),
@@ -109,7 +109,7 @@ def measure(args, folder: Path) -> list[dict]:
             time.sleep(args.think)
             cases = [("3d_one_label", "3d", KEY_SLICE)] + [("2d_box", "2d", KEY_SLICE + d) for d in (2, 4, 6)]
             for name, dimension, k in cases:
-                run = draw_box(driver, TUMOUR_BOX, k, dimension)
+                run = draw_box(driver, ct.image, TUMOUR_BOX, k, dimension)
                 model = run["model"]
                 prompts = [{"label": "lesion", "slice": k, "box": list(TUMOUR_BOX)}]
                 direct = direct_request(server, ct.series_uid, model, prompts)

@@ -19,11 +19,11 @@ import hashlib
 import io
 import json
 import re
-import shutil
 import sys
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from pathlib import Path
 
 OHIF_DIR = Path(__file__).resolve().parents[1] / "apps" / "medsam2" / "ohif"
@@ -105,9 +105,15 @@ def install(release: dict, viewer: Path = VIEWER_DIR) -> None:
         unpack_dist(data, release.get("skip", []), staged)
         move_to_base(staged)
         (staged / STAMP).write_text(f"{release['package']}@{release['version']}\n")
+        old = Path(tmp) / "old"
         if viewer.exists():
-            shutil.rmtree(viewer)
-        staged.rename(viewer)
+            viewer.rename(old)  # the old viewer stays whole until the new one is in place
+        try:
+            staged.rename(viewer)
+        except OSError:
+            if old.exists():
+                old.rename(viewer)
+            raise
 
 
 def main() -> int:
@@ -121,7 +127,7 @@ def main() -> int:
         return 0
     try:
         install(release)
-    except (OSError, InstallError) as e:
+    except (OSError, InstallError, tarfile.TarError, zlib.error, EOFError, ValueError) as e:
         print(f"install_ohif: could not install {wanted}: {e}", file=sys.stderr)
         return 1
     print(f"install_ohif: {wanted} installed in {VIEWER_DIR}")

@@ -82,14 +82,18 @@ def coloured_fraction(pixels: np.ndarray, min_chroma: int = 40) -> float:
 
 # ----- the MedSAM2 panel (apps/medsam2/ohif): helpers shared by tests/test_ohif_panel.py and bench/ -----
 
-# (i, j, k) voxel -> page coordinates (CSS px) of the active viewport, through cornerstone's own camera
-VOXEL_TO_PAGE = """
-const [i, j, k] = arguments[0];
-const v = window.medsam2.bridge.active(), g = v.grid;
-const w = [0, 1, 2].map(c => g.origin[c] + i * g.spacing[0] * g.direction[c]
-  + j * g.spacing[1] * g.direction[3 + c] + k * g.spacing[2] * g.direction[6 + c]);
-const p = v.viewport.worldToCanvas(w), r = v.viewport.canvas.getBoundingClientRect();
+# a world point (mm, LPS) -> page coordinates (CSS px) in the active viewport, through cornerstone's own camera
+WORLD_TO_PAGE = """
+const v = window.services.cornerstoneViewportService.getCornerstoneViewport(
+  window.services.viewportGridService.getActiveViewportId());
+const p = v.worldToCanvas(arguments[0]), r = v.canvas.getBoundingClientRect();
 return [r.left + p[0], r.top + p[1]];
+"""
+# where the image the active viewport shows lies: its ImagePositionPatient (cornerstone's metadata of the image)
+SHOWN_IMAGE_POSITION = """
+const v = window.services.cornerstoneViewportService.getCornerstoneViewport(
+  window.services.viewportGridService.getActiveViewportId());
+return Array.from(window.cornerstone.metaData.get('imagePlaneModule', v.getCurrentImageId()).imagePositionPatient);
 """
 
 
@@ -138,12 +142,14 @@ def open_medsam2_study(driver: webdriver.Chrome, server_url: str, study_uid: str
     time.sleep(1)  # OHIF's own segmentation panel may take the focus while the study opens
 
 
-def drag_voxels(driver: webdriver.Chrome, voxels: list[tuple[float, float]], k: int) -> float:
-    """Press the left button at the first (i, j) voxel's page position on slice k, move through the others,
-    release; returns the monotonic time of the release."""
+def drag_voxels(driver: webdriver.Chrome, image, voxels: list[tuple[float, float]], k: int) -> float:
+    """Press the left button at the first (i, j) voxel of slice k of ``image`` (SimpleITK: the CT as written to
+    the PACS, so the positions do not come from the viewer's own geometry), move through the others, release;
+    returns the monotonic time of the release."""
     from selenium.webdriver.common.actions.action_builder import ActionBuilder
 
-    points = [driver.execute_script(VOXEL_TO_PAGE, [i, j, k]) for i, j in voxels]
+    worlds = [image.TransformContinuousIndexToPhysicalPoint((float(i), float(j), float(k))) for i, j in voxels]
+    points = [driver.execute_script(WORLD_TO_PAGE, list(w)) for w in worlds]
     actions = ActionBuilder(driver, duration=30)
     actions.pointer_action.move_to_location(*map(int, points[0])).pointer_down()
     for x, y in points[1:]:
@@ -151,3 +157,10 @@ def drag_voxels(driver: webdriver.Chrome, voxels: list[tuple[float, float]], k: 
     actions.pointer_action.pointer_up()
     actions.perform()
     return time.monotonic()
+
+
+def shows_slice(driver: webdriver.Chrome, image, k: int) -> bool:
+    """True when the active viewport shows slice k of ``image`` (by the shown image's position in the patient)."""
+    shown = driver.execute_script(SHOWN_IMAGE_POSITION)
+    expected = image.TransformIndexToPhysicalPoint((0, 0, int(k)))
+    return all(abs(a - b) < 1e-3 for a, b in zip(shown, expected, strict=True))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from browser_testing import click_panel, current_slice, drag_voxels, jump_to_slice, panel_state, wait_for
+from browser_testing import click_panel, current_slice, drag_voxels, jump_to_slice, panel_state, shows_slice, wait_for
 from pacs_testing import CHROMEDRIVER, CHROMIUM, CtSeries, Orthanc, lung_ct, require, write_ct_series
 
 from conftest import ARTIFACTS, Server, start_server, stop_server
@@ -104,7 +104,8 @@ def click(s: PanelSession, name: str) -> None:
 
 
 def drag(s: PanelSession, voxels: list[tuple[float, float]], k: int) -> float:
-    return drag_voxels(s.driver, voxels, k)
+    assert shows_slice(s.driver, s.ct.image, k), f"the viewport does not show slice {k}"
+    return drag_voxels(s.driver, s.ct.image, voxels, k)
 
 
 def labelmap(s: PanelSession) -> np.ndarray | None:
@@ -198,7 +199,6 @@ def test_scribble_and_lasso_reach_the_server_as_drawn(panel):
     """Background scribble then foreground lasso (2D) on the key slice: each request carries the stroke's
     voxels in order, on the slice shown; the 2D answer changes that slice only."""
     s = panel
-    before_map = labelmap(s)
     stroke = [(150.0, 150.0), (165.0, 158.0), (180.0, 170.0)]
     before = len(infer_requests(s))
     select_tool(s, "scribble", polarity="background")
@@ -211,6 +211,7 @@ def test_scribble_and_lasso_reach_the_server_as_drawn(panel):
     assert np.abs(drawn[0] - stroke[0]).max() <= 1.5 and np.abs(drawn[-1] - stroke[-1]).max() <= 1.5
 
     lasso = [(160.0, 170.0), (200.0, 172.0), (198.0, 200.0), (162.0, 198.0), (160.0, 171.0)]
+    before_map = labelmap(s)
     before = len(infer_requests(s))
     select_tool(s, "lasso", polarity="foreground", dimension="2d")
     drag(s, lasso, KEY_SLICE)
@@ -222,7 +223,7 @@ def test_scribble_and_lasso_reach_the_server_as_drawn(panel):
     assert len(outline) >= 4 and np.abs(outline[0] - lasso[0]).max() <= 1.5
     after = labelmap(s)
     changed = np.nonzero((after != before_map).any(axis=(1, 2)))[0].tolist()
-    assert KEY_SLICE in changed
+    assert changed == [KEY_SLICE]
     inside = after[KEY_SLICE, 175:195, 165:195]
     assert (inside == LABELS["lesion"]).all()  # a lasso alone on a slice is that slice's mask, pixel exact
 
@@ -252,7 +253,7 @@ def test_undo_and_redo_restore_the_overlays(panel):
     click(s, "redo")
     wait_for(lambda: len(infer_requests(s)) > before, 30, "the redo at the server")
     wait_for(lambda: not state(s, "busy"), 60, "the redo")
-    assert infer_requests(s)[-1].get("redo") is True
+    assert infer_requests(s)[-1].get("redo") is True and state(s, "error") is None  # the server had it to redo
     assert not np.array_equal(labelmap(s), box_answer)
 
 
@@ -267,6 +268,7 @@ def test_confidence_list_jumps_to_its_slice(panel):
         k = int(entry.get_attribute("data-slice"))
         entry.click()
         wait_for(lambda k=k: current_slice(s.driver) == k, 10, f"slice {k}")
+        assert shows_slice(s.driver, s.ct.image, k)  # the slice at that position in the patient, not only by index
 
 
 def test_saved_seg_comes_back_from_the_pacs_aligned(panel):
@@ -320,9 +322,38 @@ def test_a_prompt_the_server_refuses_is_dropped_with_the_servers_message(panel):
     assert request["prompts"][0]["foreground"] == [[175, 180]]
 
 
+def test_2d_prompts_go_one_slice_a_request_and_build_up_on_their_slice(panel):
+    """2D boxes on two slices, then Run: one request a slice (the server answers one slice at a time). A
+    background click later on one of them is sent with that slice's box: the server's 2D starts each request
+    afresh, so the panel sends everything drawn there."""
+    s = panel
+    select_tool(s, "box", dimension="2d")
+    before = len(infer_requests(s))
+    for k in (KEY_SLICE + 2, KEY_SLICE + 4):
+        jump_to_slice(s.driver, k)
+        drag(s, [NODULE_BOX[:2], NODULE_BOX[2:]], k)
+    wait_for(lambda: s.driver.execute_script(PENDING) == 2, 10, "two boxes as prompts")
+    click(s, "run")
+    wait_for(lambda: len(infer_requests(s)) >= before + 2, 60, "two requests")
+    wait_for(lambda: not state(s, "busy"), 60, "the answers")
+    assert state(s, "error") is None, state(s, "error")
+    first, second = infer_requests(s)[before : before + 2]
+    assert [r["model"] for r in (first, second)] == ["medsam2_2d"] * 2
+    assert sorted(r["prompts"][0]["slice"] for r in (first, second)) == [KEY_SLICE + 2, KEY_SLICE + 4]
+
+    select_tool(s, "click", polarity="background", dimension="2d")
+    drag(s, [(170.0, 175.0)], KEY_SLICE + 4)
+    wait_for(lambda: s.driver.execute_script(PENDING) == 1, 10, "the click as a prompt")
+    request = run_and_wait(s, len(infer_requests(s)))
+    (prompt,) = request["prompts"]
+    assert prompt["slice"] == KEY_SLICE + 4 and prompt["background"] == [[170, 175]]
+    assert np.abs(np.array(prompt["box"]) - np.array(NODULE_BOX)).max() <= 1
+
+
 def test_a_drawing_without_a_label_is_refused_in_the_panel(panel):
     """No label chosen: the drawing is removed with a message, and nothing is sent."""
     s = panel
+    jump_to_slice(s.driver, KEY_SLICE)
     s.driver.execute_script("window.medsam2.update({label: null})")
     before = len(infer_requests(s))
     select_tool(s, "box")

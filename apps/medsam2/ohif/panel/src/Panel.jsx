@@ -64,7 +64,10 @@ function ConfidenceList({ run, label, jump }) {
 
 export default function Panel({ annotator }) {
   const [state, setState] = useState(annotator.state);
-  useEffect(() => annotator.subscribe(setState), [annotator]);
+  useEffect(() => {
+    setState(annotator.state); // an update between the first render and the subscription
+    return annotator.subscribe(setState);
+  }, [annotator]);
   const { labels, label, dimension, tool, polarity, live, busy, status, error, info, lastRun3d } = state;
   const set = change => annotator.update(change);
   return (

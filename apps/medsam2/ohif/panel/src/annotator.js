@@ -3,8 +3,8 @@
 // which OHIF unmounts when another tab is shown); the panel subscribes to it.
 
 import { nativePrompts, promptFromVoxels, PROMPT_TOOLS } from './prompts.js';
-import { annotationPoints, worldToVoxel } from './viewer.js';
-import { parseNrrd, writeNrrd } from './nrrd.js';
+import { annotationPoints, cornerstoneLibraries, worldToVoxel } from './viewer.js';
+import { gridMismatch, parseNrrd, writeNrrd } from './nrrd.js';
 import { fetchInfo, infer, saveLabel } from './server_api.js';
 
 const PALETTE = [
@@ -13,20 +13,32 @@ const PALETTE = [
 const PROMPT_COLOURS = { box: 'rgb(255, 221, 0)', foreground: 'rgb(0, 230, 118)', background: 'rgb(255, 64, 64)' };
 const KIND_OF_TOOL = Object.fromEntries(Object.entries(PROMPT_TOOLS).map(([kind, tool]) => [tool, kind]));
 const MAX_UNDO = 16;
+const REFUSED = new Set([400, 413, 415, 422]); // the server cannot use the prompts as drawn
+const SESSION_GONE = new Set([404, 409, 422]); // undo/redo: the server's session no longer has that step
+const CLIENT_ID = `ohif-${Math.random().toString(36).slice(2, 10)}`; // one per page: one server session
 
 function newImageState() {
-  return { pending: [], sent: [], prompted: new Set(), done: [], undone: [] };
+  return {
+    pending: [], // drawn, not sent: {uid, kind, polarity, label, drawnAt}
+    sent: [], // the drawings of the last answer, shown until the next one
+    prompted: new Set(), // 3D labels the server's session holds
+    prompts2d: new Map(), // "label@slice" -> the 2D prompts sent there (the server's 2D starts each slice afresh)
+    done: [],
+    undone: [],
+    lastRun3d: null,
+  };
 }
 
 export class Annotator {
   constructor(bridge) {
     this.bridge = bridge;
-    this.clientId = `ohif-${Math.random().toString(36).slice(2, 10)}`;
+    this.clientId = CLIENT_ID;
     this.images = new Map();
     this.listeners = new Set();
+    this.rerun = false;
     this.state = {
       info: null, labels: [], label: null, dimension: '3d', tool: null, polarity: 'foreground', live: false,
-      busy: false, status: 'Connecting…', error: null, image: null,
+      busy: false, status: 'Connecting…', error: null, lastRun: null, lastRun3d: null,
     };
   }
 
@@ -41,8 +53,7 @@ export class Annotator {
   }
 
   /** Per-series state of the active viewport's series (null when it shows none). */
-  imageState() {
-    const view = this.bridge.active();
+  imageState(view = this.bridge.active()) {
     if (!view) return null;
     const uid = view.displaySet.displaySetInstanceUID;
     if (!this.images.has(uid)) this.images.set(uid, newImageState());
@@ -71,97 +82,143 @@ export class Annotator {
     return this.state.labels.find(l => l.name === name)?.value;
   }
 
+  /** The prompt a drawing makes now ({slice, key, value}); throws with what is wrong with it. */
+  promptOf(view, entry) {
+    const { cst } = cornerstoneLibraries();
+    const annotation = cst.annotation.state.getAnnotation(entry.uid);
+    if (!annotation) return null; // deleted in the viewer
+    const shownOn = view.grid.imageIds.indexOf(annotation.metadata?.referencedImageId);
+    const voxels = annotationPoints(annotation).map(p => worldToVoxel(view.grid, p));
+    const prompt = promptFromVoxels(entry.kind, entry.polarity, voxels, view.grid.dimensions);
+    if (shownOn >= 0 && shownOn !== prompt.slice) throw new Error('it is not on the slice it was drawn on');
+    if (prompt.slice < 0 || prompt.slice >= view.grid.dimensions[2]) throw new Error('it is outside the series');
+    return { ...entry, ...prompt };
+  }
+
   /** A drawing finished in a viewport: keep it as a prompt (and run it in live mode). */
   onAnnotationCompleted(annotation) {
     const kind = KIND_OF_TOOL[annotation?.metadata?.toolName];
     if (!kind) return;
     const view = this.bridge.active();
-    const image = this.imageState();
+    const image = this.imageState(view);
     const fail = message => {
       this.bridge.removeAnnotations([annotation.annotationUID]);
       this.update({ error: message });
     };
     if (!view || !image) return fail('Open a series in the viewport first.');
     if (!this.state.label) return fail('Choose a label first.');
+    const entry = { uid: annotation.annotationUID, kind, polarity: this.state.polarity, label: this.state.label };
     let prompt;
     try {
-      const voxels = annotationPoints(annotation).map(p => worldToVoxel(view.grid, p));
-      prompt = promptFromVoxels(kind, this.state.polarity, voxels);
+      prompt = this.promptOf(view, entry);
     } catch (e) {
       return fail(`That drawing cannot be used: ${e.message}.`);
     }
-    if (prompt.slice < 0 || prompt.slice >= view.grid.dimensions[2]) return fail('The drawing is outside the series.');
-    const colour = kind === 'box' ? PROMPT_COLOURS.box : PROMPT_COLOURS[this.state.polarity];
+    const colour = kind === 'box' ? PROMPT_COLOURS.box : PROMPT_COLOURS[entry.polarity];
     this.bridge.styleAnnotation(annotation, colour, view.viewportId);
-    image.pending.push({ uid: annotation.annotationUID, label: this.state.label, drawnAt: performance.now(), ...prompt });
+    image.pending.push({ ...entry, drawnAt: performance.now() });
     this.update({ error: null, status: `${image.pending.length} prompt(s) ready on slice ${prompt.slice}` });
     if (this.state.live) this.run();
   }
 
-  /** Send the prompts drawn since the last run; write the answer into the labelmap. */
+  /** Send the prompts drawn since the last run (as they are now: moved handles count, deleted drawings not). */
   async run() {
-    const view = this.bridge.active();
-    const image = this.imageState();
-    if (!view || !image) return this.update({ error: 'Open a series in the viewport first.' });
     if (this.state.busy) return (this.rerun = true);
-    if (!image.pending.length) return this.update({ error: 'Draw a box, click, scribble or lasso first.' });
-    const drawn = image.pending;
-    const model = this.state.dimension === '3d' ? 'medsam2_3d' : 'medsam2_2d';
-    const keys = drawn.map(p => (model === 'medsam2_3d' ? p.label : `${p.label}@${p.slice}`));
-    const params = {
-      prompts: nativePrompts(drawn),
-      client_id: this.clientId,
-      correction: keys.every(key => image.prompted.has(`${model}:${key}`)),
-    };
+    const view = this.bridge.active();
+    const image = this.imageState(view);
+    if (!view || !image) return this.update({ error: 'Open a series in the viewport first.' });
+    const drawn = [];
+    for (const entry of image.pending) {
+      try {
+        const prompt = this.promptOf(view, entry);
+        if (prompt) drawn.push(prompt);
+      } catch (e) {
+        this.bridge.removeAnnotations([entry.uid]);
+        this.update({ error: `A drawing was dropped: ${e.message}.` });
+      }
+    }
     image.pending = [];
+    if (!drawn.length) return this.update({ error: this.state.error ?? 'Draw a box, click, scribble or lasso first.' });
+    const model = this.state.dimension === '3d' ? 'medsam2_3d' : 'medsam2_2d';
     this.update({ busy: true, error: null, status: `Running ${model}…` });
-    const started = performance.now();
     try {
-      const { answer, label } = await infer(model, view.displaySet.SeriesInstanceUID, params);
-      const step = await this.applyAnswer(view, model, drawn, answer, label);
-      await new Promise(resolve => requestAnimationFrame(() => resolve())); // the overlay's frame
-      const shown = performance.now();
-      const seconds = (shown - started) / 1000;
-      const timing = {
-        prompt_to_overlay_s: (shown - Math.max(...drawn.map(p => p.drawnAt))) / 1000,
-        request_to_overlay_s: seconds,
-        server_s: answer.latencies?.total ?? null,
-      };
-      const result = { model, answer, seconds, timing, slices: params.prompts.map(p => p.slice) };
-      step.before3d = this.state.lastRun3d;
-      step.after3d = model === 'medsam2_3d' ? result : step.before3d;
-      keys.forEach(key => image.prompted.add(`${model}:${key}`));
-      this.bridge.removeAnnotations(image.sent.map(p => p.uid));
-      image.sent = drawn;
-      image.done = [...image.done, step].slice(-MAX_UNDO);
-      image.undone = [];
-      this.update({ status: `${model}: answered in ${seconds.toFixed(1)} s`, lastRun: result, lastRun3d: step.after3d });
-    } catch (e) {
-      if (e.status >= 400 && e.status < 500) {
-        // the server cannot use these prompts as drawn: drop them (their drawings too), say why
-        this.bridge.removeAnnotations(drawn.map(p => p.uid));
-        this.update({ error: `Not used: ${e.detail}`, status: `${model}: prompts refused` });
-      } else {
-        image.pending = [...drawn, ...image.pending]; // the server was busy or unreachable: Run retries them
-        this.update({ error: `${e.detail ?? e.message} (press Run to try again)`, status: `${model} failed` });
+      for (const batch of batches(model, drawn, image)) {
+        if (!(await this.send(view, image, model, batch))) break;
       }
     } finally {
-      this.update({ busy: false });
-      if (this.rerun) {
-        this.rerun = false;
-        if (this.state.live && this.imageState()?.pending.length) this.run();
-      }
+      this.idle();
     }
   }
 
-  /** Write an answer's labels into the labelmap: 3D replaces the session's labels on every slice, 2D the
-   * prompted labels on the prompted slices; other labels stay. Returns the undo step. */
-  async applyAnswer(view, model, drawn, answer, buffer) {
-    const { sizes, data } = parseNrrd(buffer);
-    const dims = view.grid.dimensions;
-    if (sizes.join(' ') !== dims.join(' ')) {
-      throw new Error(`the label (${sizes.join('×')}) does not lie on the viewer's series (${dims.join('×')})`);
+  /** One request; true when its answer is shown. */
+  async send(view, image, model, drawn) {
+    const started = performance.now();
+    const params = { client_id: this.clientId };
+    let prompts2d = null;
+    if (model === 'medsam2_3d') {
+      params.prompts = nativePrompts(drawn);
+      params.correction = drawn.every(p => image.prompted.has(p.label));
+    } else {
+      prompts2d = new Map(image.prompts2d);
+      for (const p of drawn) prompts2d.set(`${p.label}@${p.slice}`, [...(prompts2d.get(`${p.label}@${p.slice}`) ?? []), p]);
+      params.prompts = nativePrompts(drawn.flatMap(p => prompts2d.get(`${p.label}@${p.slice}`)).filter(unique()));
     }
+    let reply;
+    try {
+      reply = await infer(model, view.displaySet.SeriesInstanceUID, params);
+    } catch (e) {
+      if (REFUSED.has(e.status)) {
+        this.bridge.removeAnnotations(drawn.map(p => p.uid));
+        this.update({ error: `Not used: ${e.detail}`, status: `${model}: prompts refused` });
+      } else {
+        image.pending = [...drawn, ...image.pending]; // busy or unreachable: Run sends them again
+        this.update({ error: `${e.detail ?? e.message} (press Run to try again)`, status: `${model} failed` });
+      }
+      return false;
+    }
+    let step;
+    try {
+      step = await this.applyAnswer(view, model, drawn, reply.answer, reply.label);
+    } catch (e) {
+      // the server took the step, the viewer cannot show it: take it back there too
+      infer(model, view.displaySet.SeriesInstanceUID, { undo: true, client_id: this.clientId }, 'json').catch(() => {});
+      this.bridge.removeAnnotations(drawn.map(p => p.uid));
+      this.update({ error: `The answer was not shown: ${e.message}.`, status: `${model}: not shown` });
+      return false;
+    }
+    await new Promise(resolve => requestAnimationFrame(() => resolve())); // the overlay's frame
+    const shown = performance.now();
+    const timing = {
+      prompt_to_overlay_s: (shown - Math.max(...drawn.map(p => p.drawnAt))) / 1000,
+      request_to_overlay_s: (shown - started) / 1000,
+      server_s: reply.answer.latencies?.total ?? null,
+    };
+    const result = { model, answer: reply.answer, timing, slices: params.prompts.map(p => p.slice) };
+    const before = { prompted: new Set(image.prompted), prompts2d: image.prompts2d, lastRun3d: image.lastRun3d };
+    if (model === 'medsam2_3d') drawn.forEach(p => image.prompted.add(p.label));
+    if (prompts2d) image.prompts2d = prompts2d;
+    if (model === 'medsam2_3d') image.lastRun3d = result;
+    step.before = before;
+    step.after = { prompted: new Set(image.prompted), prompts2d: image.prompts2d, lastRun3d: image.lastRun3d };
+    this.bridge.removeAnnotations(image.sent.map(p => p.uid));
+    image.sent = drawn;
+    image.done = [...image.done, step].slice(-MAX_UNDO);
+    image.undone = [];
+    const seconds = timing.request_to_overlay_s.toFixed(1);
+    this.update({ status: `${model}: answered in ${seconds} s`, lastRun: result, lastRun3d: image.lastRun3d });
+    return true;
+  }
+
+  /** Write an answer's labels into the labelmap: 3D replaces the session's labels on every slice, 2D the
+   * prompted labels on the prompted slices; other labels stay. Returns the undo step (the changed voxels). */
+  async applyAnswer(view, model, drawn, answer, buffer) {
+    if (!this.bridge.showing(view.displaySet.displaySetInstanceUID)) {
+      throw new Error('the viewport shows another series now');
+    }
+    const label = parseNrrd(buffer);
+    const mismatch = gridMismatch(label, view.grid);
+    if (mismatch) throw new Error(`the label does not lie on the series: ${mismatch}`);
+    const dims = view.grid.dimensions;
     const names = new Set(drawn.map(p => p.label));
     if (model === 'medsam2_3d') Object.keys(answer.confidence ?? {}).forEach(n => names.add(n));
     const covered = new Set([...names].map(n => this.labelValue(n)));
@@ -170,62 +227,80 @@ export class Annotator {
     const size = dims[0] * dims[1];
     const changes = new Map();
     for (const k of slices) {
-      const current = this.bridge.sliceVoxels(map, k);
-      const next = merged(current, data.subarray(k * size, (k + 1) * size), covered);
-      if (next) {
-        changes.set(k, { before: current.slice(), after: next });
-        current.set(next);
+      const voxels = this.bridge.sliceVoxels(map, k);
+      const change = changedVoxels(voxels, label.data.subarray(k * size, (k + 1) * size), covered);
+      if (change) {
+        changes.set(k, change);
+        writeVoxels(voxels, change, false);
       }
     }
     this.bridge.labelmapChanged(map);
     return { model, changes };
   }
 
-  /** Undo (`back`) or redo the last step: locally exact, and the server's session steps with it. */
+  /** Undo (`back`) or redo the last step: the server's session steps first, then the overlay, exactly. */
   async step(back) {
+    if (this.state.busy) return;
     const view = this.bridge.active();
-    const image = this.imageState();
-    if (!view || !image || this.state.busy) return;
+    const image = this.imageState(view);
+    if (!view || !image) return;
     const from = back ? image.done : image.undone;
-    const to = back ? image.undone : image.done;
-    const step = from.pop();
+    const step = from.at(-1);
     if (!step) return this.update({ error: back ? 'Nothing to undo.' : 'Nothing to redo.' });
-    const map = await this.bridge.labelmap(view, this.state.labels);
-    for (const [k, change] of step.changes) this.bridge.sliceVoxels(map, k).set(back ? change.before : change.after);
-    this.bridge.labelmapChanged(map);
-    to.push(step);
-    this.update({ lastRun3d: back ? step.before3d : step.after3d });
-    this.bridge.removeAnnotations(image.sent.map(p => p.uid));
-    image.sent = [];
-    this.update({ busy: true, error: null, status: back ? 'Undone' : 'Redone' });
+    this.update({ busy: true, error: null, status: back ? 'Undoing…' : 'Redoing…' });
+    let sessionGone = false;
     try {
-      await infer(step.model, view.displaySet.SeriesInstanceUID, { [back ? 'undo' : 'redo']: true, client_id: this.clientId });
-    } catch (e) {
-      image.prompted.clear(); // the server's session no longer matches: the next prompt starts it again
-      this.update({ error: `The overlay was restored, but the server's session could not follow (${e.detail ?? e.message}); the next prompt starts a new session.` });
+      try {
+        await infer(step.model, view.displaySet.SeriesInstanceUID, { [back ? 'undo' : 'redo']: true, client_id: this.clientId }, 'json');
+      } catch (e) {
+        if (!SESSION_GONE.has(e.status)) {
+          return this.update({ error: `${e.detail ?? e.message} (nothing was undone; try again)` });
+        }
+        sessionGone = true;
+      }
+      from.pop();
+      (back ? image.undone : image.done).push(step);
+      const map = await this.bridge.labelmap(view, this.state.labels);
+      for (const [k, change] of step.changes) writeVoxels(this.bridge.sliceVoxels(map, k), change, back);
+      this.bridge.labelmapChanged(map);
+      const restored = back ? step.before : step.after;
+      image.prompted = sessionGone ? new Set() : new Set(restored.prompted);
+      image.prompts2d = sessionGone ? new Map() : restored.prompts2d;
+      image.lastRun3d = restored.lastRun3d;
+      this.bridge.removeAnnotations(image.sent.map(p => p.uid));
+      image.sent = [];
+      this.update({
+        status: back ? 'Undone' : 'Redone',
+        lastRun3d: image.lastRun3d,
+        error: sessionGone
+          ? "The overlay was restored, but the server's session had lost that step; the next prompt starts a new session."
+          : null,
+      });
     } finally {
-      this.update({ busy: false });
+      this.idle();
     }
   }
 
   /** Save the whole labelmap as the series' final label (next to a PACS: a DICOM SEG in the study). */
   async save() {
+    if (this.state.busy) return;
     const view = this.bridge.active();
     if (!view) return this.update({ error: 'Open a series in the viewport first.' });
-    const map = await this.bridge.labelmap(view, this.state.labels);
-    const dims = view.grid.dimensions;
-    const size = dims[0] * dims[1];
-    const volume = new Uint8Array(size * dims[2]);
-    for (let k = 0; k < dims[2]; k++) volume.set(this.bridge.sliceVoxels(map, k), k * size);
     this.update({ busy: true, error: null, status: 'Saving…' });
     try {
+      const map = await this.bridge.labelmap(view, this.state.labels);
+      const dims = view.grid.dimensions;
+      const size = dims[0] * dims[1];
+      const volume = new Uint8Array(size * dims[2]);
+      for (let k = 0; k < dims[2]; k++) volume.set(this.bridge.sliceVoxels(map, k), k * size);
+      if (!volume.some(v => v !== 0)) return this.update({ error: 'Nothing to save: the label is empty.' });
       await saveLabel(view.displaySet.SeriesInstanceUID, writeNrrd(volume, view.grid), this.state.labels);
       this.update({ status: 'Saved as the final label' });
       this.bridge.notify('success', 'MedSAM2', 'Label saved');
     } catch (e) {
       this.update({ error: `Not saved: ${e.detail ?? e.message}`, status: 'Save failed' });
     } finally {
-      this.update({ busy: false });
+      this.idle();
     }
   }
 
@@ -237,18 +312,53 @@ export class Annotator {
     image.pending = [];
     this.update({ status: 'Prompts cleared' });
   }
+
+  /** Not busy any more; in live mode, run what was drawn meanwhile. */
+  idle() {
+    this.update({ busy: false });
+    if (this.rerun) {
+      this.rerun = false;
+      if (this.state.live && this.imageState()?.pending.length) this.run();
+    }
+  }
 }
 
-/** The labelmap slice after an answer: the answer's labels where it has one, the covered labels cleared
- * elsewhere, other labels kept; null when nothing changes. */
-function merged(current, answer, covered) {
-  let changed = false;
-  const next = new Uint8Array(current.length);
+/** The requests for a run's prompts: 2D, one a slice (the server answers one slice at a time); 3D, the labels
+ * the session holds (a correction: added to their key slices) apart from new ones (which replace nothing). */
+function batches(model, drawn, image) {
+  const groups = new Map();
+  for (const p of drawn) {
+    const key = model === 'medsam2_2d' ? p.slice : image.prompted.has(p.label);
+    groups.set(key, [...(groups.get(key) ?? []), p]);
+  }
+  return [...groups.values()];
+}
+
+function unique() {
+  const seen = new Set();
+  return p => !seen.has(p) && seen.add(p);
+}
+
+/** The voxels of a labelmap slice an answer changes ({index, before, after}), or null: the answer's labels
+ * where it has one, the covered labels cleared elsewhere, other labels kept. */
+function changedVoxels(current, answer, covered) {
+  const index = [];
+  const before = [];
+  const after = [];
   for (let v = 0; v < current.length; v++) {
     const old = current[v];
     const value = answer[v] || (covered.has(old) ? 0 : old);
-    next[v] = value;
-    if (value !== old) changed = true;
+    if (value !== old) {
+      index.push(v);
+      before.push(old);
+      after.push(value);
+    }
   }
-  return changed ? next : null;
+  if (!index.length) return null;
+  return { index: Uint32Array.from(index), before: Uint8Array.from(before), after: Uint8Array.from(after) };
+}
+
+function writeVoxels(voxels, change, back) {
+  const values = back ? change.before : change.after;
+  for (let n = 0; n < change.index.length; n++) voxels[change.index[n]] = values[n];
 }

@@ -42,7 +42,8 @@ function PanelHost() {
 
 function onKey(event) {
   const target = event.target;
-  if (!annotator || !(event.ctrlKey || event.metaKey) || target?.closest?.('input, textarea, select')) return;
+  // only while the MedSAM2 panel is shown: elsewhere Ctrl+Z is OHIF's own undo (brushes, measurements)
+  if (!annotator || !host || !(event.ctrlKey || event.metaKey) || target?.closest?.('input, textarea, select')) return;
   const key = event.key.toLowerCase();
   const back = key === 'z' && !event.shiftKey;
   const forward = key === 'y' || (key === 'z' && event.shiftKey);

@@ -3,7 +3,10 @@
 
 const decoder = new TextDecoder();
 
-/** Parse a raw (uncompressed) uint8 NRRD: {sizes: [i, j, k], data: Uint8Array (i fastest)}. */
+const numbers = text => (text.match(/-?[\d.]+(?:e[-+]?\d+)?/gi) ?? []).map(Number);
+
+/** Parse a raw (uncompressed) uint8 NRRD: {sizes: [i, j, k], data: Uint8Array (i fastest), origin, axes}
+ * (`axes`: the i, j and k steps in mm, LPS, when the header gives them). */
 export function parseNrrd(buffer) {
   const bytes = new Uint8Array(buffer);
   let end = -1;
@@ -29,7 +32,26 @@ export function parseNrrd(buffer) {
   const count = sizes.reduce((a, b) => a * b, 1);
   const data = bytes.slice(end + 2, end + 2 + count);
   if (data.length !== count) throw new Error(`NRRD data has ${data.length} voxels, ${count} expected`);
-  return { sizes, data };
+  const axes = fields['space directions'] ? numbers(fields['space directions']) : null;
+  const origin = fields['space origin'] ? numbers(fields['space origin']) : null;
+  return { sizes, data, origin, axes: axes?.length === 9 ? [axes.slice(0, 3), axes.slice(3, 6), axes.slice(6)] : null };
+}
+
+/** Why the label does not lie on `grid` (dimensions, spacing, origin, direction), or null when it does: the
+ * same voxels at the same places (within 1 % of a voxel). */
+export function gridMismatch(label, grid) {
+  if (label.sizes.join(' ') !== grid.dimensions.join(' ')) {
+    return `its size ${label.sizes.join('×')} is not the series' ${grid.dimensions.join('×')}`;
+  }
+  if (!label.origin || !label.axes) return null; // nothing more to compare
+  const tolerance = 0.01 * Math.min(...grid.spacing);
+  const far = (a, b) => a.some((v, n) => Math.abs(v - b[n]) > tolerance);
+  if (far(label.origin, grid.origin)) return `its origin ${label.origin} is not the series' ${grid.origin}`;
+  for (let a = 0; a < 3; a++) {
+    const step = grid.direction.slice(3 * a, 3 * a + 3).map(d => d * grid.spacing[a]);
+    if (far(label.axes[a], step)) return `its axis ${'ijk'[a]} ${label.axes[a]} is not the series' ${step}`;
+  }
+  return null;
 }
 
 const vector = values => `(${values.map(v => Number(v).toPrecision(12)).join(',')})`;

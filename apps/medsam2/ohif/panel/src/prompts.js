@@ -9,11 +9,6 @@ export const PROMPT_TOOLS = {
   lasso: 'MedSAM2Lasso',
 };
 
-/** (i, j, k) voxel indices (not rounded) of world points, through the volume's vtk image data. */
-export function worldToVoxel(imageData, points) {
-  return points.map(p => imageData.worldToIndex([p[0], p[1], p[2]]));
-}
-
 const round = v => Math.round(v);
 
 /** The slice (k) a drawing lies on; null when its points are not on one axial slice. */
@@ -26,9 +21,11 @@ export function sliceOf(voxels) {
  * One drawn prompt as {slice, key, value}: `key` is the native prompt key (box, foreground, background,
  * foreground_scribbles, ...), `value` what goes under it.
  */
-export function promptFromVoxels(kind, polarity, voxels) {
+export function promptFromVoxels(kind, polarity, voxels, dimensions) {
   const slice = sliceOf(voxels);
   if (slice === null) throw new Error('draw on an axial slice: the drawing spans several slices');
+  const outside = v => v[0] < -0.5 || v[1] < -0.5 || v[0] > dimensions[0] - 0.5 || v[1] > dimensions[1] - 0.5;
+  if (kind === 'box' ? voxels.every(outside) : voxels.some(outside)) throw new Error('it leaves the image');
   const xy = voxels.map(v => [round(v[0]), round(v[1])]);
   if (kind === 'box') {
     const xs = xy.map(p => p[0]);
@@ -42,7 +39,8 @@ export function promptFromVoxels(kind, polarity, voxels) {
 }
 
 /** Drawn prompts ({label, slice, key, value}) grouped into the native `prompts` list (one entry per label and
- * slice; a later box on the same slice replaces an earlier one, everything else adds up). */
+ * slice; a later box on the same slice replaces an earlier one, everything else adds up). Boxes leaving the
+ * image are clipped by the server (and it says so). */
 export function nativePrompts(drawn) {
   const entries = new Map();
   for (const { label, slice, key, value } of drawn) {

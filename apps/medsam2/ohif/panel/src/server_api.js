@@ -29,18 +29,24 @@ export async function fetchInfo() {
 }
 
 /**
- * POST /infer/<model>?image=<id>&output=all with `params` (JSON); the answer's JSON and its label file
- * (raw uint8 NRRD, see nrrd.js).
+ * POST /infer/<model>?image=<id>&output=<output> with `params` (JSON); the answer's JSON and, with `output`
+ * `all`, its label file (raw uint8 NRRD, see nrrd.js).
  */
-export async function infer(model, image, params) {
+export async function infer(model, image, params, output = 'all') {
   const form = new FormData();
   form.append(
     'params',
     JSON.stringify({ ...params, result_extension: '.nrrd', result_dtype: 'uint8', result_compress: false })
   );
-  const query = new URLSearchParams({ image, output: 'all' });
-  const response = await fetch(`/infer/${encodeURIComponent(model)}?${query}`, { method: 'POST', body: form });
+  const query = new URLSearchParams({ image, output });
+  let response;
+  try {
+    response = await fetch(`/infer/${encodeURIComponent(model)}?${query}`, { method: 'POST', body: form });
+  } catch (e) {
+    throw new ServerError(0, `the MedSAM2 server cannot be reached (${e.message})`);
+  }
   if (!response.ok) throw await failure(response);
+  if (output === 'json') return { answer: await response.json(), label: null };
   const parts = await response.formData();
   const label = parts.get('image');
   return {

@@ -30,7 +30,8 @@ export function promptToolBlocks() {
 /** Grid of a series as the server stores it: slices sorted along the normal, k = 0 at the origin. */
 export function seriesGrid(imageIds) {
   const { cs } = cornerstoneLibraries();
-  const props = cs.utilities.generateVolumePropsFromImageIds(imageIds, 'medsam2-grid');
+  // a copy: one of cornerstone's sorting paths reverses the array it is given in place
+  const props = cs.utilities.generateVolumePropsFromImageIds([...imageIds], 'medsam2-grid');
   return {
     imageIds: props.imageIds,
     dimensions: props.dimensions,
@@ -76,9 +77,20 @@ export class ViewerBridge {
     if (!this.grids.has(uid)) {
       const imageIds = viewport.getImageIds?.() ?? displaySet.imageIds;
       if (!imageIds?.length) return null;
-      this.grids.set(uid, seriesGrid(imageIds));
+      try {
+        this.grids.set(uid, seriesGrid(imageIds));
+      } catch (e) {
+        console.warn(`MedSAM2: no voxel grid for series ${displaySet.SeriesInstanceUID}`, e);
+        return null; // not a volume (no positions or orientation): nothing to prompt on
+      }
     }
     return { viewportId, viewport, displaySet, grid: this.grids.get(uid) };
+  }
+
+  /** The active view if it shows the series `displaySetInstanceUID`, else null. */
+  showing(displaySetInstanceUID) {
+    const view = this.active();
+    return view?.displaySet.displaySetInstanceUID === displaySetInstanceUID ? view : null;
   }
 
   /** Make `kind` (box, click, scribble, lasso) the left-button tool, or the window/level tool for null. */
