@@ -60,7 +60,13 @@ function enter({ servicesManager, commandsManager }) {
   const completed = event => annotator?.onAnnotationCompleted(event.detail?.annotation);
   cs.eventTarget.addEventListener(cst.Enums.Events.ANNOTATION_COMPLETED, completed);
   window.addEventListener('keydown', onKey, true);
+  const grid = servicesManager.services.viewportGridService;
+  const shown = () => annotator?.update({ lastRun3d: annotator.imageState()?.lastRun3d ?? null });
+  const subscriptions = [grid.EVENTS.ACTIVE_VIEWPORT_ID_CHANGED, grid.EVENTS.GRID_STATE_CHANGED].map(name =>
+    grid.subscribe(name, shown)
+  );
   teardown.push(
+    ...subscriptions.map(subscription => () => subscription.unsubscribe()),
     () => cs.eventTarget.removeEventListener(cst.Enums.Events.ANNOTATION_COMPLETED, completed),
     () => window.removeEventListener('keydown', onKey, true)
   );
