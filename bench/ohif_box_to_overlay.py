@@ -125,6 +125,9 @@ def measure(args, folder: Path) -> list[dict]:
                     "direct_http_s": round(direct, 3),
                     "browser_over_direct": round(timing["prompt_to_overlay_s"] / direct, 3),
                     "ready_at_request": run["answer"].get("session", {}).get("ready_at_request"),
+                    "browser_phases_s": {
+                        k: timing.get(k) for k in ("until_answer_s", "receive_s", "write_s", "frame_s")
+                    },
                 }
                 print(json.dumps(line), flush=True)
                 lines.append(line)

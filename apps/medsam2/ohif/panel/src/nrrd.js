@@ -30,7 +30,7 @@ export function parseNrrd(buffer) {
   }
   const sizes = fields.sizes.split(/\s+/).map(Number);
   const count = sizes.reduce((a, b) => a * b, 1);
-  const data = bytes.slice(end + 2, end + 2 + count);
+  const data = bytes.subarray(end + 2, end + 2 + count); // a view: answers are tens of MB
   if (data.length !== count) throw new Error(`NRRD data has ${data.length} voxels, ${count} expected`);
   const axes = fields['space directions'] ? numbers(fields['space directions']) : null;
   const origin = fields['space origin'] ? numbers(fields['space origin']) : null;

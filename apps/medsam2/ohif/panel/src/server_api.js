@@ -47,11 +47,14 @@ export async function infer(model, image, params, output = 'all') {
   }
   if (!response.ok) throw await failure(response);
   if (output === 'json') return { answer: await response.json(), label: null };
+  const answered = performance.now();
   const parts = await response.formData();
   const label = parts.get('image');
   return {
     answer: JSON.parse(parts.get('params') || '{}'),
     label: label ? await label.arrayBuffer() : null,
+    answeredAt: answered,
+    receivedAt: performance.now(),
   };
 }
 
