@@ -79,11 +79,15 @@ def move_to_base(viewer: Path) -> None:
     if moved < 3:
         raise InstallError(f"index.html: only {moved} absolute src/href found")
     index.write_text(text, encoding="utf-8")
-    bundles = [p for p in viewer.glob("*.js") if '__webpack_require__.p = "/"' in p.read_text(encoding="utf-8")]
-    if not any(p.name.startswith("app.bundle.") for p in bundles):
+    public_path = '__webpack_require__.p = "/"'
+    moved_bundles = []
+    for bundle in viewer.glob("*.js"):  # the app and its workers each set webpack's public path
+        text = bundle.read_text(encoding="utf-8")
+        if public_path in text:
+            bundle.write_text(text.replace(public_path, f'__webpack_require__.p = "{BASE}"'), encoding="utf-8")
+            moved_bundles.append(bundle.name)
+    if not any(name.startswith("app.bundle.") for name in moved_bundles):
         raise InstallError("app.bundle.*.js: its webpack public path is not where this release keeps it")
-    for bundle in bundles:
-        replace_exactly(bundle, '__webpack_require__.p = "/"', f'__webpack_require__.p = "{BASE}"')
     replace_exactly(viewer / "manifest.json", '"src": "/assets/', f'"src": "{BASE}assets/')
     for css in viewer.glob("*.css"):
         text = css.read_text(encoding="utf-8")

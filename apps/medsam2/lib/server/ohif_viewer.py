@@ -42,10 +42,11 @@ def viewer_file(path: str, viewer: Path = VIEWER_DIR) -> Path:
     root = viewer.resolve()
     try:
         candidate = (root / path).resolve()
-        found = candidate.is_relative_to(root) and candidate.is_file()
+        inside = candidate.is_relative_to(root)
+        found = inside and candidate.is_file()
     except (OSError, ValueError):  # NUL bytes, names too long for the file system
-        raise NotFound("No such file in the OHIF viewer.") from None
-    if not candidate.is_relative_to(root):
+        inside = False
+    if not inside:
         raise NotFound("No such file in the OHIF viewer.")
     if found:
         return candidate

@@ -160,8 +160,8 @@ export class Annotator {
       params.correction = drawn.every(p => image.prompted.has(p.label));
     } else {
       prompts2d = new Map(image.prompts2d);
-      for (const p of drawn) prompts2d.set(`${p.label}@${p.slice}`, [...(prompts2d.get(`${p.label}@${p.slice}`) ?? []), p]);
-      params.prompts = nativePrompts(drawn.flatMap(p => prompts2d.get(`${p.label}@${p.slice}`)).filter(unique()));
+      for (const p of drawn) prompts2d.set(sliceKey(p), [...(prompts2d.get(sliceKey(p)) ?? []), p]);
+      params.prompts = nativePrompts([...new Set(drawn.map(sliceKey))].flatMap(key => prompts2d.get(key)));
     }
     let reply;
     try {
@@ -292,6 +292,7 @@ export class Annotator {
     if (this.state.busy) return;
     const view = this.bridge.active();
     if (!view) return this.update({ error: 'Open a series in the viewport first.' });
+    if (!this.bridge.hasLabelmap(view)) return this.update({ error: 'Nothing to save: the label is empty.' });
     this.update({ busy: true, error: null, status: 'Saving…' });
     try {
       const map = await this.bridge.labelmap(view, this.state.labels);
@@ -340,9 +341,9 @@ function batches(model, drawn, image) {
   return [...groups.values()];
 }
 
-function unique() {
-  const seen = new Set();
-  return p => !seen.has(p) && seen.add(p);
+/** Where a 2D prompt's earlier prompts are kept: its label on its slice. */
+function sliceKey(prompt) {
+  return `${prompt.label}@${prompt.slice}`;
 }
 
 /** The voxels of a labelmap slice an answer changes ({index, before, after}), or null: the answer's labels

@@ -138,11 +138,16 @@ export class ViewerBridge {
     return `medsam2-${view.displaySet.displaySetInstanceUID}`;
   }
 
+  /** True once the panel has a labelmap on `view`'s series (an answer was written there). */
+  hasLabelmap(view) {
+    return Boolean(this.services.segmentationService.getSegmentation(this.segmentationId(view)));
+  }
+
   /** The panel's labelmap on the active series (one segment per app label), created on first use. */
   async labelmap(view, labels) {
     const { segmentationService } = this.services;
     const segmentationId = this.segmentationId(view);
-    if (!segmentationService.getSegmentation(segmentationId)) {
+    if (!this.hasLabelmap(view)) {
       const segments = Object.fromEntries(labels.map((l, n) => [l.value, { label: l.name, active: n === 0 }]));
       await segmentationService.createLabelmapForDisplaySet(view.displaySet, {
         segmentationId,
