@@ -44,7 +44,9 @@ def test_follow_up_adds_a_label_without_reencoding_and_reset_starts_over(server)
     _, r2 = split_multipart(second)
     assert r2["session"]["reused"]
     assert r2["session"]["slices_encoded_total"] == r1["session"]["slices_encoded_total"] == 16
-    assert r2["latencies"]["encode"] <= r1["latencies"]["encode"] and r2["latencies"]["encode"] < 0.05  # none again
+    # none again: every slice the follow-up needs was encoded when it came (the first request may have found the
+    # image encoded already, by encode-ahead or an earlier test, so its encode time can be 0.0 as well)
+    assert r2["session"]["ready_at_request"] == {"slices": 16, "needed": 16} and r2["latencies"]["encode"] < 0.05
     assert r2["session"]["labels_recomputed"] == ["organ"]  # lesion's answer is kept as it was
     assert sorted(p["label"] for p in r2["prompts_in_session"]) == ["lesion", "organ"]
     assert sorted(r2["coverage"]) == ["lesion", "organ"]
