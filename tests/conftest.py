@@ -18,7 +18,8 @@ import SimpleITK as sitk
 import torch
 
 from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, save_checkpoint
-from sam2_testing import APP_DIR, blob_volume, object_present_bias
+from sam2_testing import APP_DIR, REFERENCE_CHECKPOINT, REFERENCE_CONFIG, blob_volume, object_present_bias
+from sam2_testing import reference_model as load_reference_model
 
 REPO = APP_DIR.parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -87,6 +88,19 @@ def random_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "random_medsam2.pt"
     save_checkpoint(model, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoint() -> tuple[Path, Path]:
+    """(checkpoint, model config) of the reference model, for ``--conf checkpoint`` and ``--conf model_config``."""
+    assert REFERENCE_CHECKPOINT.is_file(), f"{REFERENCE_CHECKPOINT} is missing: see docs/reference_model.md"
+    return REFERENCE_CHECKPOINT, REFERENCE_CONFIG
+
+
+@pytest.fixture(scope="session")
+def reference_model(reference_checkpoint) -> torch.nn.Module:
+    """The reference model on the CPU in eval mode (shared by the session: deep-copy it before changing it)."""
+    return load_reference_model("cpu")
 
 
 def write_image(array_kji: np.ndarray, path: Path, spacing, origin, direction) -> sitk.Image:

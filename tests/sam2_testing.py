@@ -12,7 +12,14 @@ APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "medsam2"
 if str(APP_DIR) not in sys.path:
     sys.path.insert(0, str(APP_DIR))
 
-from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, image_size_overrides  # noqa: E402
+from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, image_size_overrides, load_model, resolve_checkpoint  # noqa: E402,I001
+
+# The reference model (scripts/train_reference_model.py, docs/reference_model.md): the SAM2 architecture at 128 input,
+# trained on generated volumes (lib/training/synthetic.py) to follow prompts. Use it where a test's assertion is about
+# what the model answers (a box selects its object, a click changes the mask where it lands); random weights where
+# only shapes and plumbing are checked.
+REFERENCE_CHECKPOINT = APP_DIR.parents[1] / "tests" / "fixtures" / "reference_sam2.pt"
+REFERENCE_CONFIG = APP_DIR / "model" / "configs" / "reference_sam2.yaml"
 
 # hiera-t at 256x256 input: the MedSAM2 architecture at a quarter of the pixels, for CPU speed.
 SMALL_OVERRIDES = image_size_overrides(256)
@@ -38,6 +45,11 @@ def small_model(seed: int = 0) -> torch.nn.Module:
     """Random-weights SAM2 video model (hiera-t, 256 input) in eval mode on the CPU, objects 'present'."""
     torch.manual_seed(seed)
     return object_present_bias(build_model(MEDSAM2_CONFIG, "cpu", SMALL_OVERRIDES).eval())
+
+
+def reference_model(device: str = "cpu") -> torch.nn.Module:
+    """The reference model in eval mode, loaded as the app loads ``--conf checkpoint`` with ``--conf model_config``."""
+    return load_model(resolve_checkpoint(str(REFERENCE_CHECKPOINT), config=REFERENCE_CONFIG), device)
 
 
 def blob_volume(shape=(24, 64, 80), center=None, radius=10.0, seed: int = 0) -> np.ndarray:

@@ -46,6 +46,10 @@ TRAIN_MEANINGS: dict[str, str] = {
     "patience": "stop after this many epochs without a better validation Dice (0: run every epoch)",
     "feature_cache_mb": "memory for image-encoder outputs reused across epochs while the encoder is frozen (0: off)",
     "publish_max_drop": "refuse to publish when Dice on the frozen reference studies drops by more than this",
+    "publish_max_overlap_rise": "refuse to publish when the answers' overlap with objects that were not prompted "
+    "(held-out and reference studies) rises by more than this: the model follows the prompts less",
+    "spike_factor": "skip an optimiser step whose loss exceeds this many times the running median of the last 50 "
+    "steps (or is not finite); 3 skips in a row roll the weights back and halve the learning rate (0: off)",
     "clip_length": "consecutive slices per training clip (forwards or backwards)",
     "max_objects": "labelled objects prompted per clip, at most",
     "lr": "AdamW learning rate for one clip per step on one process; scaled by √(clips_per_step × processes)",
@@ -54,7 +58,8 @@ TRAIN_MEANINGS: dict[str, str] = {
     "grad_clip": "gradient norm clip",
     "train_parts": "what trains: `no_image_encoder` (the image encoder stays frozen), `all`, `no_encoders`, or "
     "`lora` (low-rank adapters on the attention projections; every base weight stays frozen)",
-    "loss": "`sam2`: focal ×20 + Dice + IoU L1 + object-score BCE; `dice_ce`: Dice + cross-entropy",
+    "loss": "`sam2`: focal ×20 + Dice + IoU L1 + object-score BCE; `dice_ce`: cross-entropy + Dice + IoU L1 + "
+    "object-score BCE",
     "val_fraction": "share of the labelled studies held out for validation (the last ones by name)",
     "nsd_tolerance_mm": "tolerance of the validation NSD, in mm",
     "p_box": "probability that a clip is prompted with a jittered box (else 1–3 clicks)",

@@ -20,6 +20,7 @@ from lib.training.data import Clip, Study, sample_clip
 from lib.training.distributed import DistributedContext, any_rank, sum_over_ranks
 from lib.training.prefetch import StepPrefetcher
 from lib.training.settings import TRAIN_PARTS, TrainSettings
+from lib.training.spike_guard import SpikeGuard
 from lib.training.validation import evaluate
 
 logger = logging.getLogger(__name__)
@@ -27,9 +28,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EpochReport:
-    """One epoch: its mean training loss, the validation scores after it, its speed, whether it was the best
-    so far on the held-out studies, and whether it was published (a best epoch is not when the reference
-    studies' Dice dropped by more than allowed: ``not_published`` says why)."""
+    """One epoch: its mean training loss, the validation scores after it (Dice, NSD and the overlap with objects
+    not prompted), its speed, the steps the spike guard skipped or rolled back, whether it was the best so far on
+    the held-out studies, and whether it was published (a best epoch is not when the publish guard refuses it:
+    ``not_published`` says why)."""
 
     epoch: int
     train_loss: float
@@ -45,6 +47,11 @@ class EpochReport:
     lr: float = 0.0
     train_slices: int = 0
     train_seconds: float = 0.0
+    val_other_overlap: float | None = None
+    reference_other_overlap: float | None = None
+    skipped_steps: int = 0
+    rollbacks: int = 0
+    max_loss_ratio: float = 0.0  # the largest step loss over the running median of the steps before it
 
 
 @dataclass
@@ -61,6 +68,9 @@ class TrainResult:
     reference_dice: float | None = None  # of the published model
     stopped_early: str = ""
     not_published: str = ""
+    reference_overlap_before: float | None = None
+    skipped_steps: int = 0  # by the spike guard, over the run
+    rollbacks: int = 0
 
     def as_json(self) -> dict:
         return {**asdict(self)}
@@ -105,13 +115,33 @@ class _Optimisation:
     schedule: torch.optim.lr_scheduler.LambdaLR
     steps_per_epoch: int  # optimiser steps per epoch on this rank
     clips_per_step: int
+    guard: SpikeGuard = field(default_factory=lambda: SpikeGuard(0.0))
 
-    def step(self, loss: torch.Tensor, grad_clip: float) -> None:
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for g in self.groups for p in g["params"]]
+
+    def step(self, loss: torch.Tensor, grad_clip: float, agree: Callable[[bool], bool] = bool) -> bool:
+        """Back-propagate ``loss`` and apply the step unless the spike guard calls it a spike (its gradients are
+        dropped; the schedule advances either way). ``agree``: every rank's verdict (a collective under DDP, where
+        every rank must skip together). False when skipped."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in self.groups for p in g["params"]], grad_clip)
+        loss.backward()  # always (DDP reduces gradients during backward: every rank must run it)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, grad_clip))
+        value = float(loss.detach())
+        reason = self.guard.spike(value, norm)
+        if agree(bool(reason)):
+            self.optimizer.zero_grad(set_to_none=True)
+            logger.warning("spike guard: step skipped (%s)", reason or "a spike on another process")
+            if self.guard.reject(reason or "a spike on another process"):
+                self.guard.roll_back(self.params, self.optimizer, self.schedule)
+                logger.warning("spike guard: weights rolled back to the last snapshot, learning rate halved")
+            self.schedule.step()
+            return False
         self.optimizer.step()
         self.schedule.step()
+        self.guard.accept(value, self.params, self.optimizer)
+        return True
 
 
 FINAL_LR_FRACTION = 0.05
@@ -153,7 +183,7 @@ def _optimisation(
     total_steps = steps * settings.epochs
     warmup = round(settings.warmup_fraction * total_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
-    return _Optimisation(groups, optimizer, schedule, steps, clips_per_step)
+    return _Optimisation(groups, optimizer, schedule, steps, clips_per_step, SpikeGuard(settings.spike_factor))
 
 
 def _labelled(studies: Sequence[Study]) -> list[Study]:
@@ -180,6 +210,9 @@ class _Epoch:
     n_losses: float
     slices: float
     train_seconds: float  # this rank's
+    skipped_steps: int = 0  # by the spike guard (the same on every rank)
+    rollbacks: int = 0
+    max_loss_ratio: float = 0.0  # this rank's
 
 
 @dataclass
@@ -226,32 +259,57 @@ class _Training:
                 return None
             step = self.steps.next() if self.steps else self.prepare_step()
             loss = self.step_loss(step, self.rng)
-            self.optimisation.step(loss, self.settings.grad_clip)
+            self.optimisation.step(loss, self.settings.grad_clip, self.agree)
             losses.append(float(loss.detach()))
             slices += step.slices
         train_seconds = time.perf_counter() - t0
         loss_sum, n_losses = float(np.sum(losses)), len(losses)
         if self.distributed:
             loss_sum, n_losses, slices = sum_over_ranks([loss_sum, n_losses, slices], self.device)
-        return _Epoch(loss_sum, n_losses, slices, train_seconds)
+        return _Epoch(loss_sum, n_losses, slices, train_seconds, *self.optimisation.guard.reset_epoch())
+
+    def agree(self, flag: bool) -> bool:
+        """``flag`` on any rank (the spike guard's verdict must be the same everywhere)."""
+        return any_rank(flag, self.device) if self.distributed else flag
 
 
 @dataclass
 class PublishGuard:
-    """Do no harm: the reference studies (labelled before this run, never trained on in it) must not lose more
-    than ``max_drop`` Dice against the model the run started from, or a better held-out epoch is not published."""
+    """Do no harm, and keep following prompts. A better held-out epoch is published only if, against the model the
+    run started from: on the reference studies (labelled before this run, never trained on in it) its Dice has not
+    dropped by more than ``max_drop``, and on the reference and the held-out studies the overlap of its answers with
+    the objects that were not prompted (``other_overlap``, see :mod:`lib.training.validation`) has not risen by more
+    than ``max_overlap_rise``. Scores without that overlap (studies of one object each) are not checked for it."""
 
     studies: Sequence[Study]
     max_drop: float
-    before: float | None = None
+    max_overlap_rise: float = 1.0
+    before: dict | None = None  # the starting model's scores on the reference studies
+    held_out_before: dict | None = None  # and on the held-out studies
 
-    def refusal(self, dice: float | None) -> str:
-        """Why a model with reference Dice ``dice`` must not be published ("" when it may)."""
-        if dice is None or self.before is None or dice >= self.before - self.max_drop:
+    def refusal(self, reference: dict | None, held_out: dict | None = None) -> str:
+        """Why a model with these scores must not be published ("" when it may)."""
+        reasons = []
+        if reference is not None and self.before is not None:
+            where = f"the {len(self.studies)} reference studies"
+            if reference["dice"] < self.before["dice"] - self.max_drop:
+                reasons.append(
+                    f"Dice on {where} fell from {self.before['dice']:.4f} to {reference['dice']:.4f}, "
+                    f"more than the allowed {self.max_drop:g} (publish_max_drop)"
+                )
+            reasons.append(self._overlap_rise(self.before, reference, where))
+        if held_out is not None and self.held_out_before is not None:
+            reasons.append(self._overlap_rise(self.held_out_before, held_out, "the held-out studies"))
+        return "; ".join(r for r in reasons if r)
+
+    def _overlap_rise(self, before: dict, after: dict, where: str) -> str:
+        was, now = before.get("other_overlap"), after.get("other_overlap")
+        if was is None or now is None or now <= was + self.max_overlap_rise:
             return ""
         return (
-            f"Dice on the {len(self.studies)} reference studies fell from {self.before:.4f} to {dice:.4f}, "
-            f"more than the allowed {self.max_drop:g} (publish_max_drop)"
+            f"the answers' overlap with objects that were not prompted rose from {was:.4f} to {now:.4f} on {where}, "
+            f"more than the allowed {self.max_overlap_rise:g} (publish_max_overlap_rise): the model follows the "
+            "prompts less"
         )
 
 
@@ -261,9 +319,12 @@ def _consider_publishing(
     """Publish a best epoch unless the guard refuses it; note the outcome in ``report`` and ``result``."""
     if not report.best:
         return
-    if guard.studies:
-        report.reference_dice = validate(guard.studies)["dice"]
-    report.not_published = guard.refusal(report.reference_dice)
+    reference = validate(guard.studies) if guard.studies else None
+    if reference is not None:
+        report.reference_dice = reference["dice"]
+        report.reference_other_overlap = reference.get("other_overlap")
+    held_out = {"dice": report.val_dice, "other_overlap": report.val_other_overlap}
+    report.not_published = guard.refusal(reference, held_out)
     if report.not_published:
         result.not_published = f"epoch {report.epoch}: {report.not_published}"
         logger.warning("not published: %s", result.not_published)
@@ -336,17 +397,19 @@ def train(
     optimisation = _optimisation(model, settings, len(train_studies), world_size, device)
     autocast = autocast_for(device, compute_dtype)
     usable = _labelled(train_studies)
-    guard = PublishGuard(list(reference_studies), settings.publish_max_drop)
+    guard = PublishGuard(list(reference_studies), settings.publish_max_drop, settings.publish_max_overlap_rise)
 
     def validate(studies: Sequence[Study]) -> dict:
         return evaluate(model, studies, device, compute_dtype, settings.nsd_tolerance_mm)
 
     result = TrainResult(initial={})
     if lead:
-        result.initial = validate(val_studies)
+        result.initial = guard.held_out_before = validate(val_studies)
         result.best_dice = result.initial["dice"]
         if guard.studies:
-            guard.before = result.reference_before = validate(guard.studies)["dice"]
+            guard.before = validate(guard.studies)
+            result.reference_before = guard.before["dice"]
+            result.reference_overlap_before = guard.before.get("other_overlap")
         logger.info("validation before training: Dice %.4f NSD %.4f", result.initial["dice"], result.initial["nsd"])
     step_loss = _step_loss(ClipLoss(model, settings, device, autocast), distributed)
     sample_rng = np.random.default_rng([settings.seed, rank, 1])
@@ -380,6 +443,8 @@ def _run_epochs(
         stop = False
         if lead:
             report = _epoch_report(epoch, trained, validate(val_studies), t0, result, optimisation)
+            result.skipped_steps += report.skipped_steps
+            result.rollbacks += report.rollbacks
             _consider_publishing(report, result, model, publish, guard, validate)
             result.epochs.append(report)
             _log_epoch(report, settings.epochs)
@@ -408,4 +473,8 @@ def _epoch_report(
         lr=optimisation.optimizer.param_groups[-1]["lr"],
         train_slices=int(trained.slices),
         train_seconds=round(trained.train_seconds, 3),
+        val_other_overlap=scores.get("other_overlap"),
+        skipped_steps=trained.skipped_steps,
+        rollbacks=trained.rollbacks,
+        max_loss_ratio=round(trained.max_loss_ratio, 3),
     )

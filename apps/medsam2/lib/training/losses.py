@@ -1,5 +1,5 @@
 """SAM2's training loss on one frame (focal x20 + Dice + IoU L1 on the best candidate mask, BCE on the
-object score) and the ``dice_ce`` alternative."""
+object score) and the ``dice_ce`` alternative (cross-entropy + Dice instead of focal x20 + Dice)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,14 @@ def _dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - (2 * (prob * t).sum(-1) + 1) / (prob.sum(-1) + t.sum(-1) + 1)  # (B, M)
 
 
+def _mask_losses(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """(B, M) loss of each candidate mask: ``sam2``: focal x20 + Dice; ``dice_ce``: cross-entropy + Dice."""
+    if kind == "dice_ce":
+        ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(2).mean(-1)
+        return ce + _dice_loss(logits, target)
+    return 20 * _focal(logits, target) + _dice_loss(logits, target)
+
+
 def frame_loss(
     multimask_logits: torch.Tensor,
     ious: torch.Tensor,
@@ -30,8 +38,9 @@ def frame_loss(
     kind: str,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SAM2's loss on one frame: the best of the candidate masks gets focal x20 + Dice + IoU L1; the object
-    score gets BCE. Objects absent from the frame only train the object score. ``dice_ce``: Dice + CE.
+    """SAM2's loss on one frame: the best of the candidate masks gets its mask loss (``sam2``: focal x20 + Dice;
+    ``dice_ce``: cross-entropy + Dice) plus the L1 error of its predicted IoU (which SAM2 reads to choose among its
+    candidates); the object score gets BCE. Objects absent from the frame only train the object score.
     ``valid`` (B,): 0 for objects whose clip has already ended (padding of a batch of clips), which count nowhere.
     """
     target = target.expand_as(multimask_logits).float()
@@ -41,14 +50,7 @@ def frame_loss(
         object_score_logits[:, 0].float(), (target.flatten(1).amax(-1) > 0).float(), reduction="none"
     )
     score_loss = (score_bce * weight).sum() / weight.sum().clamp(min=1)
-    if kind == "dice_ce":
-        ce = F.binary_cross_entropy_with_logits(multimask_logits, target, reduction="none").flatten(2).mean(-1)
-        per_mask = ce + _dice_loss(multimask_logits, target)
-        best = per_mask.min(dim=1).values
-        return (best * present).sum() / present.sum().clamp(min=1) + score_loss
-    focal = _focal(multimask_logits, target)
-    dice = _dice_loss(multimask_logits, target)
-    combo = 20 * focal + dice
+    combo = _mask_losses(multimask_logits, target, kind)
     best = combo.argmin(dim=1)
     rows = torch.arange(combo.shape[0], device=combo.device)
     with torch.no_grad():

@@ -32,6 +32,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "patience": (0, 100_000),
     "feature_cache_mb": (0, 1_000_000),
     "publish_max_drop": (0.0, 1.0),
+    "publish_max_overlap_rise": (0.0, 1.0),
+    "spike_factor": (0.0, 1000.0),
     "lora_rank": (1, 1024),
     "lora_alpha": (1e-6, 1e6),
 }

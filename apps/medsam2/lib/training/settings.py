@@ -32,6 +32,8 @@ class TrainSettings:
     patience: int = 3  # stop after this many epochs without a better validation Dice (0: never stop early)
     feature_cache_mb: int = 2048  # image-encoder outputs kept per slice while the encoder is frozen (0: off)
     publish_max_drop: float = 0.02  # refuse to publish if the reference set's Dice drops by more than this
+    publish_max_overlap_rise: float = 0.05  # ... or the answers' overlap with objects not prompted rises by more
+    spike_factor: float = 5.0  # skip a step whose loss exceeds this x the running median (0: off); see spike_guard
     weight_decay: float = 0.1
     grad_clip: float = 0.1
     train_parts: str = "no_image_encoder"
@@ -55,6 +57,8 @@ class TrainSettings:
             raise ValueError(f"loss must be 'sam2' or 'dice_ce', got {self.loss!r}")
         if self.epochs < 1 or self.clip_length < 1 or self.max_objects < 1:
             raise ValueError("epochs, clip_length and max_objects must be >= 1")
+        if self.spike_factor != 0 and not self.spike_factor > 1:
+            raise ValueError(f"spike_factor must be 0 (off) or above 1, got {self.spike_factor}")
         if self.lora_rank < 1 or not self.lora_alpha > 0:
             raise ValueError(f"lora_rank must be >= 1 and lora_alpha > 0, got {self.lora_rank}, {self.lora_alpha}")
         if not (isinstance(self.adapter_name, str) and ADAPTER_NAME.fullmatch(self.adapter_name)):
