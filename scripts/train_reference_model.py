@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,45 +34,71 @@ from lib.training.synthetic import TRAIN_SEEDS, VolumeRecipe, generate_studies, 
 REFERENCE_CONFIG = REPO / "apps" / "medsam2" / "model" / "configs" / "reference_sam2.yaml"
 
 
+@dataclass(frozen=True)
+class Stage:
+    """A stage of the recipe: clips of ``slices`` consecutive slices, ``clips_per_step`` per optimiser step, ``steps``
+    steps at learning rate ``lr`` (per clip, scaled by sqrt(clips_per_step)), validated ``epochs`` times."""
+
+    name: str
+    slices: int
+    clips_per_step: int
+    steps: int
+    lr: float
+    epochs: int
+
+    @classmethod
+    def parse(cls, text: str) -> Stage:
+        name, slices, clips, steps, lr, epochs = text.split(":")
+        return cls(name, int(slices), int(clips), int(steps), float(lr), int(epochs))
+
+
+# 1: segment the prompted object on single slices (cheap: no tracking); 2: track it over short clips (the memory
+# attention learns which object the memory holds); 3: clips of 8 slices (a full memory bank, objects that end)
+DEFAULT_STAGES = ("slices:1:4:2500:3e-4:1", "short_clips:3:8:1000:3e-4:2", "clips:8:4:600:1.5e-4:3")
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="where the best epoch's checkpoint is written")
     ap.add_argument("--config", type=Path, default=REFERENCE_CONFIG)
     ap.add_argument("--init", type=Path, default=None, help="start from this checkpoint instead of random init")
     ap.add_argument("--log", type=Path, default=None, help="JSON lines: one per epoch, then a summary")
+    ap.add_argument("--stage-dir", type=Path, default=None, help="also save the model at the end of each stage here")
     ap.add_argument("--seed", type=int, default=0, help="model init, clip sampling and prompts")
     ap.add_argument("--train-volumes", type=int, default=300)
     ap.add_argument("--val-volumes", type=int, default=4)
-    ap.add_argument("--steps-2d", type=int, default=2500, help="stage 1: optimiser steps on single slices")
-    ap.add_argument("--steps-3d", type=int, default=2000, help="stage 2: optimiser steps on clips of slices")
-    ap.add_argument("--epochs-3d", type=int, default=8, help="stage 2 is validated (and published) this often")
-    ap.add_argument("--clips-per-step", type=int, default=4)
-    ap.add_argument("--clip-length", type=int, default=8, help="slices per clip in stage 2")
+    ap.add_argument(
+        "--stage",
+        action="append",
+        type=Stage.parse,
+        help="name:slices:clips_per_step:steps:lr:epochs, repeated (default: " + " ".join(DEFAULT_STAGES) + ")",
+    )
     ap.add_argument("--max-objects", type=int, default=3)
-    ap.add_argument("--lr-2d", type=float, default=3e-4, help="per clip: scaled by sqrt(clips per step)")
-    ap.add_argument("--lr-3d", type=float, default=3e-4)
     ap.add_argument("--loss", default="dice_ce", choices=("dice_ce", "sam2"))
     ap.add_argument("--warmup-fraction", type=float, default=0.05)
     ap.add_argument("--p-box", type=float, default=0.5, help="share of box prompts (else 1-3 clicks)")
+    ap.add_argument("--spike-factor", type=float, default=5.0, help="the spike guard's (lib/training/spike_guard.py)")
     ap.add_argument("--minutes", type=float, default=60.0, help="stop after this long (the best epoch is kept)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16"))
-    return ap.parse_args()
+    args = ap.parse_args()
+    args.stage = args.stage or [Stage.parse(text) for text in DEFAULT_STAGES]
+    return args
 
 
-def stage_settings(args: argparse.Namespace, slices: int, steps: int, epochs: int, lr: float) -> TrainSettings:
-    """A stage of the recipe: the whole model trains at one learning rate, with no early stopping and no check of
-    the answers' overlap against the model the stage starts from (random weights, or stage 1's, which does not
-    track yet: the publish guard protects a served model, not this recipe)."""
+def stage_settings(args: argparse.Namespace, stage: Stage) -> TrainSettings:
+    """The whole model trains at one learning rate, with no early stopping and no check of the answers' overlap
+    against the model the stage starts from (random weights, or an earlier stage's, which may not track yet: the
+    publish guard protects a served model, not this recipe)."""
     return TrainSettings(
-        epochs=epochs,
-        steps_per_epoch=max(1, steps * args.clips_per_step // epochs),
-        clips_per_step=args.clips_per_step,
-        clip_length=slices,
+        epochs=stage.epochs,
+        steps_per_epoch=max(1, stage.steps * stage.clips_per_step // stage.epochs),
+        clips_per_step=stage.clips_per_step,
+        clip_length=stage.slices,
         max_objects=args.max_objects,
-        lr=lr,
-        lr_image_encoder=lr,
+        lr=stage.lr,
+        lr_image_encoder=stage.lr,
         warmup_fraction=args.warmup_fraction,
         patience=0,
         feature_cache_mb=0,
@@ -80,18 +107,8 @@ def stage_settings(args: argparse.Namespace, slices: int, steps: int, epochs: in
         p_box=args.p_box,
         seed=args.seed,
         publish_max_overlap_rise=1.0,
+        spike_factor=args.spike_factor,
     )
-
-
-def stages(args: argparse.Namespace) -> list[tuple[str, TrainSettings]]:
-    """Stage 1 learns to segment the prompted object on single slices (cheap: no tracking), stage 2 to track it
-    through clips of consecutive slices and to stop where it ends."""
-    plan = []
-    if args.steps_2d:
-        plan.append(("slices", stage_settings(args, 1, args.steps_2d, 1, args.lr_2d)))
-    if args.steps_3d:
-        plan.append(("clips", stage_settings(args, args.clip_length, args.steps_3d, args.epochs_3d, args.lr_3d)))
-    return plan
 
 
 class EpochLog:
@@ -156,19 +173,22 @@ def main() -> None:
             save_checkpoint(m, args.out)
 
     deadline = time.time() + 60 * args.minutes
-    for stage, settings in stages(args):
-        log.base["stage"] = stage
+    for stage in args.stage:
+        settings = stage_settings(args, stage)
+        log.base["stage"] = stage.name
         log.emit({"settings": settings.__dict__})
         result = train(
             model, train_set, val_set, settings, device, dtype, publish, log.on_epoch, lambda: time.time() > deadline
         )
         log.emit(
             {
-                "stage_done": stage,
+                "stage_done": stage.name,
                 "initial_val_dice": round(result.initial["dice"], 4),
                 "best_val_dice": round(result.best_dice, 4),
             }
         )
+        if args.stage_dir:  # what each stage ended with (to resume from with --init)
+            save_checkpoint(model, args.stage_dir / f"{stage.name}.pt")
     log.emit(
         {
             "summary": True,

@@ -97,7 +97,7 @@ def zeroed_prompt_encoder(model: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def scored_studies():
-    return held_out_studies(3, start=50)
+    return held_out_studies(2, start=50)
 
 
 def test_the_reference_model_passes_the_guard_and_a_prompt_blind_one_is_refused(reference_model, scored_studies):
@@ -105,12 +105,15 @@ def test_the_reference_model_passes_the_guard_and_a_prompt_blind_one_is_refused(
     assert before["dice"] > 0.8 and before["other_overlap"] < 0.1
     guard = PublishGuard(scored_studies, max_drop=0.02, max_overlap_rise=0.05, before=before, held_out_before=before)
     assert guard.refusal(before, before) == ""
+    # without its prompt embeddings the model still sees where a box is (the positional encoding is a buffer), but
+    # its answers lose most of the object: refused for the Dice it lost on the reference studies
     blind = evaluate(zeroed_prompt_encoder(reference_model), scored_studies, CPU, None, 2.0)
-    reason = guard.refusal(blind, blind)
-    assert "Dice on the 3 reference studies fell" in reason and "follows the prompts less" in reason, reason
+    assert "Dice on the 2 reference studies fell from" in guard.refusal(blind, blind)
+    # random weights answer with pieces of every object: refused for that too, on both sets of studies
     torch.manual_seed(0)
     random = evaluate(build_model(REFERENCE_CONFIG).eval(), scored_studies, CPU, None, 2.0)
-    assert guard.refusal(random, random) != ""
+    reason = guard.refusal(random, random)
+    assert "Dice on the 2 reference studies fell" in reason and reason.count("follows the prompts less") == 2, reason
 
 
 def test_wrong_box_control_returns_the_other_object(reference_model, scored_studies):
