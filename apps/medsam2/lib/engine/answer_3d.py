@@ -27,7 +27,7 @@ from lib.engine.request_inputs import (
     sam2_prompt,
 )
 from lib.engine.segmenter_settings import SegmenterSettings
-from lib.engine.undo_redo import record, replay
+from lib.engine.undo_redo import held_state, record, replay
 from lib.engine.volume_session import VolumeSession, frames_to_volume
 from lib.errors import PromptError
 from lib.imaging.volume_io import read_label_values
@@ -79,14 +79,15 @@ class VolumeAnswers:
         stop_rule = self._stop_rule(request)
         with session.lock:
             history = session.undo_history(self.settings.undo_levels)
+            since = held_state(history, request)
             if request.history_step:
-                return replay(session, history, request, t0)
+                return replay(session, history, request, since, t0)
             if request.reset_state:
                 session.restore(EMPTY_STATE)
             label, out, result, t1 = self._propagate(session, request, label_file, axis, stop_rule, reused)
             for warning in out.get("warnings", []):
                 logger.warning("medsam2_3d on %s: %s", image_path, warning)
-            record(session, history, label, out, "medsam2_3d")
+            record(session, history, label, out, request, since)
         self.images.update_sizes(key)
         t2 = time.perf_counter()
         out["latencies"] = {

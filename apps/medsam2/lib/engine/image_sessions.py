@@ -7,6 +7,7 @@ import dataclasses
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -70,6 +71,9 @@ class ImageSession:
     base: BaseLabel | None = None  # the label being refined, as frames along the session's axis
     history: UndoHistory | None = None
     last_run: LastPropagation | None = None
+    # names the session's states to clients (answer_id "<uid>.<n>"): unique across sessions and server restarts
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    answers: int = 0
 
     @property
     def lock(self):
@@ -104,8 +108,12 @@ class ImageSession:
 
     def undo_history(self, levels: int) -> UndoHistory:
         if self.history is None:
-            self.history = UndoHistory(Snapshot.of(self.state(), None, {}, "start"), levels)
+            self.history = UndoHistory(Snapshot.of(self.state(), None, {}, "start", f"{self.uid}.0"), levels)
         return self.history
+
+    def next_answer_id(self) -> str:
+        self.answers += 1
+        return f"{self.uid}.{self.answers}"
 
     def add_prompts(self, prompts: list[KeySlicePrompt], correction: bool) -> None:
         """A request's prompts replace those of the labels they name; a correction adds to them instead,
