@@ -23,16 +23,17 @@ from typing import Any, Protocol
 from lib.engine.checkpoints import DEFAULT_CHECKPOINT, CheckpointError, resolve_checkpoint
 from lib.engine.preprocessing import CT_WINDOWS, IntensityWindow, parse_window
 from lib.engine.propagation import StopRule
-from lib.server.admission import (
-    DEFAULT_MAX_CONCURRENT,
-    DEFAULT_MAX_CONCURRENT_CPU,
-    DEFAULT_MAX_QUEUED,
-    DEFAULT_QUEUE_TIMEOUT_S,
-)
 from lib.training.options import BOUNDS
 from lib.training.settings import ADAPTER_NAME, TRAIN_PARTS, TrainSettings
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+# the defaults of the admission gate (lib.server.admission). GPU: one inference at a time, since the tracking step
+# captures CUDA graphs, which other threads' work breaks; CPU: model calls of several annotators overlap well
+# (bench/results/load_cpu.jsonl: 2D p95 6.4 s -> 0.04 s at N=4 with 4)
+DEFAULT_MAX_CONCURRENT = 1
+DEFAULT_MAX_CONCURRENT_CPU = 4
+DEFAULT_MAX_QUEUED = 32
+DEFAULT_QUEUE_TIMEOUT_S = 120.0
 # keys MONAI Label itself reads from --conf (MONAILabelApp: server_mode); accepted and left to it
 MONAI_LABEL_KEYS = frozenset({"server_mode"})
 # choices of the training options that are text (TrainSettings checks them too; a test keeps the two equal)
