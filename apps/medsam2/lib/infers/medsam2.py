@@ -9,7 +9,8 @@ from typing import Any
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.engine.refine import LabelFile
-from lib.engine.segmenter import MedSAM2Segmenter, history_step
+from lib.engine.request import SegmentRequest
+from lib.engine.segmenter import MedSAM2Segmenter
 from lib.errors import PromptError
 from lib.imaging.volume_io import label_suffix, write_label
 from lib.storage.label_sources import LABEL_FILE_KEY
@@ -55,14 +56,15 @@ class MedSAM2Infer(InferTask):
         return True
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        typed = self.segmenter.request(request, self.dimension)  # read once; the segmenter takes it as it is
         run = self.segmenter.segment_2d if self.dimension == 2 else self.segmenter.segment_3d
-        label_file = self._label_file(request)
-        label, result, reference = run(str(request.get("image") or ""), request, label_file)
+        label_file = self._label_file(request, typed)
+        label, result, reference = run(str(request.get("image") or ""), typed, label_file)
         target = _segment_imported(request, self.scribbles)
         if self.dimension == 3 and target is not None:
             # Slicer imports a 3D answer's value 1 into the segment it asked for (the segment being scribbled, or
             # deepgrow's label): answer that label as a 0/1 mask, not with its value in the label map.
-            value = result["label_names"].get(target) or self.segmenter.settings.labels.resolve(target)[1]
+            value = result["label_names"].get(target) or typed.labels.resolve(target)[1]
             label = (label == value).astype("uint8")
             result["label_values"] = {str(target): 1}
         if "hint" in result:  # OHIF asks for the label image only: the server log is where its users see this
@@ -73,10 +75,10 @@ class MedSAM2Infer(InferTask):
         write_label(label, reference, path, compress=request.get("result_compress") is not False)
         return path, result
 
-    def _label_file(self, request: dict[str, Any]) -> LabelFile | None:
+    def _label_file(self, request: dict[str, Any], typed: SegmentRequest) -> LabelFile | None:
         source = request.get(LABEL_FILE_KEY)
         if not isinstance(source, dict):
-            if self.scribbles and not history_step(request):
+            if self.scribbles and not typed.history_step:
                 raise PromptError(
                     "The scribbles model needs the scribbles: upload a label volume with the request (the 'label' "
                     "file) holding foreground_scribbles and background_scribbles, as Slicer's scribbles tool does."
