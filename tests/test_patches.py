@@ -72,7 +72,8 @@ def test_outside_the_server_nothing_is_patched() -> None:
         import json
         from monailabel.endpoints import infer
         from monailabel.config import settings
-        from lib.server.patches import PatchContext, in_server, install_all
+        from lib.server.patches import PatchContext, install_all
+        from lib.server.server_process import in_server
         report = install_all(PatchContext(settings, lambda m, b: None, infer_workers=4, dicomweb_timeout_s=5.0))
         print(json.dumps([in_server(), report.applied, hasattr(infer.run_inference, "_medsam2_guard")]))
         """

@@ -28,8 +28,9 @@ from lib.errors import BadRequest, NotFound, Refused
 from lib.server.admission import AdmissionGate, AdmissionSettings
 from lib.server.auto_train import AutoTrain
 from lib.server.operations import OperationsSource
-from lib.server.patches import PatchContext, in_server, install_all
+from lib.server.patches import PatchContext, install_all
 from lib.server.saved_label_tag import tag_being_saved
+from lib.server.server_process import in_server
 from lib.settings import SettingError, parse_settings
 from lib.storage.label_sources import attach_label_file, is_upload
 from lib.storage.local_datastore import CINE_PATTERNS, CineLocalDatastore

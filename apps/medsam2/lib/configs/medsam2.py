@@ -18,7 +18,7 @@ from lib.engine.prompts import LabelMap
 from lib.engine.segmenter import MedSAM2Segmenter, SegmenterSettings
 from lib.engine.volume_session import SessionCache
 from lib.infers.medsam2 import MedSAM2Infer
-from lib.server.patches import in_server
+from lib.server.server_process import in_server
 from lib.settings import AppSettings, parse_settings
 
 logger = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from lib.engine.label_map import LabelMap as LabelMap  # noqa: F401  (re-exported)
 from lib.engine.mask_prompts import Strokes, parse_strokes
 from lib.engine.request import AXES as AXES  # noqa: F401  (re-exported: where the axis names were defined)
 from lib.engine.request import AXIS_NAMES, SegmentRequest, int_index, number, parse_segment_request, point_list
@@ -81,45 +82,6 @@ def ijk_to_slice(point: Sequence[float], axis: int) -> tuple[float, float, float
     """IJK point -> (slice index, x, y) for slices cut along ``axis``."""
     i, j, k = point
     return {2: (k, i, j), 1: (j, i, k), 0: (i, j, k)}[axis]
-
-
-class LabelMap:
-    """The task's labels (name -> value); resolves what a request names, by name or by value."""
-
-    def __init__(self, labels: dict[str, int]):
-        if not labels:
-            raise ValueError("at least one label is needed")
-        self.by_name = {str(k): int(v) for k, v in labels.items()}
-        self.by_value = {v: k for k, v in self.by_name.items()}
-
-    @property
-    def default(self) -> str:
-        return next(iter(self.by_name))
-
-    def resolve(self, label: Any) -> tuple[str, int]:
-        if label is None or label == "":
-            name = self.default
-            return name, self.by_name[name]
-        if isinstance(label, str) and label in self.by_name:
-            return label, self.by_name[label]
-        if isinstance(label, str):
-            lowered = {k.lower(): k for k in self.by_name}
-            if label.lower() in lowered:
-                name = lowered[label.lower()]
-                return name, self.by_name[name]
-        if isinstance(label, (int, str)) and not isinstance(label, bool):
-            try:
-                value = int(label)
-            except ValueError:
-                value = None
-            if value in self.by_value:
-                return self.by_value[value], value
-        known = ", ".join(f"{k} ({v})" for k, v in self.by_name.items())
-        raise PromptError(
-            f"Unknown label {label!r}. This model is configured with the labels: {known}. "
-            f"Rename the segment to one of these, or start the server with --conf labels '{{\"name\":1,...}}' "
-            "(no spaces: the monailabel launcher splits arguments at them)."
-        )
 
 
 def _check_slice(index: int, n_slices: int, axis: int, what: str = "slice") -> int:

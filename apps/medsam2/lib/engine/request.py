@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from lib.errors import PromptError
 
 if TYPE_CHECKING:
-    from lib.engine.prompts import LabelMap
+    from lib.engine.label_map import LabelMap
 
 # axis name -> index of the IJK axis the propagation runs along
 AXES: dict[str, int] = {"axial": 2, "k": 2, "coronal": 1, "j": 1, "sagittal": 0, "i": 0}

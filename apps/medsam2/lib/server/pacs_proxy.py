@@ -17,7 +17,7 @@ import requests
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from lib.server.patches import in_server
+from lib.server.server_process import in_server
 from lib.storage.pacs_datastore import describe_failure, pacs_credentials
 
 logger = logging.getLogger(__name__)

@@ -11,20 +11,15 @@ any other logs a warning and the server runs without it. ``/info`` lists the out
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lib.server.server_process import in_server
+
 logger = logging.getLogger(__name__)
 
 TESTED_MONAILABEL_VERSION = "0.8.5"
-
-
-def in_server() -> bool:
-    """True inside the MONAI Label server process (``monailabel start_server`` imports ``monailabel.app`` before
-    it creates the app); False in a training subprocess, a benchmark or a unit test."""
-    return "monailabel.app" in sys.modules
 
 
 class PatchFailed(SystemExit):
