@@ -5,10 +5,11 @@ since the client's last answer, gzip NRRD), on the real server and the demo lung
 
 Two clients run the same session on one server: ``whole`` without ``changed_since``, ``box`` with it. After each
 answer the box client writes the box into the label it holds, which must equal the whole client's label voxel for
-voxel (``exact``). Interactions: the tumour box in 3D through the whole volume (as the panel sends it) and bounded
-by a slice range (the tumour's slices, as the panel's key slice +-N), a 2D box, a 3D correction click, undo, redo.
-Random weights make masks far larger than the tumour (about 85 % of a slice), so the 3D boxes are large here;
-the tumour's own changed box is what the slice-range line shows at best.
+voxel (``exact``). Interactions, in order: the tumour box in 3D bounded by a slice range (the tumour's slices, as
+the panel's key slice +-N; the first answer, since "empty"), a 2D box on another slice, a 3D correction click,
+undo, redo, and the tumour box again through the whole volume (``reset_state``, as the panel sends it without a
+range). Random weights make masks far larger than the tumour (most of each slice), so the boxes are large here;
+a 2D answer's whole label holds its slice alone, so the box after a 3D answer spans what the 3D answer held.
 
     python bench/changed_region_size.py --out bench/results/changed_region_size_cpu.jsonl
 """
@@ -43,7 +44,11 @@ from sam2_testing import object_present_bias  # noqa: E402
 PANEL = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False}
 TUMOUR_BOX = [317, 335, 385, 395]  # pixel x = i, y = j on slice 20 (as bench/interactive_latency.py)
 INTERACTIONS: list[tuple[str, str, dict[str, Any]]] = [
-    ("3d_tumour_whole_volume", "medsam2_3d", {"prompts": [{"label": "lesion", "slice": 20, "box": TUMOUR_BOX}]}),
+    (
+        "3d_tumour_slice_range",
+        "medsam2_3d",
+        {"prompts": [{"label": "lesion", "slice": 20, "box": TUMOUR_BOX}], "slice_range": [15, 25]},
+    ),
     ("2d_box", "medsam2_2d", {"prompts": [{"label": "organ", "slice": 40, "box": [60, 120, 250, 400]}]}),
     (
         "3d_correction",
@@ -53,13 +58,9 @@ INTERACTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("undo", "medsam2_3d", {"undo": True}),
     ("redo", "medsam2_3d", {"redo": True}),
     (
-        "3d_tumour_slice_range",
+        "3d_tumour_whole_volume",
         "medsam2_3d",
-        {
-            "prompts": [{"label": "lesion", "slice": 20, "box": TUMOUR_BOX}],
-            "slice_range": [15, 25],
-            "reset_state": True,
-        },
+        {"prompts": [{"label": "lesion", "slice": 20, "box": TUMOUR_BOX}], "reset_state": True},
     ),
 ]
 

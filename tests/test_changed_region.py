@@ -95,9 +95,9 @@ def volume_path(tmp_path):
 
 
 SEQUENCE = [
-    ("3d", {"prompts": [{"label": "lesion", "slice": 6, "box": [10, 8, 36, 30]}], "slice_range": [2, 9]}),
+    ("3d", {"prompts": [{"label": "lesion", "slice": 6, "box": [10, 8, 36, 30]}], "slice_range": [4, 8]}),
     ("2d", {"prompts": [{"label": "organ", "slice": 4, "box": [5, 5, 20, 20]}]}),
-    ("3d", {"prompts": [{"label": "organ", "slice": 7, "box": [6, 6, 22, 22]}]}),
+    ("3d", {"prompts": [{"label": "organ", "slice": 7, "box": [6, 6, 22, 22]}], "slice_range": [5, 9]}),
     ("3d", {"prompts": [{"label": "organ", "slice": 9, "background": [[12, 12]]}], "correction": True}),
     ("3d", {"undo": True}),
     ("2d", {"undo": True}),
@@ -129,26 +129,26 @@ def test_a_client_applying_changed_regions_holds_every_whole_label(segmenter, vo
 
 def test_a_state_the_session_does_not_hold_is_a_409_and_changes_nothing(segmenter, volume_path):
     box = {"prompts": [{"label": "lesion", "slice": 6, "box": [10, 8, 36, 30]}], "client_id": "c409"}
-    _, first, _ = segmenter.segment_3d(volume_path, box)
-    _, other, _ = segmenter.segment_3d(volume_path, {**box, "client_id": "someone else"})
+    _, first, _ = segmenter.segment_2d(volume_path, box)
+    _, other, _ = segmenter.segment_2d(volume_path, {**box, "client_id": "someone else"})
     for unknown in ("nope", other["answer_id"], first["answer_id"].split(".")[0] + ".99"):
-        with pytest.raises(StateNotHeld) as err:
+        with pytest.raises(StateNotHeld) as err:  # refused before anything is tracked
             segmenter.segment_3d(volume_path, {**box, "correction": True, "changed_since": unknown})
         assert err.value.status == 409 and "without changed_since" in err.value.detail
     with pytest.raises(StateNotHeld):
-        segmenter.segment_3d(volume_path, {"undo": True, "client_id": "c409", "changed_since": "nope"})
+        segmenter.segment_2d(volume_path, {"undo": True, "client_id": "c409", "changed_since": "nope"})
     # nothing happened: the session's history still ends at the first answer
-    _, again, _ = segmenter.segment_3d(volume_path, {**box, "changed_since": first["answer_id"]})
+    _, again, _ = segmenter.segment_2d(volume_path, {**box, "changed_since": first["answer_id"]})
     assert again["history"]["undo_levels"] == 2 and again["changed_region"]["changed_voxels"] == 0
     assert again["changed_region"]["size_ijk"] == [1, 1, 1]
 
 
 def test_the_start_state_has_an_id_and_undoing_to_it_answers_the_box_to_clear(segmenter, volume_path):
     request = {"prompts": [{"label": "lesion", "slice": 6, "box": [10, 8, 36, 30]}], "client_id": "start"}
-    label, first, _ = segmenter.segment_3d(volume_path, request)
-    undone, out, _ = segmenter.segment_3d(
+    label, first, _ = segmenter.segment_2d(volume_path, request)
+    undone, out, _ = segmenter.segment_2d(
         volume_path, {"undo": True, "client_id": "start", "changed_since": first["answer_id"]}
     )
     assert not undone.any() and out["answer_id"].endswith(".0")
     region = ChangedRegion.from_json(out["changed_region"])
-    assert region.changed_voxels == int(label.astype(bool).sum()) and not region.crop(undone).any()
+    assert region.changed_voxels == int(label.astype(bool).sum()) > 0 and not region.crop(undone).any()
