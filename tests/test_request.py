@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import SimpleITK as sitk
 
@@ -10,7 +12,8 @@ from lib.engine.prompts import LabelMap, parse_prompts
 from lib.engine.request import EMPTY_STATE, StopOptions, parse_segment_request
 from lib.engine.segmenter import MedSAM2Segmenter, SegmenterSettings
 from lib.engine.volume_session import SessionCache
-from lib.errors import PromptError
+from lib.errors import CropUnavailable, PromptError, StateNotHeld
+from lib.server.error_handlers import answer
 from sam2_testing import FixedModelProvider, blob_volume, small_model
 
 LABELS = LabelMap({"lesion": 1, "organ": 2})
@@ -96,3 +99,12 @@ def test_the_segmenter_resolves_labels_in_the_map_a_request_brings(tmp_path):
     label3, out3, _ = seg.segment_3d(str(path), {**req, "slice_range": [4, 8]}, labels=image_labels)
     assert out3["label_names"] == {"liver": 7, "spleen": 8} and set(label3.ravel().tolist()) <= {0, 7}
     assert not label3[:4].any() and not label3[9:].any()
+
+
+def test_the_new_errors_are_answered_with_their_status_and_detail():
+    """A crop the region-of-interest tracking cannot form (raised by the engine) is a 422; a state the session does
+    not hold a 409; both through the app's one error handler."""
+    crop = answer(CropUnavailable("The region of interest around slice 4 leaves the image: send a smaller margin."))
+    assert crop.status_code == 422 and "smaller margin" in json.loads(crop.body)["detail"]
+    held = answer(StateNotHeld("abc.4"))
+    assert held.status_code == 409 and "without changed_since" in json.loads(held.body)["detail"]
