@@ -168,7 +168,7 @@ def _shown(text: str) -> str:
 
 
 def available_models() -> tuple[str, ...]:
-    """The model configs the app can serve: the modules of ``lib/configs`` (what ``lib/server/served_models.py`` discovers)."""
+    """The model configs the app can serve: the modules of ``lib/configs`` (what ``lib/server/served_models`` finds)."""
     return tuple(sorted(p.stem.lower() for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("__")))
 
 
