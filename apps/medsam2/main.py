@@ -68,6 +68,7 @@ class MedSAM2App(MONAILabelApp):
             dicomweb_timeout_s=self.settings.dicomweb_timeout_s,
             operations=OperationsSource(self.replica, self.status.operations, self.status.not_ready_reasons),
             on_image_opened=self.image_opened,
+            allow_untested_monailabel=self.settings.allow_untested_monailabel,
         )
 
     def init_datastore(self) -> Datastore:

@@ -31,7 +31,7 @@ class AppStatus:
         studies: str,
     ):
         self.replica, self.models, self.runs, self.admission = replica, models, runs, admission
-        self._datastore, self._studies = datastore, studies
+        self._get_datastore, self._studies = datastore, studies
         self.patches: PatchReport | None = None
 
     def info(self, meta: dict[str, Any]) -> dict[str, Any]:
@@ -50,7 +50,7 @@ class AppStatus:
 
     def not_ready_reasons(self) -> list[str]:
         """Why ``/health/ready`` answers 503: a model not loaded yet (or failed), or the datastore unreachable."""
-        datastore = self._datastore()
+        datastore = self._get_datastore()
         if isinstance(datastore, PacsDatastore):
             problem = datastore.unreachable_reason()
         elif not os.access(self._studies, os.R_OK | os.W_OK):
@@ -61,7 +61,7 @@ class AppStatus:
 
     def operations(self) -> dict[str, Any]:
         """What ``/metrics`` reports (keys: :class:`lib.server.operations.AppStatusCollector`)."""
-        datastore = self._datastore()
+        datastore = self._get_datastore()
         return {
             "admission": self.admission.snapshot(),
             "session_cache": self.models.session_caches(),
