@@ -34,7 +34,7 @@ LAYERS: dict[str, set[str]] = {
     "trainers": {"errors", "atomic_files", "engine", "training"},
     "activelearning": {"errors", "engine"},
     "configs": {"errors", "engine", "settings", "server", "infers", "trainers", "activelearning"},
-    "main": FOUNDATION | {"engine", "training", "storage", "settings", "server", "configs"},
+    "main": {"training", "storage", "settings", "server", "configs"},
 }
 PURE = ("errors", "atomic_files", "log_identifiers", "imaging", "engine", "training", "settings")
 

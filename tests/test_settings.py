@@ -45,6 +45,7 @@ CUSTOM_BAD: dict[str, list[str]] = {
     "replica_name": ["replica one", "a/b", "x" * 65, "node;rm"],
     "adapter": ["../site", "a b", "x" * 65, "site.pt"],
     "adapter_name": ["", "../site", "a/b", "x" * 65],
+    "allow_untested_monailabel": ["yes", "1", "", "True!"],
 }
 
 

@@ -492,7 +492,7 @@ def test_monailabel_client_train_start_with_monai_labels_own_option_names(no_run
     (it was a 422: the option is ``epochs`` here); MONAI Label's options that mean nothing here are refused, with the
     reason, before a run starts."""
     client = MONAILabelClient(no_run_left.url, client_id=PYTHON_CLIENT_ID)
-    with pytest.raises(MONAILabelClientException, match="MONAI Label's train option name has no equivalent here"):
+    with pytest.raises(MONAILabelClientException, match="train option name has no equivalent here"):
         client.train_start(TRAINER, {"max_epochs": 2, "name": "train_01"})
     assert client.train_status(check_if_running=True) is False
     started = client.train_start(TRAINER, {"max_epochs": 2})

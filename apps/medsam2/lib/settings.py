@@ -168,7 +168,7 @@ def _shown(text: str) -> str:
 
 
 def available_models() -> tuple[str, ...]:
-    """The model configs the app can serve: the modules of ``lib/configs`` (what ``main.py`` discovers)."""
+    """The model configs the app can serve: the modules of ``lib/configs`` (what ``lib/server/served_models`` finds)."""
     return tuple(sorted(p.stem.lower() for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("__")))
 
 
@@ -509,6 +509,15 @@ SETTINGS: tuple[Setting, ...] = (
         shown_default="`<host name>:<port>`",
     ),
     Setting(
+        "allow_untested_monailabel",
+        OPERATIONS,
+        Custom(_boolean, "true or false"),
+        "false",
+        "start with a MONAI Label version other than the one the app's patches were tested with (see "
+        "docs/monailabel_patches.md); each patch is still checked, and a security patch that cannot apply still "
+        "stops the start",
+    ),
+    Setting(
         "auto_train_after",
         TRAINING,
         Number(int, 0, note="0: off"),
@@ -552,6 +561,7 @@ class AppSettings:
     dicomweb_timeout_s: float
     pacs_resend_every_s: float
     replica_name: str  # '' : <host name>:<port>
+    allow_untested_monailabel: bool
     auto_train_after: int
     train: TrainSettings  # the training defaults (a request can override each)
 

@@ -104,8 +104,9 @@ class TrainOption:
 class TrainSettings:
     """What a training run does; every field can come from the request or ``--conf`` (see :func:`option`)."""
 
-    epochs: int = option(10, "training epochs; each ends with a validation", low=1, high=100_000,
-                         monailabel_names=("max_epochs",))  # fmt: skip
+    epochs: int = option(
+        10, "training epochs; each ends with a validation", low=1, high=100_000, monailabel_names=("max_epochs",)
+    )
     steps_per_epoch: int = option(0, "training clips per epoch (0: 4 per training study)", low=0, high=10_000_000)
     clips_per_step: int = option(
         0,
