@@ -2,7 +2,9 @@
 by hand:
 
 - docs/configuration.md: the settings tables, from apps/medsam2/lib/settings.py (SETTINGS);
-- docs/monailabel_patches.md: the changes to MONAI Label's server, from apps/medsam2/lib/server/patches.py (PATCHES).
+- docs/monailabel_patches.md: the changes to MONAI Label's server, from apps/medsam2/lib/server/patches.py (PATCHES);
+- docs/training.md: MONAI Label's names for the training options, from the table of training options
+  (apps/medsam2/lib/training/settings.py) and the names refused (apps/medsam2/lib/training/options.py).
 
     .venv/bin/python scripts/reference_docs.py          # rewrite the generated parts
     .venv/bin/python scripts/reference_docs.py --check  # exit status 1 when one is out of date
@@ -17,11 +19,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "configuration.md"
 PATCHES_DOC = REPO / "docs" / "monailabel_patches.md"
+TRAINING_DOC = REPO / "docs" / "training.md"
 END = "<!-- END generated -->"
 
 sys.path.insert(0, str(REPO / "apps" / "medsam2"))
 from lib.server.patches import PATCHES, TESTED_MONAILABEL_VERSION  # noqa: E402
 from lib.settings import SETTINGS, ByDevice, Setting  # noqa: E402
+from lib.training.options import EXTRA_KEYS, MONAILABEL_UNMAPPED  # noqa: E402
+from lib.training.settings import TrainOption, train_options  # noqa: E402
 
 
 def begin_marker(source: str) -> str:
@@ -30,6 +35,7 @@ def begin_marker(source: str) -> str:
 
 BEGIN = begin_marker("apps/medsam2/lib/settings.py")
 PATCHES_BEGIN = begin_marker("apps/medsam2/lib/server/patches.py")
+NAMES_BEGIN = begin_marker("apps/medsam2/lib/training/settings.py")
 
 
 def _cell(text: str) -> str:
@@ -44,13 +50,13 @@ def _default(setting: Setting) -> str:
     return f"`{setting.default}`"
 
 
-def render_tables() -> str:
+def render_tables(settings: tuple[Setting, ...] = SETTINGS) -> str:
     """One markdown table per section of the settings table, in its order."""
     lines: list[str] = []
-    sections = list(dict.fromkeys(s.section for s in SETTINGS))
+    sections = list(dict.fromkeys(s.section for s in settings))
     for section in sections:
         lines += [f"### {section}", "", "| key | default | allowed | meaning |", "|---|---|---|---|"]
-        for s in (s for s in SETTINGS if s.section == section):
+        for s in (s for s in settings if s.section == section):
             allowed = _cell(s.parser.allowed).replace("<", "&lt;").replace(">", "&gt;")
             lines.append(f"| `{s.key}` | {_cell(_default(s))} | {allowed} | {_cell(s.meaning)} |")
         lines.append("")
@@ -69,6 +75,24 @@ def render_patches() -> str:
         failing = "the server does not start (exit 2)" if p.security else "a warning; the server runs without it"
         lines.append(f"| `{p.name}` | {_cell(p.replaces)} | {_cell(p.why)} | {failing} |")
     return "\n".join(lines) + "\n"
+
+
+def render_monailabel_names(options: tuple[TrainOption, ...] | None = None) -> str:
+    """MONAI Label's train option names: those accepted for an option of the table, then those refused."""
+    options = train_options() if options is None else options
+    lines = ["| MONAI Label's name | here | meaning |", "|---|---|---|"]
+    for o in options:
+        lines += [f"| `{name}` | `{o.name}` | {_cell(o.meaning)} |" for name in o.spec.monailabel_names]
+    lines += [f"| `{name}` | the same name | {what} |" for name, what in EXTRA_NAMES.items() if name in EXTRA_KEYS]
+    lines += [f"| `{name}` | refused (422) | {_cell(why)} |" for name, why in MONAILABEL_UNMAPPED.items()]
+    return "\n".join(lines) + "\n"
+
+
+EXTRA_NAMES = {
+    "multi_gpu": "train on several GPUs (DDP), see below",
+    "gpus": '`"all"` or GPU indices such as `"0,1"`',
+    "device": "`cpu`, `cuda` or `cuda:<index>`",
+}
 
 
 def with_generated(doc: str, begin: str, text: str) -> str:
@@ -90,12 +114,17 @@ def with_patches(doc: str) -> str:
     return with_generated(doc, PATCHES_BEGIN, render_patches())
 
 
+def with_monailabel_names(doc: str) -> str:
+    """docs/training.md's text with its table of MONAI Label's option names generated anew."""
+    return with_generated(doc, NAMES_BEGIN, render_monailabel_names())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only check that the file is up to date")
     args = parser.parse_args()
     stale = 0
-    for doc, generate in ((DOC, with_tables), (PATCHES_DOC, with_patches)):
+    for doc, generate in ((DOC, with_tables), (PATCHES_DOC, with_patches), (TRAINING_DOC, with_monailabel_names)):
         current = doc.read_text(encoding="utf-8")
         wanted = generate(current)
         if wanted == current:

@@ -282,6 +282,34 @@ reserved_mutations = st.one_of(
 
 
 @st.composite
+def bad_slice_range(draw):
+    """A native ``slice_range`` that cannot be served on ct_blob (NK slices along k): partly or wholly outside the
+    volume, not two slice numbers, or not a list."""
+    kind = draw(st.sampled_from(["outside", "entry", "length", "type"]))
+    if kind == "outside":
+        low = draw(st.integers(-(10**6), NK - 1))
+        return draw(st.sampled_from([[low, draw(st.integers(NK, 10**8))], [draw(st.integers(-(10**8), -1)), 3]]))
+    if kind == "entry":
+        return draw(st.permutations([2, draw(bad_coordinate)]))
+    if kind == "length":
+        return draw(st.lists(st.integers(0, NK - 1), min_size=1, max_size=5).filter(lambda v: len(v) != 2))
+    return draw(not_a_list)
+
+
+# ``changed_since`` that names no state of the fuzz session: not text, too long, control characters, or unknown ids
+bad_changed_since = st.one_of(
+    st.integers(),
+    st.booleans(),
+    st.lists(st.text(max_size=3), min_size=1, max_size=2),
+    st.dictionaries(st.text(max_size=2), st.integers(), min_size=1, max_size=1),
+    st.text(min_size=129, max_size=200),
+    st.text(min_size=1, max_size=8).map(lambda t: t + "\n"),
+    url_text(min_size=1, max_size=60).filter(lambda t: t != "empty"),
+    st.sampled_from(["0" * 32 + ".1", "empty.0", "."]),
+)
+
+
+@st.composite
 def hostile_params(draw, dimension: int):
     """A params object with 1-3 defects; each defect alone makes the request unservable on ct_blob."""
     native = draw(st.booleans())
@@ -309,8 +337,11 @@ def hostile_params(draw, dimension: int):
         mutations += ["roi", "points", "label"]
         if dimension == 2:
             mutations.append("slice")
+    mutations.append("changed_since")
     if dimension == 3:
         mutations += ["axis", "stop_patience", "stop_score", "flag"]
+        if native:
+            mutations.append("slice_range")
     for mutation in draw(st.lists(st.sampled_from(mutations), min_size=1, max_size=3, unique=True)):
         prompts = params.get("prompts")
         entry = prompts[0] if isinstance(prompts, list) and prompts else None
@@ -349,6 +380,10 @@ def hostile_params(draw, dimension: int):
             params["label"] = draw(unknown_label)
         elif mutation == "slice":
             params["slice"] = draw(st.one_of(bad_coordinate, st.integers(-(10**8), -1), st.integers(NK, 10**8)))
+            if isinstance(params["slice"], int) and not isinstance(params["slice"], bool):
+                # with an ROI a slice outside it is corrected (Slicer sends millimetres there): a click instead
+                params.pop("roi", None)
+                params["foreground"] = [[20, 20, 5]]
         elif mutation == "axis":
             params["axis"] = draw(
                 st.one_of(
@@ -363,6 +398,10 @@ def hostile_params(draw, dimension: int):
             params["stop_min_object_score"] = draw(
                 st.one_of(bad_coordinate, st.floats(100.5, 1e300), st.floats(-1e300, -100.5))
             )
+        elif mutation == "changed_since":
+            params["changed_since"] = draw(bad_changed_since)
+        elif mutation == "slice_range":
+            params["slice_range"] = draw(bad_slice_range())
         elif mutation == "flag":
             params[draw(st.sampled_from(["stop_rule", "correction", "reset_state"]))] = draw(not_a_flag)
     if native and not isinstance(params.get("prompts"), list) and params.get("prompts") in (None, "", []):

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 @example(params={"prompts": [{"slice": 2, "box": [1, 2, math.nan, 40]}]})
 @example(params={"label": "\ud800", "roi": [10, 40, 10, 40, 5, 5], "slice": 5})
 @example(params={"label": "lesion", "roi": [10, 40, 10, 40, 5, 5], "slice": 1e300})
+@example(params={"label": "lesion", "roi": [10, 40, 10, 40, 5, 5], "slice": 5, "changed_since": "gone.1"})
 def test_2d_hostile_params_are_refused(fuzz_server, studies, params):
     r = infer(fuzz_server, "medsam2_2d", params, "infer_2d_params")
     assert_refused(r, params)
@@ -41,6 +42,10 @@ def test_2d_hostile_params_are_refused(fuzz_server, studies, params):
 @given(params=hostile_params(dimension=3))
 @example(params={"label": "lesion", "roi": [10, 40, 10, 40, 5, 8], "stop_patience": math.inf})
 @example(params={"label": "lesion", "roi": [10, 40, 10, 40, 5, 8], "model": "medsam2_2d", "correction": [1]})
+@example(params={"prompts": [{"label": "lesion", "slice": 5, "box": [10, 10, 40, 40]}], "slice_range": [0, 16]})
+@example(params={"prompts": [{"label": "lesion", "slice": 5, "box": [10, 10, 40, 40]}], "slice_range": [-1, 3]})
+@example(params={"label": "lesion", "roi": [10, 40, 10, 40, 5, 8], "changed_since": "0123abcd.7"})
+@example(params={"undo": True, "changed_since": "0123abcd.7"})
 def test_3d_hostile_params_are_refused_before_propagating(fuzz_server, params):
     before = session_bytes(fuzz_server)
     r = infer(fuzz_server, "medsam2_3d", params, "infer_3d_params")

@@ -20,18 +20,17 @@ from lib.engine.propagation import StopRule
 from lib.settings import (
     SETTINGS,
     SETTINGS_BY_KEY,
-    TRAIN_CHOICES,
     TRAIN_KEYS,
-    TRAIN_MEANINGS,
     AppSettings,
     ByDevice,
     Choice,
     Number,
     Setting,
     SettingError,
+    TrainOptionText,
     parse_settings,
 )
-from lib.training.settings import TrainSettings
+from lib.training.settings import TrainSettings, train_options
 
 # bad values of the keys whose parser is neither a Number nor a Choice (a new such key needs an entry here)
 CUSTOM_BAD: dict[str, list[str]] = {
@@ -46,12 +45,17 @@ CUSTOM_BAD: dict[str, list[str]] = {
     "replica_name": ["replica one", "a/b", "x" * 65, "node;rm"],
     "adapter": ["../site", "a b", "x" * 65, "site.pt"],
     "adapter_name": ["", "../site", "a/b", "x" * 65],
+    "allow_untested_monailabel": ["yes", "1", "", "True!"],
 }
 
 
 def bad_values(setting: Setting) -> list[str]:
     """Values the key must refuse, from its parser's bounds or choices, else from CUSTOM_BAD."""
-    parser = getattr(setting.parser, "inner", setting.parser)  # a training option's own type and bounds
+    parser = setting.parser
+    if isinstance(parser, TrainOptionText):  # a training option: its type and bounds or choices from its table entry
+        o = parser.option
+        parser = Number(o.kind, o.spec.low, o.spec.high) if o.kind in (int, float) else parser
+        parser = Choice(o.spec.choices) if o.spec.choices else parser
     if isinstance(parser, Number):
         values = ["", "x", "6GB", "nan", "inf", "-inf"]
         if math.isfinite(parser.low):
@@ -186,7 +190,7 @@ def test_good_values_parse_to_their_types(tmp_path: Path) -> None:
 def test_the_table_covers_every_training_option_and_every_app_setting() -> None:
     fields = [f.name for f in dataclasses.fields(TrainSettings)]
     assert list(TRAIN_KEYS) == fields and set(fields) <= set(SETTINGS_BY_KEY)
-    assert set(TRAIN_MEANINGS) == set(fields), "every training option needs a meaning in TRAIN_MEANINGS"
+    assert all(o.meaning and o.allowed for o in train_options()), "every training option needs a meaning"
     app_fields = {f.name for f in dataclasses.fields(AppSettings)} - {"train"}
     assert app_fields == set(SETTINGS_BY_KEY) - set(fields)
     assert len(SETTINGS) == len(SETTINGS_BY_KEY)  # no key twice
@@ -198,11 +202,11 @@ def test_the_table_covers_every_training_option_and_every_app_setting() -> None:
 
 
 def test_text_choices_of_training_options_are_what_train_settings_accepts() -> None:
-    for key, choices in TRAIN_CHOICES.items():
-        for choice in choices:
-            TrainSettings(**{key: choice})
-        with pytest.raises(ValueError):
-            TrainSettings(**{key: "nonsense"})
+    for o in (o for o in train_options() if o.spec.choices):
+        for choice in o.spec.choices:
+            TrainSettings(**{o.name: choice})
+        with pytest.raises(ValueError, match=o.name):
+            TrainSettings(**{o.name: "nonsense"})
 
 
 def test_the_reference_docs_is_generated_from_the_table() -> None:

@@ -32,6 +32,7 @@ import SimpleITK as sitk
 import slicer_plugin as plugin
 import torch
 from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
 from test_training import learnable_volume
 
 from conftest import Server, start_server, stop_server, write_image
@@ -484,3 +485,20 @@ def test_monailabel_python_client_with_a_client_id_starts_shows_and_stops_traini
     wait_until(lambda: anonymous.train_status().get("status") not in ("SUBMITTED", "RUNNING"), RUN_TIMEOUT_S, "the run")
     final = anonymous.train_status()
     assert final["id"] == started["id"] and final["status"] == "DONE", (final, server_log_tail(no_run_left))
+
+
+def test_monailabel_client_train_start_with_monai_labels_own_option_names(no_run_left):
+    """``MONAILabelClient.train_start(model, {"max_epochs": n})``, MONAI Label's documented call, runs n epochs
+    (it was a 422: the option is ``epochs`` here); MONAI Label's options that mean nothing here are refused, with the
+    reason, before a run starts."""
+    client = MONAILabelClient(no_run_left.url, client_id=PYTHON_CLIENT_ID)
+    with pytest.raises(MONAILabelClientException, match="train option name has no equivalent here"):
+        client.train_start(TRAINER, {"max_epochs": 2, "name": "train_01"})
+    assert client.train_status(check_if_running=True) is False
+    started = client.train_start(TRAINER, {"max_epochs": 2})
+    assert started["request"]["max_epochs"] == 2, started
+    wait_until(lambda: client.train_status().get("status") not in ("SUBMITTED", "RUNNING"), RUN_TIMEOUT_S, "the run")
+    final = client.train_status()
+    assert final["id"] == started["id"] and final["status"] == "DONE", (final, server_log_tail(no_run_left))
+    stats = client.info()["train_stats"][TRAINER]
+    assert stats["total_epochs"] == 2 and stats["settings"]["epochs"] == 2 and len(stats["epochs"]) == 2, stats

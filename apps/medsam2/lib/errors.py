@@ -41,6 +41,28 @@ class Unprocessable(AppError):
     status = 422
 
 
+class Conflict(AppError):
+    """The request names a state the server does not hold, or conflicts with one it does (409)."""
+
+    status = 409
+
+
+class StateNotHeld(Conflict):
+    """``changed_since`` names an answer this annotator's session does not hold (CONTRACTS C1)."""
+
+    def __init__(self, answer_id: str):
+        super().__init__(
+            f"changed_since {answer_id[:80]!r} names a state this session does not hold (an unknown answer_id, a "
+            "session dropped from the server's cache or started before a restart, or one on another server). Send "
+            "the request again without changed_since to get the whole label, and continue from its answer_id."
+        )
+        self.answer_id = answer_id
+
+
+class CropUnavailable(Unprocessable):
+    """A region-of-interest crop of the image that cannot be formed for this request (422)."""
+
+
 class UnsupportedMedia(AppError):
     status = 415
 

@@ -9,7 +9,6 @@ know, raises :class:`SettingError`: one line naming the key, the value and what 
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
 import math
@@ -20,58 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from lib.engine.adapters import ADAPTER_NAME
 from lib.engine.checkpoints import DEFAULT_CHECKPOINT, CheckpointError, resolve_checkpoint
 from lib.engine.preprocessing import CT_WINDOWS, IntensityWindow, parse_window
 from lib.engine.propagation import StopRule
-from lib.server.admission import (
-    DEFAULT_MAX_CONCURRENT,
-    DEFAULT_MAX_CONCURRENT_CPU,
-    DEFAULT_MAX_QUEUED,
-    DEFAULT_QUEUE_TIMEOUT_S,
-)
-from lib.training.options import BOUNDS
-from lib.training.settings import ADAPTER_NAME, TRAIN_PARTS, TrainSettings
+from lib.training.settings import TrainOption, TrainSettings, train_options
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+# the defaults of the admission gate (lib.server.admission). GPU: one inference at a time, since the tracking step
+# captures CUDA graphs, which other threads' work breaks; CPU: model calls of several annotators overlap well
+# (bench/results/load_cpu.jsonl: 2D p95 6.4 s -> 0.04 s at N=4 with 4)
+DEFAULT_MAX_CONCURRENT = 1
+DEFAULT_MAX_CONCURRENT_CPU = 4
+DEFAULT_MAX_QUEUED = 32
+DEFAULT_QUEUE_TIMEOUT_S = 120.0
 # keys MONAI Label itself reads from --conf (MONAILabelApp: server_mode); accepted and left to it
 MONAI_LABEL_KEYS = frozenset({"server_mode"})
-# choices of the training options that are text (TrainSettings checks them too; a test keeps the two equal)
-TRAIN_CHOICES: dict[str, tuple[str, ...]] = {"train_parts": tuple(TRAIN_PARTS), "loss": ("sam2", "dice_ce")}
-TRAIN_MEANINGS: dict[str, str] = {
-    "epochs": "training epochs; each ends with a validation",
-    "steps_per_epoch": "training clips per epoch (0: 4 per training study)",
-    "clips_per_step": "clips trained together in one optimiser step (their objects are one batch); 0: 4 on a GPU, "
-    "1 on a CPU (where batching saves little time and multiplies memory)",
-    "warmup_fraction": "share of the optimiser steps with a linear learning-rate warm-up (then cosine decay to 5%)",
-    "patience": "stop after this many epochs without a better validation Dice (0: run every epoch)",
-    "feature_cache_mb": "memory for image-encoder outputs reused across epochs while the encoder is frozen (0: off)",
-    "publish_max_drop": "refuse to publish when Dice on the frozen reference studies drops by more than this",
-    "publish_max_overlap_rise": "refuse to publish when the answers' overlap with objects that were not prompted "
-    "(held-out and reference studies) rises by more than this: the model follows the prompts less",
-    "spike_factor": "skip an optimiser step whose loss exceeds this many times the running median of the last 50 "
-    "steps (or is not finite); 3 skips in a row roll the weights back and halve the learning rate (0: off)",
-    "clip_length": "consecutive slices per training clip (forwards or backwards)",
-    "max_objects": "labelled objects prompted per clip, at most",
-    "lr": "AdamW learning rate for one clip per step on one process; scaled by √(clips_per_step × processes)",
-    "lr_image_encoder": "learning rate of the image encoder, when it trains",
-    "weight_decay": "AdamW weight decay",
-    "grad_clip": "gradient norm clip",
-    "train_parts": "what trains: `no_image_encoder` (the image encoder stays frozen), `all`, `no_encoders`, or "
-    "`lora` (low-rank adapters on the attention projections; every base weight stays frozen)",
-    "loss": "`sam2`: focal ×20 + Dice + IoU L1 + object-score BCE; `dice_ce`: cross-entropy + Dice + IoU L1 + "
-    "object-score BCE",
-    "val_fraction": "share of the labelled studies held out for validation (the last ones by name)",
-    "nsd_tolerance_mm": "tolerance of the validation NSD, in mm",
-    "p_box": "probability that a clip is prompted with a jittered box (else 1–3 clicks)",
-    "p_mask": "probability of a SAM2 mask prompt (off: it kept the mask decoder from learning in our runs)",
-    "p_correction": "probability of a correction click on the prompt slice",
-    "p_cross_end": "probability that a clip starts near where an object ends and runs past it",
-    "seed": "random seed of the clip sampling (each DDP process adds its rank)",
-    "lora_rank": "rank of the LoRA adapters of a `lora` run",
-    "lora_alpha": "LoRA scale numerator: an adapter adds (lora_alpha / lora_rank) · B·A to its weight",
-    "adapter_name": "the adapter a `lora` run writes (`adapters/<name>.pt` beside `finetuned_checkpoint`); "
-    "default: the served `--conf adapter`, else `site`",
-}
 
 
 class SettingError(ValueError):
@@ -205,7 +168,7 @@ def _shown(text: str) -> str:
 
 
 def available_models() -> tuple[str, ...]:
-    """The model configs the app can serve: the modules of ``lib/configs`` (what ``main.py`` discovers)."""
+    """The model configs the app can serve: the modules of ``lib/configs`` (what ``lib/server/served_models`` finds)."""
     return tuple(sorted(p.stem.lower() for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("__")))
 
 
@@ -305,32 +268,28 @@ def _default_text(value: Any) -> str:
 
 
 @dataclass(frozen=True)
-class TrainOption:
-    """A training option: its value read by ``inner`` (from the field's type and BOUNDS), then checked by
-    TrainSettings itself (a ValueError with its own message)."""
+class TrainOptionText:
+    """A training option's ``--conf`` text: read as the option's type, then checked against its table entry."""
 
-    name: str
-    inner: Parser
+    option: TrainOption
 
     @property
     def allowed(self) -> str:
-        return self.inner.allowed
+        return self.option.allowed
 
     def __call__(self, text: str) -> Any:
-        value = self.inner(text)
-        TrainSettings(**{self.name: value})
+        kind = self.option.kind
+        value = _boolean(text) if kind is bool else text.strip() if kind is str else Number(kind)(text)
+        try:
+            self.option.check(value)
+        except ValueError:
+            raise NotAllowed() from None
         return value
 
 
-def _train_option(field: dataclasses.Field) -> TrainOption:
-    kind = type(field.default)
-    if kind is str:
-        inner: Parser = Choice(TRAIN_CHOICES[field.name]) if field.name in TRAIN_CHOICES else Custom(str, "text")
-    elif kind is bool:
-        inner = Custom(_boolean, "true or false")
-    else:
-        inner = Number(kind, *BOUNDS.get(field.name, (-math.inf, math.inf)))
-    return TrainOption(field.name, inner)
+def training_settings(options: tuple[TrainOption, ...]) -> tuple[Setting, ...]:
+    """The ``--conf`` settings of the training options: one per entry of the table, its default for every run."""
+    return tuple(Setting(o.name, TRAINING, TrainOptionText(o), _default_text(o.default), o.meaning) for o in options)
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -550,25 +509,25 @@ SETTINGS: tuple[Setting, ...] = (
         shown_default="`<host name>:<port>`",
     ),
     Setting(
+        "allow_untested_monailabel",
+        OPERATIONS,
+        Custom(_boolean, "true or false"),
+        "false",
+        "start with a MONAI Label version other than the one the app's patches were tested with (see "
+        "docs/monailabel_patches.md); each patch is still checked, and a security patch that cannot apply still "
+        "stops the start",
+    ),
+    Setting(
         "auto_train_after",
         TRAINING,
         Number(int, 0, note="0: off"),
         "0",
         "the N-th final label saved since the last training start starts `medsam2` training by itself",
     ),
-    *(
-        Setting(
-            f.name,
-            TRAINING,
-            _train_option(f),
-            _default_text(f.default),
-            TRAIN_MEANINGS.get(f.name, "a training option"),
-        )
-        for f in dataclasses.fields(TrainSettings)
-    ),
+    *training_settings(train_options()),
 )
 SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
-TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainSettings))
+TRAIN_KEYS = tuple(o.name for o in train_options())
 
 
 @dataclass(frozen=True)
@@ -602,6 +561,7 @@ class AppSettings:
     dicomweb_timeout_s: float
     pacs_resend_every_s: float
     replica_name: str  # '' : <host name>:<port>
+    allow_untested_monailabel: bool
     auto_train_after: int
     train: TrainSettings  # the training defaults (a request can override each)
 

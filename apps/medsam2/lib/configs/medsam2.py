@@ -7,8 +7,9 @@ import os
 from typing import Any
 
 import torch
-from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.engine.adapters import adapter_path
 from lib.engine.checkpoints import ResolvedCheckpoint, ensure_checkpoint_file, resolve_checkpoint
@@ -18,13 +19,14 @@ from lib.engine.prompts import LabelMap
 from lib.engine.segmenter import MedSAM2Segmenter, SegmenterSettings
 from lib.engine.volume_session import SessionCache
 from lib.infers.medsam2 import MedSAM2Infer
-from lib.server.patches import in_server
+from lib.server.served_models import ModelConfig
+from lib.server.server_process import in_server
 from lib.settings import AppSettings, parse_settings
 
 logger = logging.getLogger(__name__)
 
 
-class MedSAM2(TaskConfig):
+class MedSAM2(ModelConfig):
     """The MedSAM2 model; reads the app's parsed ``--conf`` settings (:mod:`lib.settings`)."""
 
     def init(
@@ -69,7 +71,7 @@ class MedSAM2(TaskConfig):
         encode_ahead = s.encode_ahead == "on" and in_server()
         self.segmenter = MedSAM2Segmenter(self.provider, segmenter_settings, cache, encode_ahead=encode_ahead)
 
-    def infer(self) -> InferTask | dict[str, InferTask]:
+    def infer(self) -> dict[str, InferTask]:
         info = {
             "checkpoint": self.checkpoint.name,
             "random_weights": self.checkpoint.is_random,
@@ -81,12 +83,12 @@ class MedSAM2(TaskConfig):
             f"{self.name}_scribbles": MedSAM2Infer(self.segmenter, 3, self.labels, info, scribbles=True),
         }
 
-    def strategy(self):
+    def strategy(self) -> dict[str, Strategy]:
         from lib.activelearning.uncertainty import PropagationUncertainty
 
         return {"medsam2_uncertainty": PropagationUncertainty(self.segmenter)}
 
-    def trainer(self):
+    def trainer(self) -> TrainTask:
         from lib.trainers.medsam2 import MedSAM2Trainer
 
         # beside the published weights they describe: replicas that share those share the stats too

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
 import numpy as np
 from scipy import ndimage
@@ -17,9 +17,6 @@ from skimage.draw import line as draw_line
 from skimage.draw import polygon as fill_polygon
 
 from lib.errors import PromptError
-
-if TYPE_CHECKING:
-    from lib.engine.prompts import KeySlicePrompt
 
 SCRIBBLE_MODES = ("points", "mask")
 MAX_STROKE_POINTS = 1000
@@ -202,6 +199,21 @@ def lasso_edits(strokes: Strokes, rows: int, cols: int) -> np.ndarray | None:
     return edits
 
 
+class DrawnPrompt(Protocol):
+    """What :func:`resolve_drawn` reads of a prompt (a dataclass such as :class:`lib.engine.prompts.KeySlicePrompt`:
+    this module sits below the prompt parser, which builds :class:`Strokes`)."""
+
+    label: str
+    slice_index: int
+    box: tuple[float, float, float, float] | None
+    points: tuple[tuple[float, float], ...]
+    point_labels: tuple[int, ...]
+    strokes: Strokes
+
+
+Prompt = TypeVar("Prompt", bound=DrawnPrompt)
+
+
 def apply_edits(mask: np.ndarray, edits: np.ndarray | None) -> np.ndarray:
     """A slice mask with lasso edits applied, pixel exact."""
     if edits is None:
@@ -210,8 +222,8 @@ def apply_edits(mask: np.ndarray, edits: np.ndarray | None) -> np.ndarray:
 
 
 def resolve_drawn(
-    prompt: KeySlicePrompt, base: np.ndarray | None, mode: str, rows: int, cols: int, refining: bool = False
-) -> KeySlicePrompt:
+    prompt: Prompt, base: np.ndarray | None, mode: str, rows: int, cols: int, refining: bool = False
+) -> Prompt:
     """The prompt SAM2 is given on a slice: scribbles turned into clicks or a mask (``mode``), the slice's
     existing mask ``base`` (a label being refined) refined by the clicks or kept as the mask prompt, unless a new
     box replaces it; lasso edits kept for last. PromptError if nothing on the slice says where the object is

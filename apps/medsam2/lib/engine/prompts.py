@@ -7,21 +7,20 @@ the "x" and rows the "y" pixel coordinates SAM2 uses.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from lib.engine.label_map import LabelMap as LabelMap  # noqa: F401  (re-exported)
 from lib.engine.mask_prompts import Strokes, parse_strokes
+from lib.engine.request import AXES as AXES  # noqa: F401  (re-exported: where the axis names were defined)
+from lib.engine.request import AXIS_NAMES, SegmentRequest, int_index, number, parse_segment_request, point_list
+from lib.engine.request import parse_stop_options as parse_stop_options  # noqa: F401  (re-exported)
 from lib.errors import PromptError
 
 STROKE_KINDS = ("foreground_scribbles", "background_scribbles", "foreground_lasso", "background_lasso")
-
-# axis name -> index of the IJK axis the propagation runs along
-AXES: dict[str, int] = {"axial": 2, "k": 2, "coronal": 1, "j": 1, "sagittal": 0, "i": 0}
-AXIS_NAMES = {2: "axial", 1: "coronal", 0: "sagittal"}
 
 
 @dataclass(frozen=True)
@@ -85,79 +84,6 @@ def ijk_to_slice(point: Sequence[float], axis: int) -> tuple[float, float, float
     return {2: (k, i, j), 1: (j, i, k), 0: (i, j, k)}[axis]
 
 
-def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise PromptError(f"{what} must be a number, got {value!r}.")
-    try:
-        number = float(value)
-    except ValueError:
-        raise PromptError(f"{what} must be a number, got {value!r}.") from None
-    if not math.isfinite(number):
-        raise PromptError(f"{what} must be a finite number, got {value!r}.")
-    return number
-
-
-def _int_index(value: Any, what: str) -> int:
-    number = _number(value, what)
-    if abs(number) > 1e9:
-        raise PromptError(f"{what} is out of range ({value!r}).")
-    return int(round(number))
-
-
-def _point_list(value: Any, dims: int, what: str) -> list[list[float]]:
-    if value is None or value == "":
-        return []
-    if not isinstance(value, (list, tuple)):
-        raise PromptError(f"{what} must be a list of points, each [{', '.join('ijk'[:dims] if dims == 3 else 'xy')}].")
-    if len(value) > 1000:
-        raise PromptError(f"{what} has {len(value)} points; at most 1000 are accepted.")
-    points = []
-    for n, p in enumerate(value):
-        if not isinstance(p, (list, tuple)) or len(p) != dims:
-            raise PromptError(f"{what}[{n}] must be a list of {dims} numbers, got {p!r}.")
-        points.append([_number(c, f"{what}[{n}]") for c in p])
-    return points
-
-
-class LabelMap:
-    """The task's labels (name -> value); resolves what a request names, by name or by value."""
-
-    def __init__(self, labels: dict[str, int]):
-        if not labels:
-            raise ValueError("at least one label is needed")
-        self.by_name = {str(k): int(v) for k, v in labels.items()}
-        self.by_value = {v: k for k, v in self.by_name.items()}
-
-    @property
-    def default(self) -> str:
-        return next(iter(self.by_name))
-
-    def resolve(self, label: Any) -> tuple[str, int]:
-        if label is None or label == "":
-            name = self.default
-            return name, self.by_name[name]
-        if isinstance(label, str) and label in self.by_name:
-            return label, self.by_name[label]
-        if isinstance(label, str):
-            lowered = {k.lower(): k for k in self.by_name}
-            if label.lower() in lowered:
-                name = lowered[label.lower()]
-                return name, self.by_name[name]
-        if isinstance(label, (int, str)) and not isinstance(label, bool):
-            try:
-                value = int(label)
-            except ValueError:
-                value = None
-            if value in self.by_value:
-                return self.by_value[value], value
-        known = ", ".join(f"{k} ({v})" for k, v in self.by_name.items())
-        raise PromptError(
-            f"Unknown label {label!r}. This model is configured with the labels: {known}. "
-            f"Rename the segment to one of these, or start the server with --conf labels '{{\"name\":1,...}}' "
-            "(no spaces: the monailabel launcher splits arguments at them)."
-        )
-
-
 def _check_slice(index: int, n_slices: int, axis: int, what: str = "slice") -> int:
     if not 0 <= index < n_slices:
         raise PromptError(
@@ -193,105 +119,53 @@ def _check_point(x: float, y: float, rows: int, cols: int, what: str) -> None:
         )
 
 
-def parse_axis(value: Any) -> int:
-    if value is None or value == "":
-        return 2
-    name = str(value).strip().lower()
-    if name not in AXES:
-        raise PromptError(f"Unknown axis {value!r}: use one of axial, coronal, sagittal.")
-    return AXES[name]
-
-
-@dataclass(frozen=True)
-class StopOptions:
-    """A request's overrides of the stop rule (None: the server's default)."""
-
-    enabled: bool | None = None
-    min_object_score: float | None = None
-    patience: int | None = None
-
-
-def parse_flag(value: Any, what: str) -> bool | None:
-    """true/false, 1/0, yes/no, on/off (as JSON or text); None when not given."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise PromptError(f"{what} must be true or false, got {value!r}.")
-
-
-def parse_stop_options(request: dict[str, Any]) -> StopOptions:
-    """``stop_rule`` (true/false), ``stop_min_object_score`` (a logit), ``stop_patience`` (slices, 1-1000)."""
-    score = request.get("stop_min_object_score")
-    patience = request.get("stop_patience")
-    if patience not in (None, ""):
-        patience = _int_index(patience, "stop_patience")
-        if not 1 <= patience <= 1000:
-            raise PromptError(f"stop_patience must be between 1 and 1000 slices, got {patience}.")
-    if score not in (None, ""):
-        score = _number(score, "stop_min_object_score")
-        if abs(score) > 100:
-            raise PromptError(f"stop_min_object_score is a logit between -100 and 100, got {score}.")
-    return StopOptions(
-        parse_flag(request.get("stop_rule"), "stop_rule"),
-        None if score in (None, "") else score,
-        None if patience in (None, "") else patience,
-    )
-
-
 def parse_request(
     request: dict[str, Any], volume_shape_kji: Sequence[int], labels: LabelMap, dimension: int
 ) -> ParsedRequest:
-    """Validate a request (Slicer/OHIF form or the native ``prompts`` form) into typed prompts.
+    """Validate a request dict (Slicer/OHIF form or the native ``prompts`` form) into typed prompts: the request
+    read by :func:`lib.engine.request.parse_segment_request`, its prompts checked by :func:`parse_prompts`."""
+    return parse_prompts(parse_segment_request(request, dimension, labels), volume_shape_kji)
 
-    ``dimension`` is 2 for the 2D task (one slice, ``slice`` chosen by the viewer) or 3.
+
+def parse_prompts(request: SegmentRequest, volume_shape_kji: Sequence[int], axis: int | None = None) -> ParsedRequest:
+    """A typed request's prompts on the image: slices, boxes and clicks checked against its shape.
+
+    ``axis`` overrides the request's (the axis scribbles were painted on); 2D requests are always axial.
     """
-    if not isinstance(request, dict):
-        raise PromptError("The request parameters must be a JSON object.")
-    axis = parse_axis(request.get("axis")) if dimension == 3 else 2
-    if request.get("prompts") not in (None, "", []):
-        parsed = _parse_native(request["prompts"], volume_shape_kji, labels, axis)
-        if dimension == 3:
-            parsed.slice_range = parse_slice_range(
-                request.get("slice_range"), slice_shape(volume_shape_kji, axis)[0], axis
-            )
+    if request.dimension == 2:
+        axis = 2
+    elif axis is None:
+        axis = request.propagation_axis
+    if request.native_prompts:
+        parsed = _parse_native(request.native_prompts, volume_shape_kji, request.labels, axis)
+        if request.dimension == 3:
+            parsed.slice_range = check_slice_range(request.slice_range, slice_shape(volume_shape_kji, axis)[0], axis)
     else:
-        parsed = _parse_viewer(request, volume_shape_kji, labels, axis, dimension)
-    if dimension == 2:
+        parsed = _parse_viewer(request, volume_shape_kji, axis)
+    if request.dimension == 2:
         slices = {p.slice_index for p in parsed.prompts}
         if len(slices) > 1:
             raise PromptError(f"The 2D model segments one slice per request; prompts name slices {sorted(slices)}.")
     return parsed
 
 
-def _parse_native(raw: Any, shape: Sequence[int], labels: LabelMap, axis: int) -> ParsedRequest:
-    if not isinstance(raw, list):
-        raise PromptError("'prompts' must be a list of {label, slice, box, foreground, background} objects.")
-    if len(raw) > 256:
-        raise PromptError(f"'prompts' has {len(raw)} entries; at most 256 are accepted.")
+def _parse_native(raw: Sequence[dict[str, Any]], shape: Sequence[int], labels: LabelMap, axis: int) -> ParsedRequest:
     n_slices, rows, cols = slice_shape(shape, axis)
     notes: list[str] = []
     prompts = []
     for n, item in enumerate(raw):
-        if not isinstance(item, dict):
-            raise PromptError(f"prompts[{n}] must be an object, got {item!r}.")
         name, value = labels.resolve(item.get("label"))
         if item.get("slice") is None:
             raise PromptError(f"prompts[{n}] has no 'slice'.")
-        index = _check_slice(_int_index(item["slice"], f"prompts[{n}].slice"), n_slices, axis)
+        index = _check_slice(int_index(item["slice"], f"prompts[{n}].slice"), n_slices, axis)
         box = None
         if item.get("box") is not None:
             raw_box = item["box"]
             if not isinstance(raw_box, (list, tuple)) or len(raw_box) != 4:
                 raise PromptError(f"prompts[{n}].box must be [x0, y0, x1, y1] in pixels, got {raw_box!r}.")
-            box = _validate_box([_number(c, f"prompts[{n}].box") for c in raw_box], rows, cols, notes)
-        fg = _point_list(item.get("foreground"), 2, f"prompts[{n}].foreground")
-        bg = _point_list(item.get("background"), 2, f"prompts[{n}].background")
+            box = _validate_box([number(c, f"prompts[{n}].box") for c in raw_box], rows, cols, notes)
+        fg = point_list(item.get("foreground"), 2, f"prompts[{n}].foreground")
+        bg = point_list(item.get("background"), 2, f"prompts[{n}].background")
         for x, y in fg + bg:
             _check_point(x, y, rows, cols, f"prompts[{n}] point")
         strokes = Strokes(
@@ -308,19 +182,23 @@ def _parse_native(raw: Any, shape: Sequence[int], labels: LabelMap, axis: int) -
     return ParsedRequest(prompts, axis, None, notes)
 
 
-def parse_slice_range(value: Any, n_slices: int, axis: int) -> tuple[int, int] | None:
-    """The native ``slice_range`` [first, last] (inclusive slice indices along the axis); None when not given."""
-    if value is None or value == "" or value == []:
+def check_slice_range(value: tuple[int, int] | None, n_slices: int, axis: int) -> tuple[int, int] | None:
+    """The request's ``slice_range`` (sorted), refused when it does not lie inside the image along ``axis``."""
+    if value is None:
         return None
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise PromptError(f"'slice_range' must be [first, last] slice indices, got {value!r}.")
-    lo, hi = sorted(_int_index(v, "slice_range") for v in value)
-    _check_slice(lo, n_slices, axis, "slice_range starts at slice")
-    _check_slice(hi, n_slices, axis, "slice_range ends at slice")
+    lo, hi = value
+    if lo < 0 or hi > n_slices - 1:
+        raise PromptError(
+            f"slice_range [{lo}, {hi}] is outside the image: its {AXIS_NAMES[axis]} axis has {n_slices} slices "
+            f"(0..{n_slices - 1}). Send a range inside it."
+        )
     return lo, hi
 
 
-def _roi_on_slices(roi: list[tuple[int, int]], n_slices: int, axis: int) -> tuple[tuple, tuple, tuple[int, int]]:
+Roi = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+def _roi_on_slices(roi: Roi, n_slices: int, axis: int) -> tuple[tuple, tuple, tuple[int, int]]:
     """A parsed ROI's two corners as (slice, x, y) and the slices it spans (not clipped); PromptError if it lies
     outside the image."""
     (i0, i1), (j0, j1), (k0, k1) = roi
@@ -334,9 +212,8 @@ def _roi_on_slices(roi: list[tuple[int, int]], n_slices: int, axis: int) -> tupl
     return lo, hi, (first, last)
 
 
-def roi_slice_range(value: Any, volume_shape_kji: Sequence[int], axis: int) -> tuple[int, int] | None:
-    """The slices along ``axis`` that an IJK ``roi`` [i0, i1, j0, j1, k0, k1] spans, clipped to the image."""
-    roi = _parse_roi(value)
+def roi_slice_range(roi: Roi | None, volume_shape_kji: Sequence[int], axis: int) -> tuple[int, int] | None:
+    """The slices along ``axis`` that a parsed IJK ``roi`` spans, clipped to the image."""
     if roi is None:
         return None
     n_slices = slice_shape(volume_shape_kji, axis)[0]
@@ -344,26 +221,13 @@ def roi_slice_range(value: Any, volume_shape_kji: Sequence[int], axis: int) -> t
     return max(first, 0), min(last, n_slices - 1)
 
 
-def _parse_roi(value: Any) -> list[tuple[int, int]] | None:
-    if value is None or value == "" or value == []:
-        return None
-    if not isinstance(value, (list, tuple)) or len(value) != 6:
-        raise PromptError(f"'roi' must be [i0, i1, j0, j1, k0, k1] in voxel indices, got {value!r}.")
-    nums = [_int_index(v, "roi") for v in value]
-    return [tuple(sorted(nums[a : a + 2])) for a in (0, 2, 4)]  # type: ignore[misc]
-
-
-def _parse_viewer(
-    request: dict[str, Any], shape: Sequence[int], labels: LabelMap, axis: int, dimension: int
-) -> ParsedRequest:
+def _parse_viewer(request: SegmentRequest, shape: Sequence[int], axis: int) -> ParsedRequest:
     """Slicer / OHIF form: IJK ``foreground``/``background``, optional IJK ``roi``, ``slice`` (2D)."""
-    name, value = labels.resolve(request.get("label"))
+    name, value = request.labels.resolve(request.label)
     n_slices, rows, cols = slice_shape(shape, axis)
     notes: list[str] = []
-    fg = _point_list(request.get("foreground"), 3, "foreground")
-    bg = _point_list(request.get("background"), 3, "background")
-    roi = _parse_roi(request.get("roi"))
-    if roi is None and not fg and not bg:
+    roi = request.roi
+    if roi is None and not request.foreground and not request.background:
         raise PromptError(
             "No prompt was sent: place a box (ROI) around the object or add at least one foreground click."
         )
@@ -373,26 +237,36 @@ def _parse_viewer(
         lo, hi, roi_slices = _roi_on_slices(roi, n_slices, axis)
         box = _validate_box((lo[1], lo[2], hi[1], hi[2]), rows, cols, notes)
     points_by_slice: dict[int, list[tuple[float, float, int]]] = {}
-    for pts, lab, what in ((fg, 1, "foreground"), (bg, 0, "background")):
+    for pts, lab, what in ((request.foreground, 1, "foreground"), (request.background, 0, "background")):
         for p in pts:
             s, x, y = ijk_to_slice(p, axis)
             s = int(round(s))
-            _check_slice(s, n_slices, axis, f"{what} point {p} lies on slice")
-            _check_point(x, y, rows, cols, f"{what} point {p}")
+            _check_slice(s, n_slices, axis, f"{what} point {list(p)} lies on slice")
+            _check_point(x, y, rows, cols, f"{what} point {list(p)}")
             points_by_slice.setdefault(s, []).append((x, y, lab))
-
-    if dimension == 2:
-        key = _key_slice_2d(request.get("slice"), roi_slices, points_by_slice, n_slices, axis, notes)
+    if request.dimension == 2:
+        key = _key_slice_2d(request.key_slice, roi_slices, points_by_slice, n_slices, axis, notes)
         on_key = points_by_slice.get(key, [])
         dropped = sum(len(v) for s, v in points_by_slice.items() if s != key)
         if dropped:
             notes.append(f"{dropped} click(s) on other slices than {key} were ignored")
         if box is None and not any(lab == 1 for _, _, lab in on_key):
             raise PromptError(f"No box and no foreground click on slice {key}: add a box or a click on this slice.")
-        prompt = _make_prompt(name, value, key, box, on_key)
-        return ParsedRequest([prompt], axis, None, notes)
+        return ParsedRequest([_make_prompt(name, value, key, box, on_key)], axis, None, notes)
+    return _viewer_3d(name, value, box, roi_slices, points_by_slice, n_slices, axis, notes)
 
-    # 3D: the slice with clicks is a key slice; with an ROI and no clicks, the ROI's middle slice.
+
+def _viewer_3d(
+    name: str,
+    value: int,
+    box: tuple[float, float, float, float] | None,
+    roi_slices: tuple[int, int] | None,
+    points_by_slice: dict[int, list[tuple[float, float, int]]],
+    n_slices: int,
+    axis: int,
+    notes: list[str],
+) -> ParsedRequest:
+    """3D: the slice with clicks is a key slice; with an ROI and no clicks, the ROI's middle slice."""
     slice_range = None
     if roi_slices is not None:
         slice_range = (max(roi_slices[0], 0), min(roi_slices[1], n_slices - 1))
@@ -412,15 +286,14 @@ def _parse_viewer(
 
 
 def _key_slice_2d(
-    raw: Any,
+    key: int | None,
     roi_slices: tuple[int, int] | None,
     points_by_slice: dict[int, list],
     n_slices: int,
     axis: int,
     notes: list[str],
 ) -> int:
-    if raw is not None and raw != "":
-        key = _int_index(raw, "slice")
+    if key is not None:
         if roi_slices is not None and not roi_slices[0] <= key <= roi_slices[1]:
             # Slicer 0.8.5 sends the slice *offset in mm* as `slice` for an ROI without clicks.
             middle = min(max((roi_slices[0] + roi_slices[1]) // 2, 0), n_slices - 1)

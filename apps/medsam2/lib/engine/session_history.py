@@ -21,11 +21,14 @@ class Snapshot:
     answer_shape: tuple[int, ...] = ()
     answer_json: dict[str, Any] = field(default_factory=dict)
     request: str = ""
+    answer_id: str = ""  # names this state to a client (CONTRACTS C1)
 
     @classmethod
-    def of(cls, state: dict[str, Any], label: np.ndarray | None, answer_json: dict, request: str) -> Snapshot:
+    def of(
+        cls, state: dict[str, Any], label: np.ndarray | None, answer_json: dict, request: str, answer_id: str = ""
+    ) -> Snapshot:
         packed = None if label is None else zlib.compress(np.ascontiguousarray(label, dtype=np.uint8).tobytes(), 1)
-        return cls(state, packed, () if label is None else tuple(label.shape), answer_json, request)
+        return cls(state, packed, () if label is None else tuple(label.shape), answer_json, request, answer_id)
 
     def label(self, shape: tuple[int, ...]) -> np.ndarray:
         """The answer's label volume (all zero for the state before the first request)."""
@@ -73,6 +76,10 @@ class UndoHistory:
             raise PromptError("Nothing to redo: no request was undone since the last edit in this session.")
         self.position += 1
         return self.current
+
+    def find(self, answer_id: str) -> Snapshot | None:
+        """The snapshot an answer_id names, while the history holds it."""
+        return next((s for s in self.snapshots if s.answer_id and s.answer_id == answer_id), None)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -6,11 +6,15 @@ import logging
 import tempfile
 from typing import Any
 
+import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from lib.engine.changed_region import ChangedRegion
 from lib.engine.refine import LabelFile
-from lib.engine.segmenter import MedSAM2Segmenter, history_step
+from lib.engine.request import SegmentRequest
+from lib.engine.segmenter import MedSAM2Segmenter
 from lib.errors import PromptError
+from lib.imaging.label_region import REGION_SUFFIX, write_label_region
 from lib.imaging.volume_io import label_suffix, write_label
 from lib.storage.label_sources import LABEL_FILE_KEY
 
@@ -55,34 +59,46 @@ class MedSAM2Infer(InferTask):
         return True
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        typed = self.segmenter.request(request, self.dimension)  # read once; the segmenter takes it as it is
         run = self.segmenter.segment_2d if self.dimension == 2 else self.segmenter.segment_3d
-        label_file = self._label_file(request)
-        label, result, reference = run(str(request.get("image") or ""), request, label_file)
+        label_file = self._label_file(request, typed)
+        label, result, reference = run(str(request.get("image") or ""), typed, label_file)
         target = _segment_imported(request, self.scribbles)
         if self.dimension == 3 and target is not None:
             # Slicer imports a 3D answer's value 1 into the segment it asked for (the segment being scribbled, or
             # deepgrow's label): answer that label as a 0/1 mask, not with its value in the label map.
-            value = result["label_names"].get(target) or self.segmenter.settings.labels.resolve(target)[1]
+            value = result["label_names"].get(target) or typed.labels.resolve(target)[1]
             label = (label == value).astype("uint8")
             result["label_values"] = {str(target): 1}
         if "hint" in result:  # OHIF asks for the label image only: the server log is where its users see this
             logger.info("medsam2_3d on %s: %s", request.get("image"), result["hint"])
-        # the viewers name the file type they parse: OHIF's panel raw NRRD (result_compress false), Slicer any
-        with tempfile.NamedTemporaryFile(suffix=label_suffix(request.get("result_extension")), delete=False) as f:
-            path = f.name
-        write_label(label, reference, path, compress=request.get("result_compress") is not False)
-        return path, result
+        return _write_answer(label, reference, request, result), result
 
-    def _label_file(self, request: dict[str, Any]) -> LabelFile | None:
+    def _label_file(self, request: dict[str, Any], typed: SegmentRequest) -> LabelFile | None:
         source = request.get(LABEL_FILE_KEY)
         if not isinstance(source, dict):
-            if self.scribbles and not history_step(request):
+            if self.scribbles and not typed.history_step:
                 raise PromptError(
                     "The scribbles model needs the scribbles: upload a label volume with the request (the 'label' "
                     "file) holding foreground_scribbles and background_scribbles, as Slicer's scribbles tool does."
                 )
             return None
         return LabelFile(source["path"], source["source"], request.get("label_info"), self.scribbles)
+
+
+def _write_answer(label: np.ndarray, reference: Any, request: dict[str, Any], result: dict[str, Any]) -> str:
+    """The answer's label file: with ``changed_since``, the changed box as a gzip NRRD (CONTRACTS C1); else the
+    whole label in the file type the viewer parses (OHIF's panel raw NRRD, ``result_compress`` false; Slicer any)."""
+    region = result.get("changed_region")
+    suffix = REGION_SUFFIX if region else label_suffix(request.get("result_extension"))
+    with tempfile.NamedTemporaryFile(suffix=suffix, delete=False) as f:
+        path = f.name
+    if region:
+        box = ChangedRegion.from_json(region).crop(label)
+        write_label_region(box, reference, region["offset_ijk"], path, result.get("answer_id"))
+    else:
+        write_label(label, reference, path, compress=request.get("result_compress") is not False)
+    return path
 
 
 def _viewer_options(dimension: int, scribbles: bool, model_info: dict) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import requests
 from starlette.concurrency import run_in_threadpool
 
 from lib.errors import Refused
-from lib.server.patches import in_server
+from lib.server.server_process import in_server
 
 logger = logging.getLogger(__name__)
 

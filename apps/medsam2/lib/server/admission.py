@@ -13,20 +13,10 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lib.errors import ServerBusy
-
-if TYPE_CHECKING:
-    from lib.settings import AppSettings
-
-# the defaults of --conf max_concurrent_infers (lib.settings). GPU: one at a time, since the tracking step
-# captures CUDA graphs, which other threads' work breaks; CPU: model calls of several annotators overlap well
-# (bench/results/load_cpu.jsonl: 2D p95 6.4 s -> 0.04 s at N=4 with 4)
-DEFAULT_MAX_CONCURRENT = 1
-DEFAULT_MAX_CONCURRENT_CPU = 4
-DEFAULT_MAX_QUEUED = 32
-DEFAULT_QUEUE_TIMEOUT_S = 120.0
+from lib.settings import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED, DEFAULT_QUEUE_TIMEOUT_S, AppSettings
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from lib.errors import AppError
-from lib.server.patches import in_server
+from lib.server.server_process import in_server
 
 logger = logging.getLogger(__name__)
 

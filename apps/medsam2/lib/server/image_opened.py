@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
-from lib.server.patches import in_server
+from lib.server.server_process import in_server
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
-from lib.server.patches import in_server
 from lib.server.request_context import REQUEST_ID_HEADER, request_id_from, reset_request_id, set_request_id
+from lib.server.server_process import in_server
 
 logger = logging.getLogger(__name__)
 access_log = logging.getLogger("medsam2.access")

@@ -15,9 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
-from lib.server.patches import in_server
+from lib.errors import PacsUnavailable
+from lib.server.server_process import in_server
 from lib.storage.pacs_datastore import describe_failure, pacs_credentials
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def install_pacs_proxy(timeout_s: float) -> bool:
         except requests.RequestException as e:
             message = describe_failure(server, f"serving {request.method} {op or 'dicom'}/{path}", e, limit)
             logger.error(message)
-            return JSONResponse(status_code=503, content={"detail": message}, headers={"Retry-After": "10"})
+            raise PacsUnavailable(message) from None  # answered by the one error handler (lib.server.error_handlers)
         passed = {
             k: v
             for k, v in answer.headers.items()

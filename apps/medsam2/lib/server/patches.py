@@ -10,25 +10,44 @@ any other logs a warning and the server runs without it. ``/info`` lists the out
 
 from __future__ import annotations
 
+import importlib
 import logging
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lib.server.server_process import in_server
+
 logger = logging.getLogger(__name__)
 
 TESTED_MONAILABEL_VERSION = "0.8.5"
-
-
-def in_server() -> bool:
-    """True inside the MONAI Label server process (``monailabel start_server`` imports ``monailabel.app`` before
-    it creates the app); False in a training subprocess, a benchmark or a unit test."""
-    return "monailabel.app" in sys.modules
+# Every private attribute or method of MONAI Label that the app reads, sets, overrides or calls, by owner (a class
+# path). The patch "monailabel_internals" checks each is still there at start; tests/test_patches.py checks that
+# the app's code touches no other.
+MONAILABEL_INTERNALS: dict[str, tuple[str, ...]] = {
+    "monailabel.interfaces.app.MONAILabelApp": ("_infers", "_trainers", "_strategies"),
+    "monailabel.datastore.local.LocalDatastore": (
+        "_init_from_datastore_file",
+        "_update_datastore_file",
+        "_list_files",
+        "_to_id",
+        "_filename",
+        "_datastore",
+        "_datastore_path",
+        "_datastore_config_path",
+        "_config_ts",
+        "_lock_file",
+    ),
+    "monailabel.datastore.dicom.DICOMWebDatastore": ("_client", "_fetch_by_frame", "_dicom_info"),
+}
 
 
 class PatchFailed(SystemExit):
     """A security patch could not be applied: the server must not start without it."""
+
+
+class UntestedMonaiLabel(SystemExit):
+    """The installed MONAI Label is not the version the patches were tested with, and no override is set."""
 
 
 class PatchTargetMissing(Exception):
@@ -45,6 +64,7 @@ class PatchContext:
     dicomweb_timeout_s: float
     operations: Any = None  # lib.server.operations.OperationsSource
     on_image_opened: Callable[[str, str], None] | None = None  # (image id, source): lib.server.image_opened
+    allow_untested_monailabel: bool = False  # --conf allow_untested_monailabel
 
 
 @dataclass(frozen=True)
@@ -65,6 +85,7 @@ class PatchReport:
 
     monailabel_version: str
     tested_version: str = TESTED_MONAILABEL_VERSION
+    untested_allowed: bool = False
     applied: list[str] = field(default_factory=list)
     not_needed: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
@@ -78,6 +99,7 @@ class PatchReport:
             "monailabel": self.monailabel_version,
             "tested_with": self.tested_version,
             "version_matches": self.version_matches,
+            "untested_allowed": self.untested_allowed,
             "applied": list(self.applied),
             "not_needed": list(self.not_needed),
             "failed": dict(self.failed),
@@ -210,16 +232,19 @@ def _apply_ohif_viewer(ctx: PatchContext) -> bool:
     return ohif_viewer.install()
 
 
-def _check_local_datastore(ctx: PatchContext) -> bool:
-    from monailabel.datastore.local import LocalDatastore
-
-    from lib.storage.local_datastore import LOCAL_DATASTORE_FIELDS, LOCAL_DATASTORE_INTERNALS
-
-    missing = [name for name in LOCAL_DATASTORE_INTERNALS if not hasattr(LocalDatastore, name)]
-    assigned = LocalDatastore.__init__.__code__.co_names  # attribute names its __init__ stores
-    missing += [name for name in LOCAL_DATASTORE_FIELDS if name not in assigned]
-    require(not missing, f"LocalDatastore.{', LocalDatastore.'.join(missing)}")
+def _check_internals(ctx: PatchContext) -> bool:
+    missing = [
+        f"{owner}.{name}" for owner, names in MONAILABEL_INTERNALS.items() for name in names if not _has(owner, name)
+    ]
+    require(not missing, ", ".join(missing))
     return True
+
+
+def _has(owner: str, name: str) -> bool:
+    """``owner`` (a class path) has ``name``: as a class attribute, or stored by its ``__init__``."""
+    module_name, class_name = owner.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return hasattr(cls, name) or name in cls.__init__.__code__.co_names
 
 
 def _apply_log_privacy(ctx: PatchContext) -> bool:
@@ -319,11 +344,14 @@ PATCHES: tuple[Patch, ...] = (
         apply=_apply_ohif_viewer,
     ),
     Patch(
-        "local_datastore_internals",
-        "monailabel.datastore.local.LocalDatastore (subclassed: crash-safe index and label writes)",
-        "MONAI Label writes its datastore index and labels in place: a crash mid-write loses them",
+        "monailabel_internals",
+        "the private attributes and methods of MONAI Label the app reads, overrides or calls (MONAILABEL_INTERNALS): "
+        + "; ".join(f"{owner.rsplit('.', 1)[1]}: {', '.join(names)}" for owner, names in MONAILABEL_INTERNALS.items()),
+        "the crash-safe local datastore (MONAI Label writes its index and labels in place: a crash mid-write loses "
+        "them), the DICOMweb datastore with SEG labels, the train/next-sample checks and the batch/whole-slide "
+        "guard rely on them; a MONAI Label that renamed one must not start",
         security=True,
-        apply=_check_local_datastore,
+        apply=_check_internals,
     ),
     Patch(
         "log_privacy",
@@ -336,22 +364,30 @@ PATCHES: tuple[Patch, ...] = (
 )
 
 
+def _check_version(report: PatchReport, allowed: bool) -> None:
+    """An untested MONAI Label stops the start (:class:`UntestedMonaiLabel`) unless the override is set."""
+    if report.version_matches:
+        return
+    v, tested = report.monailabel_version, report.tested_version
+    if not allowed:
+        raise UntestedMonaiLabel(
+            f"MONAI Label {v} is installed, but this app's changes to its server were tested with {tested} only: "
+            f"install monailabel=={tested}, or start with --conf allow_untested_monailabel true to run it anyway "
+            "(see docs/monailabel_patches.md)."
+        )
+    report.untested_allowed = True
+    logger.warning("MONAI Label %s is installed; tested with %s (--conf allow_untested_monailabel true)", v, tested)
+
+
 def install_all(ctx: PatchContext, patches: tuple[Patch, ...] = PATCHES) -> PatchReport:
-    """Apply every patch (inside the server only) and return what happened; raises :class:`PatchFailed` when a
-    security patch cannot apply."""
+    """Apply every patch (inside the server only) and return what happened; raises :class:`UntestedMonaiLabel`
+    for an untested MONAI Label without the override, :class:`PatchFailed` when a security patch cannot apply."""
     import monailabel
 
     report = PatchReport(monailabel_version=monailabel.__version__)
     if not in_server():
         return report
-    if not report.version_matches:
-        logger.warning(
-            "MONAI Label %s is installed; this app's patches of its server were written and tested for %s. "
-            "Each is checked below; pin monailabel==%s to be safe.",
-            report.monailabel_version,
-            report.tested_version,
-            report.tested_version,
-        )
+    _check_version(report, ctx.allow_untested_monailabel)
     for patch in patches:
         try:
             (report.applied if patch.apply(ctx) else report.not_needed).append(patch.name)

@@ -22,7 +22,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from lib.errors import Refused
-from lib.server.patches import in_server
+from lib.server.server_process import in_server
 from lib.storage.names import SAFE_LABEL_TAG, is_path_like
 from lib.training.options import check_client_id
 

@@ -14,7 +14,7 @@ import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from lib.server.patches import in_server
+from lib.server.server_process import in_server
 
 logger = logging.getLogger(__name__)
 

@@ -49,16 +49,9 @@ def check_writable_names(image_id: str, label_tag: str | None = None) -> None:
         )
 
 
-# MONAI Label 0.8.5 internals the subclasses below override or call; checked at server start
-# (lib/server/patches.py), so an upgrade that renames one is reported instead of silently writing unsafely.
-LOCAL_DATASTORE_INTERNALS = (
-    "_init_from_datastore_file",
-    "_update_datastore_file",
-    "_list_files",
-    "_to_id",
-    "_filename",
-)
-LOCAL_DATASTORE_FIELDS = ("_datastore", "_datastore_path", "_datastore_config_path", "_config_ts")  # set in __init__
+# The MONAI Label internals the subclasses below override or call are declared with the others in
+# lib/server/patches.py (MONAILABEL_INTERNALS) and checked at server start, so an upgrade that renames one is
+# reported instead of silently writing unsafely.
 
 
 def _index_stamp(path: str) -> tuple[int, int] | None:

@@ -25,7 +25,7 @@ from lib.training.data import load_study
 from lib.training.distributed import DistributedContext, DistributedPlan, cpu_ranks_from_env, launch, plan_distributed
 from lib.training.lease import exit_when_orphaned
 from lib.training.loop import EpochReport, TrainResult, train
-from lib.training.options import check_train_body, parse_train_settings
+from lib.training.options import check_train_body, client_config, parse_train_settings
 from lib.training.reference_set import (
     StudySplit,
     freeze_reference,
@@ -50,8 +50,9 @@ class MedSAM2Trainer(TrainTask):
         self.defaults = defaults
 
     def config(self) -> dict[str, Any]:
-        # multi_gpu / gpus as MONAI Label's own trainers take them (off by default here)
-        return {**dataclasses.asdict(self.defaults), "multi_gpu": False, "gpus": "all"}
+        """``/info`` → ``trainers.medsam2.config``: every training option's default, as MONAI Label's clients read
+        it (:func:`lib.training.options.client_config`)."""
+        return client_config(self.defaults)
 
     def stats(self) -> dict[str, Any]:
         try:

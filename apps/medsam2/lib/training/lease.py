@@ -4,7 +4,7 @@ A run holds an exclusive ``flock`` on ``training.lock`` in the shared model fold
 that file. The kernel drops the lock when the holder dies (SIGKILL included), so a crashed replica never
 blocks training for good. A second replica asked to train finds the lock taken and reads who holds it.
 
-No MONAI Label imports: the server (``main.py``) and the training process use it.
+No MONAI Label imports: the server (``lib/server/training_runs.py``) and the training process use it.
 """
 
 from __future__ import annotations
