@@ -35,7 +35,16 @@ LABELLED = [f"case{i}" for i in range(4)]  # final labels from the start (the tr
 TAGS = ["final", "reviewed"]
 SHAPE = (12, 48, 48)
 # from the served checkpoint (validation Dice 0, see `setup`) these settings reach Dice > 0: the run publishes
-PUBLISHING_RUN = {"epochs": 1, "steps_per_epoch": 2, "clip_length": 3, "max_objects": 2, "lr": 3e-3}
+# random weights answer nothing at first, so their overlap with the object not prompted rises as they learn:
+# the overlap part of the publish guard is off here (test_prompt_following tests it with the reference model)
+PUBLISHING_RUN = {
+    "epochs": 1,
+    "steps_per_epoch": 2,
+    "clip_length": 3,
+    "max_objects": 2,
+    "lr": 3e-3,
+    "publish_max_overlap_rise": 1.0,
+}
 PUBLISHING_RUN |= {"grad_clip": 1.0, "p_box": 1.0, "p_cross_end": 0.0}
 
 

@@ -230,6 +230,7 @@ def test_trainer_multi_gpu_request_trains_on_two_cpu_ranks(tmp_path, monkeypatch
     assert trainer.config()["multi_gpu"] is False and trainer.config()["gpus"] == "all"
     request = {"multi_gpu": True, "gpus": "all", "epochs": 1, "steps_per_epoch": 2, "clip_length": 3}
     request.update(max_objects=2, lr=3e-3, grad_clip=1.0, p_box=1.0, val_fraction=0.34)
+    request.update(publish_max_overlap_rise=1.0)  # random weights: see test_crash_safety.PUBLISHING_RUN
 
     # GPUs that are not there: a clear request error before anything starts
     with pytest.raises(MONAILabelException, match="gpus"):
