@@ -85,8 +85,11 @@ def test_monai_labels_names_are_accepted_where_they_mean_the_same() -> None:
         check_train_body({"epochs": 2, "max_epochs": 1}, defaults)
     with pytest.raises(ValueError, match=r"train option max_epochs \(epochs here\) must be a whole number from 1"):
         check_train_body({"max_epochs": 0}, defaults)
-    with pytest.raises(ValueError, match=r"early_stop_patience \(patience here\) must be a whole number from 0"):
-        check_train_body({"early_stop_patience": -1}, defaults)
+    # MONAI Label's -1 (its default) turns early stopping off: 0 here; under this app's own name -1 is refused
+    check_train_body({"early_stop_patience": -1}, defaults)
+    assert parse_train_settings({"early_stop_patience": -1}, defaults).patience == 0
+    with pytest.raises(ValueError, match=r"patience must be a whole number from 0"):
+        check_train_body({"patience": -1}, defaults)
 
 
 @pytest.mark.parametrize("name", sorted(MONAILABEL_UNMAPPED))

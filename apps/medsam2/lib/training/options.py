@@ -70,6 +70,9 @@ def coerce_option(option: TrainOption, value: Any, given_as: str | None = None) 
     request gave it) when it is not one the option takes."""
     shown = option.name if given_as in (None, option.name) else f"{given_as} ({option.name} here)"
     converted = _as_kind(value, option.kind)
+    off_below = option.spec.monailabel_off_below
+    if given_as in option.spec.monailabel_names and off_below is not None and converted is not None:
+        converted = option.spec.low if converted < off_below else converted  # MONAI Label's "off"
     try:
         if converted is None:
             raise ValueError

@@ -41,6 +41,8 @@ class OptionSpec:
     pattern: re.Pattern[str] | None = None  # a text option's values match it in full
     pattern_text: str = ""  # the pattern in words, for messages and docs
     monailabel_names: tuple[str, ...] = ()  # what MONAI Label's trainers call the same option
+    # MONAI Label's values below this mean "off" under its names (early_stop_patience -1): read as the low bound
+    monailabel_off_below: float | None = None
 
 
 def option(default: Any, meaning: str, **spec: Any) -> Any:
@@ -137,6 +139,7 @@ class TrainSettings:
         low=0,
         high=100_000,
         monailabel_names=("early_stop_patience",),
+        monailabel_off_below=0,
     )
     feature_cache_mb: int = option(
         2048,
