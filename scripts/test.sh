@@ -13,4 +13,6 @@ if [[ "${1:-}" == "--fast" ]]; then
   shift
   exec .venv/bin/python -m pytest -q -m "not server and not pacs and not browser and not slow" tests "$@"
 fi
-exec .venv/bin/python -m pytest -q tests "$@"
+# the whole suite on two workers, a test file per worker at a time (its module fixtures are built once): on
+# 2 cores the servers, Chromium and Orthanc of one file wait on I/O while the other file computes
+exec .venv/bin/python -m pytest -q -n "${MEDSAM2_TEST_WORKERS:-2}" --dist loadfile tests "$@"

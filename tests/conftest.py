@@ -18,7 +18,14 @@ import SimpleITK as sitk
 import torch
 
 from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, save_checkpoint
-from sam2_testing import APP_DIR, REFERENCE_CHECKPOINT, REFERENCE_CONFIG, blob_volume, object_present_bias
+from sam2_testing import (
+    APP_DIR,
+    REFERENCE_CHECKPOINT,
+    REFERENCE_CONFIG,
+    blob_volume,
+    object_present_bias,
+    small_config_file,
+)
 from sam2_testing import reference_model as load_reference_model
 
 REPO = APP_DIR.parents[1]
@@ -88,6 +95,20 @@ def random_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "random_medsam2.pt"
     save_checkpoint(model, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def small_random_conf(tmp_path_factory) -> dict[str, str]:
+    """``--conf`` for MedSAM2's architecture at 128 input with random weights (objects 'present'): what the
+    shared ``server`` serves. The app's requests, answers and errors do not depend on the input size, and a slice
+    costs about a sixteenth of the 512 model's (MedSAM2's own size is served where a test needs it:
+    :func:`random_checkpoint`)."""
+    folder = tmp_path_factory.mktemp("small_random")
+    config = small_config_file(folder, 128)
+    torch.manual_seed(0)
+    path = folder / "random_medsam2_128.pt"
+    save_checkpoint(object_present_bias(build_model(config)), path)
+    return {"checkpoint": str(path), "model_config": str(config)}
 
 
 @pytest.fixture(scope="session")
@@ -229,9 +250,9 @@ def stop_server(server: Server) -> None:
 
 
 @pytest.fixture(scope="session")
-def server(studies, random_checkpoint, tmp_path_factory):
+def server(studies, small_random_conf, tmp_path_factory):
     """The real MONAI Label server running this app on the test studies."""
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    srv = start_server(studies, {"checkpoint": str(random_checkpoint), "window": "abdomen"}, log)
+    srv = start_server(studies, {**small_random_conf, "window": "abdomen"}, log)
     yield srv
     stop_server(srv)
