@@ -42,7 +42,6 @@ import dataclasses
 import hashlib
 import json
 import random
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -53,13 +52,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import REPO, JsonLines, device_name, dtype_name, loadavg, use_repo_paths
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "apps" / "medsam2") not in sys.path:
-    sys.path.insert(0, str(REPO / "apps" / "medsam2"))
+use_repo_paths()
 
-from common import JsonLines, device_name, dtype_name, loadavg  # noqa: E402
 from monailabel.tasks.activelearning.first import First  # noqa: E402
 from monailabel.tasks.activelearning.random import Random  # noqa: E402
 

@@ -26,12 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import JsonLines, device_name, dtype_name, use_repo_paths
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "medsam2"))
-sys.path.insert(0, str(REPO / "bench"))
+use_repo_paths()
 
-from common import JsonLines, device_name, dtype_name  # noqa: E402
 from finetune_speed import generated_study  # noqa: E402
 
 from lib.engine.adapters import adapter_parameter_count, save_adapter  # noqa: E402

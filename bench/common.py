@@ -1,7 +1,7 @@
 """What the benchmarks share, so that each script keeps only what it measures.
 
-- :func:`use_repo_paths`: the app (``lib``), ``tests`` (``conftest``, ``sam2_testing``) and ``scripts`` on the
-  import path, for a script run as ``python bench/x.py``.
+- :func:`use_repo_paths`: the app (``lib``), ``tests`` (``conftest``, ``sam2_testing``), ``scripts`` and ``bench``
+  on the import path, for a script run as ``python bench/x.py``; ``REPO``, the repository's root.
 - :class:`JsonLines`: one JSON line per measurement, printed and appended to ``--out``, each with the device and
   the 1-minute load average (the machine is often shared); :meth:`JsonLines.write_array` for the benches whose
   results file is one JSON array.
@@ -32,8 +32,8 @@ APP = REPO / "apps" / "medsam2"
 
 
 def use_repo_paths() -> None:
-    """Put the app, ``tests`` and ``scripts`` on ``sys.path`` (the app first: its ``lib`` package wins)."""
-    for folder in (REPO / "scripts", REPO / "tests", APP):
+    """Put the app, ``tests``, ``scripts`` and ``bench`` on ``sys.path`` (the app first: its ``lib`` package wins)."""
+    for folder in (REPO / "bench", REPO / "scripts", REPO / "tests", APP):
         if str(folder) not in sys.path:
             sys.path.insert(0, str(folder))
 

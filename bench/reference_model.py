@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import REPO, JsonLines, device_name, dtype_name, use_repo_paths
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "medsam2"))
+use_repo_paths()
 
-from common import JsonLines, device_name, dtype_name  # noqa: E402
 
 from lib.engine.checkpoints import load_model, resolve_checkpoint  # noqa: E402
 from lib.engine.precision import compute_dtype_for  # noqa: E402

@@ -28,19 +28,16 @@ import argparse
 import sys
 import time
 from collections import deque
-from pathlib import Path
 
 import numpy as np
 import torch
+from common import REPO, JsonLines, device_name, dtype_name, use_repo_paths
 from scipy import ndimage
 from skimage.measure import find_contours
 from skimage.morphology import skeletonize
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "medsam2"))
-sys.path.insert(0, str(REPO / "bench"))
+use_repo_paths()
 
-from common import JsonLines, device_name, dtype_name  # noqa: E402
 from finetune_speed import generated_study  # noqa: E402  (the generated volumes, reused)
 
 from lib.engine.checkpoints import (  # noqa: E402

@@ -16,17 +16,14 @@ score on slices inside the object and past its end (what the rule reads).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from common import JsonLines, device_name, use_repo_paths
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "medsam2"))
+use_repo_paths()
 
-from common import JsonLines, device_name  # noqa: E402
 
 from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, image_size_overrides  # noqa: E402
 from lib.engine.precision import compute_dtype_for  # noqa: E402

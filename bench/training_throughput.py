@@ -15,17 +15,13 @@ activation memory: 4 clips of 3 objects at 512 input needed more than 21 GiB on 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
+from common import JsonLines, device_name, dtype_name, use_repo_paths
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "medsam2"))
-sys.path.insert(0, str(REPO / "bench"))
+use_repo_paths()
 
-from common import JsonLines, device_name, dtype_name  # noqa: E402
 from finetune_speed import generated_study  # noqa: E402
 
 from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, image_size_overrides  # noqa: E402

@@ -24,13 +24,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+from common import REPO, JsonLines, device_name, dtype_name, timed, use_repo_paths
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "medsam2"))
-sys.path.insert(0, str(REPO / "tests"))
+use_repo_paths()
 
-from common import JsonLines, device_name, dtype_name, timed  # noqa: E402
 
 from lib.configs.medsam2 import MedSAM2  # noqa: E402
 from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, save_checkpoint  # noqa: E402
