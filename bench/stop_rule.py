@@ -16,14 +16,16 @@ score on slices inside the object and past its end (what the rule reads).
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-from common import JsonLines, device_name, use_repo_paths
 
-use_repo_paths()
-
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "apps" / "medsam2"))
 
 from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, image_size_overrides  # noqa: E402
 from lib.engine.precision import compute_dtype_for  # noqa: E402
@@ -148,19 +150,19 @@ def main() -> None:
     dtype = compute_dtype_for(device)
     train_set = [ending_object_study(s, args.slices, args.size) for s in range(args.train_studies)]
     val_set = [ending_object_study(1000 + s, args.slices, args.size) for s in range(args.val_studies)]
-    out = JsonLines(args.out)
+    lines = []
     for p_cross_end in [float(v) for v in args.p_cross_end.split(",") if v]:
         model, name, val_dice = train_model(args, p_cross_end, train_set, val_set, device, dtype)
         base = {
             "model": name,
             "p_cross_end": p_cross_end,
-            "device": device_name(device) if device.type == "cuda" else "cpu",
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "val_dice_during_training": round(val_dice, 4),
             "volumes": f"{args.val_studies} x {args.slices}x{args.size}x{args.size}",
         }
         measure(model, val_set[:1], None, device, dtype)  # warm-up: the first propagation pays one-off costs
         off, scores = measure(model, val_set, None, device, dtype)
-        out.emit({**base, "setting": "no stop rule", **off, **scores})
+        lines.append({**base, "setting": "no stop rule", **off, **scores})
         for patience in [int(p) for p in args.patience.split(",") if p]:
             rule = StopRule(args.min_object_score, patience)
             on, _ = measure(model, val_set, rule, device, dtype)
@@ -170,7 +172,13 @@ def main() -> None:
                 "dice_minus_off": round(on["dice"] - off["dice"], 4),
             }
             setting = f"stop rule: score < {args.min_object_score} for {patience}"
-            out.emit({**base, "setting": setting, **on, **ratios})
+            lines.append({**base, "setting": setting, **on, **ratios})
+        for line in lines[-(1 + len(args.patience.split(","))) :]:
+            print(json.dumps(line), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            for line in lines:
+                f.write(json.dumps(line) + "\n")
 
 
 if __name__ == "__main__":
