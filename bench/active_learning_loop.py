@@ -42,7 +42,6 @@ import dataclasses
 import hashlib
 import json
 import random
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -53,11 +52,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import REPO, JsonLines, device_name, dtype_name, loadavg, use_repo_paths
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "apps" / "medsam2") not in sys.path:
-    sys.path.insert(0, str(REPO / "apps" / "medsam2"))
+use_repo_paths()
 
 from monailabel.tasks.activelearning.first import First  # noqa: E402
 from monailabel.tasks.activelearning.random import Random  # noqa: E402
@@ -897,7 +895,7 @@ def _cycle_line(name: str, seed: int, c: Cycle) -> dict:
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument(
@@ -925,16 +923,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="")
     ap.add_argument("--table", default="", help="print the markdown tables of a results file and exit")
-    args = ap.parse_args()
-    if args.table:
-        print(markdown_tables([json.loads(x) for x in Path(args.table).read_text().splitlines() if x.startswith("{")]))
-        return
+    return ap.parse_args()
 
-    device = torch.device(args.device)
-    dtype = compute_dtype_for(device)
-    seeds = [int(s) for s in args.seeds.split(",") if s != ""]
-    strategies = [s for s in args.strategies.split(",") if s]
-    config = LoopConfig(
+
+def loop_config(args: argparse.Namespace) -> LoopConfig:
+    """The loop's settings from the command line."""
+    return LoopConfig(
         pool=args.pool,
         test=args.test,
         start=args.start,
@@ -948,51 +942,33 @@ def main() -> None:
         clip_length=args.clip_length,
         annotator=AnnotatorSettings(threshold=args.threshold, max_corrections=args.max_corrections),
     )
-    started = time.perf_counter()
-    common = {"device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)}
 
-    def emit(line: dict) -> None:
-        text = json.dumps({**line, **common})
-        print(text, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(text + "\n")
 
-    emit(
-        {
-            "kind": "config",
-            "model": f"hiera-t {args.image_size} (MedSAM2 shape)",
-            "dtype": str(dtype or torch.float32).replace("torch.", ""),
-            "torch_threads": torch.get_num_threads(),
-            "seeds": seeds,
-            "strategies": strategies,
-            **{k: v for k, v in dataclasses.asdict(config).items() if k != "annotator"},
-            "annotator": dataclasses.asdict(config.annotator),
-            "pretrain_steps": args.pretrain_steps,
-        }
-    )
-    base = pretrained_base(
-        args.image_size, args.pretrain_steps, args.pretrain_lr, device, dtype, Path(args.cache), emit
-    )
+def _start_line(seed: int, start: SeedStart, seconds: float) -> dict[str, Any]:
+    """A seed's starting point: its labelled studies, the pool's kinds, the start model's held-out Dice."""
+    return {
+        "kind": "start",
+        "seed": seed,
+        "labels": len(start.start_ids),
+        "start_ids": start.start_ids,
+        "start_kinds": [c.kind for c in start.pool if c.name in start.start_ids],
+        "pool_kinds": {k: sum(c.kind == k for c in start.pool) for k in sorted(set(KINDS))},
+        "held_out_dice": start.start_scores["dice"],
+        "held_out_dice_by_kind": start.start_scores["dice_by_kind"],
+        "seconds": round(seconds, 1),
+    }
+
+
+def run_seeds(args, config, strategies, base, device, dtype, emit) -> tuple[dict, dict]:
+    """Every strategy from every seed's start: ({strategy: [RunResult per seed]}, {seed: SeedStart})."""
     features = FrozenEncoderFeatures(base)
     runs: dict[str, list[RunResult]] = {s: [] for s in strategies}
     starts: dict[int, SeedStart] = {}
     with tempfile.TemporaryDirectory(prefix="al_bench_") as tmp:
-        for seed in seeds:
+        for seed in [int(s) for s in args.seeds.split(",") if s != ""]:
             t0 = time.perf_counter()
-            start = prepare_seed(seed, base, config, Path(tmp), device, dtype, features)
-            starts[seed] = start
-            line = {
-                "kind": "start",
-                "seed": seed,
-                "labels": len(start.start_ids),
-                "start_ids": start.start_ids,
-                "start_kinds": [c.kind for c in start.pool if c.name in start.start_ids],
-                "pool_kinds": {k: sum(c.kind == k for c in start.pool) for k in sorted(set(KINDS))},
-                "held_out_dice": start.start_scores["dice"],
-                "held_out_dice_by_kind": start.start_scores["dice_by_kind"],
-                "seconds": round(time.perf_counter() - t0, 1),
-            }
+            start = starts[seed] = prepare_seed(seed, base, config, Path(tmp), device, dtype, features)
+            line = _start_line(seed, start, time.perf_counter() - t0)
             if not args.no_diagnostic:
                 line["uncertainty_diagnostic"] = score_diagnostic(start, device, dtype, features)
             emit(line)
@@ -1002,24 +978,60 @@ def main() -> None:
                 )
                 run.model = None  # keep one model at a time
                 runs[name].append(run)
+    return runs, starts
+
+
+def _comparison(summaries: dict[str, dict], seeds: list[int]) -> dict[str, Any] | None:
+    """Uncertainty against random, seed by seed (None when either did not run)."""
+    if "uncertainty" not in summaries or "random" not in summaries:
+        return None
+    diffs = [summaries["uncertainty"]["per_seed"][s]["auc"] - summaries["random"]["per_seed"][s]["auc"] for s in seeds]
+    return {
+        "kind": "comparison",
+        "a": "uncertainty",
+        "b": "random",
+        "auc_difference_per_seed": [round(d, 4) for d in diffs],
+        "auc_difference": _spread(diffs),
+        "a_better_in_seeds": int(sum(d > 0 for d in diffs)),
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    if args.table:
+        print(markdown_tables([json.loads(x) for x in Path(args.table).read_text().splitlines() if x.startswith("{")]))
+        return
+    device = torch.device(args.device)
+    dtype = compute_dtype_for(device)
+    strategies = [s for s in args.strategies.split(",") if s]
+    config = loop_config(args)
+    started = time.perf_counter()
+    emit = JsonLines(args.out, with_load=False, device=device_name(device) if device.type != "cpu" else "cpu").emit
+    emit(
+        {
+            "kind": "config",
+            "model": f"hiera-t {args.image_size} (MedSAM2 shape)",
+            "dtype": dtype_name(dtype),
+            "torch_threads": torch.get_num_threads(),
+            "seeds": [int(s) for s in args.seeds.split(",") if s != ""],
+            "strategies": strategies,
+            **{k: v for k, v in dataclasses.asdict(config).items() if k != "annotator"},
+            "annotator": dataclasses.asdict(config.annotator),
+            "pretrain_steps": args.pretrain_steps,
+            "loadavg_1m": loadavg(),
+        }
+    )
+    base = pretrained_base(
+        args.image_size, args.pretrain_steps, args.pretrain_lr, device, dtype, Path(args.cache), emit
+    )
+    runs, starts = run_seeds(args, config, strategies, base, device, dtype, emit)
     summaries = {name: summarise(results, starts) for name, results in runs.items()}
     for name, summary in summaries.items():
         emit({"kind": "summary", "strategy": name, **summary})
-    if "uncertainty" in summaries and "random" in summaries:
-        diffs = [
-            summaries["uncertainty"]["per_seed"][s]["auc"] - summaries["random"]["per_seed"][s]["auc"] for s in seeds
-        ]
-        emit(
-            {
-                "kind": "comparison",
-                "a": "uncertainty",
-                "b": "random",
-                "auc_difference_per_seed": [round(d, 4) for d in diffs],
-                "auc_difference": _spread(diffs),
-                "a_better_in_seeds": int(sum(d > 0 for d in diffs)),
-            }
-        )
-    emit({"kind": "done", "minutes": round((time.perf_counter() - started) / 60, 2)})
+    comparison = _comparison(summaries, list(starts))
+    if comparison:
+        emit(comparison)
+    emit({"kind": "done", "minutes": round((time.perf_counter() - started) / 60, 2), "loadavg_1m": loadavg()})
 
 
 if __name__ == "__main__":

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import JsonLines, device_name, dtype_name, use_repo_paths
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "medsam2"))
-sys.path.insert(0, str(REPO / "bench"))
+use_repo_paths()
 
 from finetune_speed import generated_study  # noqa: E402
 
@@ -200,8 +199,8 @@ def main() -> None:
 
     common = {
         "model": f"hiera-t {args.image_size} (MedSAM2 shape), base trained {args.pretrain_steps} steps from random",
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "dtype": str(compute_dtype_for(device) or torch.float32).replace("torch.", ""),
+        "device": device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": dtype_name(compute_dtype_for(device)),
         "torch_threads": torch.get_num_threads(),
         "volumes": f"{args.train_studies} train + {args.val_studies} held out, {args.slices}x{args.size}x{args.size}, "
         "the base's at half the contrast",
@@ -211,12 +210,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = str(Path(tmp) / "base.pt")
         runs = [["--role", "base"]] + [["--role", "variant", "--variant", v] for v in args.variants.split(",")]
+        out = JsonLines(args.out, **common)
         for run in runs:
-            text = json.dumps({**common, **child(args, [*run, "--base", base])})
-            print(text, flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(text + "\n")
+            out.emit(child(args, [*run, "--base", base]))
     print(f"total {time.time() - started:.0f} s", file=sys.stderr)
 
 

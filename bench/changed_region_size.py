@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,11 +30,10 @@ import numpy as np
 import requests
 import SimpleITK as sitk
 import torch
+from common import REPO, use_repo_paths
 from requests_toolbelt import MultipartDecoder
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "medsam2"))
-sys.path.insert(0, str(REPO / "tests"))
+use_repo_paths()
 
 from conftest import start_server, stop_server  # noqa: E402
 from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, save_checkpoint  # noqa: E402

@@ -26,7 +26,6 @@ import copy
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -37,11 +36,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import REPO, use_repo_paths
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "medsam2"))
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "bench"))
+use_repo_paths()
 
 from propagation_speed import object_boxes, synthetic_ct  # noqa: E402
 

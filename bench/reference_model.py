@@ -12,16 +12,15 @@ per prompt kind, then a summary.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import REPO, JsonLines, device_name, dtype_name, use_repo_paths
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "medsam2"))
+use_repo_paths()
+
 
 from lib.engine.checkpoints import load_model, resolve_checkpoint  # noqa: E402
 from lib.engine.precision import compute_dtype_for  # noqa: E402
@@ -51,18 +50,15 @@ def main() -> None:
     base = {
         "checkpoint": args.checkpoint.name,
         "config": args.config.name,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "precision": str(dtype or torch.float32).replace("torch.", ""),
+        "device": device_name(device) if device.type == "cuda" else "cpu",
+        "precision": dtype_name(dtype),
         "volumes": f"{args.volumes} held out (seeds {HELD_OUT_SEEDS[0]}..{HELD_OUT_SEEDS[0] + args.volumes - 1})",
     }
     lines = [{"prompt": kind, **scores} for kind, scores in summary.items()]
     lines.append({"summary": True, "seconds": round(time.time() - t0, 1), "load_average": list(os.getloadavg())})
+    out = JsonLines(args.out, **base)
     for line in lines:
-        text = json.dumps({**base, **line})
-        print(text, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(text + "\n")
+        out.emit(line)
 
 
 if __name__ == "__main__":

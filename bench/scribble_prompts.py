@@ -25,21 +25,18 @@ names a winner only if the control shows the model reads its prompts and the pai
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import deque
-from pathlib import Path
 
 import numpy as np
 import torch
+from common import REPO, JsonLines, device_name, dtype_name, use_repo_paths
 from scipy import ndimage
 from skimage.measure import find_contours
 from skimage.morphology import skeletonize
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "medsam2"))
-sys.path.insert(0, str(REPO / "bench"))
+use_repo_paths()
 
 from finetune_speed import generated_study  # noqa: E402  (the generated volumes, reused)
 
@@ -303,7 +300,7 @@ def paired(a: list[float], b: list[float], rng: np.random.Generator, names=("poi
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="", help="a SAM2/MedSAM2 checkpoint file (then nothing is trained)")
     ap.add_argument("--model-config", default="", help="its model config YAML (default: MedSAM2's)")
@@ -324,28 +321,11 @@ def main() -> None:
     ap.add_argument("--min-prompt-effect", type=float, default=0.05, help="Dice, box minus box elsewhere")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scribble_prompts.json"))
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    started = time.perf_counter()
-    device = torch.device(args.device)
-    dtype = compute_dtype_for(device)
-    if args.checkpoint:
-        resolved = resolve_checkpoint(args.checkpoint, config=args.model_config or None)
-        model = load_model(resolved, device)
-        info = {"model": f"checkpoint {resolved.path} ({resolved.config.name}), not fine-tuned"}
-    else:
-        model, info = trained_model(args, device, dtype)
-    rng = np.random.default_rng(7)
-    cases = held_out_cases(args, rng)
-    t0 = time.perf_counter()
-    dices, resolved_summary = evaluate(model, cases, device, dtype)
-    base = {
-        **info,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
-        "dtype": str(dtype or torch.float32).replace("torch.", ""),
-        "held_out": f"{len(cases)} objects in {args.held_out} volumes {args.slices}x{args.size}x{args.size} "
-        "(seeds 2000+), one key slice each; a background scribble in every other case",
-    }
+
+def kind_lines(dices: dict[str, list[float]], cases: list[dict], first: dict) -> list[dict]:
+    """One line per prompt kind: mean and median Dice, ratio to the box, with and without a background scribble."""
     lines = []
     box_dice = float(np.mean(dices["box"]))
     with_bg = np.array([c["with_background"] for c in cases])
@@ -361,47 +341,74 @@ def main() -> None:
             "mean_dice_with_background_scribble": round(float(v[with_bg].mean()), 4),
             "mean_dice_foreground_only": round(float(v[~with_bg].mean()), 4),
         }
-        lines.append({**line, **base} if kind == "box" else line)
+        lines.append({**line, **first} if kind == "box" else line)
+    return lines
+
+
+def verdict(dices: dict[str, list[float]], rng: np.random.Generator, min_prompt_effect: float) -> dict:
+    """points against mask, named a winner only if the control shows that the model reads its prompts and the
+    paired difference on scribbles alone is significant."""
     alone = paired(dices["scribbles_points"], dices["scribbles_mask"], rng)
     with_box = paired(dices["box_scribbles_points"], dices["box_scribbles_mask"], rng)
     control = paired(dices["box"], dices["box_elsewhere"], rng, ("box", "box_elsewhere"))
     leader = "points" if alone["mean_difference"] > 0 else "mask" if alone["mean_difference"] < 0 else "tie"
     significant = alone["ci95"][0] > 0 or alone["ci95"][1] < 0
     # the comparison means something only if the model segments what its prompts point at
-    reads_prompts = control["ci95"][0] > args.min_prompt_effect
+    reads_prompts = control["ci95"][0] > min_prompt_effect
     conclusive = reads_prompts and significant
     if conclusive:
         reason = f"{leader} ahead on scribbles alone, 95% interval of the paired difference excludes 0"
     elif not reads_prompts:
         reason = (
             f"the model does not read its prompts: a box on another object scores "
-            f"{control['mean_difference']:+.4f} Dice against the right box (needs > {args.min_prompt_effect} at the "
+            f"{control['mean_difference']:+.4f} Dice against the right box (needs > {min_prompt_effect} at the "
             "95% lower bound); a scribble-encoding comparison on it says nothing about SAM2"
         )
     else:
         reason = "the paired difference's 95% interval includes 0"
-    lines.append(
-        {
-            "winner": leader if conclusive else "none (inconclusive)",
-            "measured_leader": leader,
-            "conclusive": conclusive,
-            "reason": reason,
-            "decided_by": "scribbles alone, mean paired Dice difference (points - mask)",
-            "scribbles_alone_points_minus_mask": alone,
-            "with_box_points_minus_mask": with_box,
-            "with_box_agrees": bool(np.sign(with_box["mean_difference"]) == np.sign(alone["mean_difference"])),
-            "control_box_minus_box_elsewhere": control,
-            "model_reads_prompts": reads_prompts,
-            **resolved_summary,
-            "evaluation_seconds": round(time.perf_counter() - t0, 1),
-            "total_seconds": round(time.perf_counter() - started, 1),
-        }
-    )
-    for line in lines:
-        print(json.dumps(line), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("[\n" + ",\n".join(json.dumps(line) for line in lines) + "\n]\n")
+    return {
+        "winner": leader if conclusive else "none (inconclusive)",
+        "measured_leader": leader,
+        "conclusive": conclusive,
+        "reason": reason,
+        "decided_by": "scribbles alone, mean paired Dice difference (points - mask)",
+        "scribbles_alone_points_minus_mask": alone,
+        "with_box_points_minus_mask": with_box,
+        "with_box_agrees": bool(np.sign(with_box["mean_difference"]) == np.sign(alone["mean_difference"])),
+        "control_box_minus_box_elsewhere": control,
+        "model_reads_prompts": reads_prompts,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    started = time.perf_counter()
+    device = torch.device(args.device)
+    dtype = compute_dtype_for(device)
+    if args.checkpoint:
+        resolved = resolve_checkpoint(args.checkpoint, config=args.model_config or None)
+        model = load_model(resolved, device)
+        info = {"model": f"checkpoint {resolved.path} ({resolved.config.name}), not fine-tuned"}
+    else:
+        model, info = trained_model(args, device, dtype)
+    rng = np.random.default_rng(7)
+    cases = held_out_cases(args, rng)
+    t0 = time.perf_counter()
+    dices, resolved_summary = evaluate(model, cases, device, dtype)
+    first = {
+        **info,
+        "device": device_name(device),
+        "dtype": dtype_name(dtype),
+        "held_out": f"{len(cases)} objects in {args.held_out} volumes {args.slices}x{args.size}x{args.size} "
+        "(seeds 2000+), one key slice each; a background scribble in every other case",
+    }
+    lines = JsonLines(None)
+    for line in kind_lines(dices, cases, first):
+        lines.emit(line)
+    last = verdict(dices, rng, args.min_prompt_effect)
+    last.update(resolved_summary, evaluation_seconds=round(time.perf_counter() - t0, 1))
+    lines.emit({**last, "total_seconds": round(time.perf_counter() - started, 1)})
+    lines.write_array(args.out)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,12 @@ activation memory: 4 clips of 3 objects at 512 input needed more than 21 GiB on 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
-from pathlib import Path
 
 import torch
+from common import JsonLines, device_name, dtype_name, use_repo_paths
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "medsam2"))
-sys.path.insert(0, str(REPO / "bench"))
+use_repo_paths()
 
 from finetune_speed import generated_study  # noqa: E402
 
@@ -102,21 +98,15 @@ def main() -> None:
     base = {
         "bench": "training_throughput",
         "model": f"hiera-t {args.image_size} (MedSAM2 shape), random init",
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
-        "dtype": str(dtype or torch.float32).replace("torch.", ""),
+        "device": device_name(device),
+        "dtype": dtype_name(dtype),
         "torch": torch.__version__,
         "volumes": f"{args.studies} x {args.slices}x{args.size}x{args.size}",
         "clips_per_epoch": args.clips,
         "clip_length": 8,
     }
 
-    def emit(line: dict) -> None:
-        text = json.dumps({**base, **line})
-        print(text, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(text + "\n")
-
+    emit = JsonLines(args.out, **base).emit
     variants = args.variants.split(",")
     for parts in args.train_parts.split(","):
         runs: dict[str, list[float]] = {v: [] for v in variants}

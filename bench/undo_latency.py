@@ -14,7 +14,6 @@ summary with the ratios undo / propagation and undo / correction of the same run
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys
@@ -25,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+from common import REPO, JsonLines, device_name, dtype_name, timed, use_repo_paths
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "medsam2"))
-sys.path.insert(0, str(REPO / "tests"))
+use_repo_paths()
+
 
 from lib.configs.medsam2 import MedSAM2  # noqa: E402
 from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, save_checkpoint  # noqa: E402
@@ -64,7 +63,7 @@ def prompts_from_label(label: np.ndarray, shift: int) -> tuple[dict, dict]:
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", default="lung2", help="a demo study (scripts/prepare_demo.py)")
     ap.add_argument("--slice-range", default="", help="first,last axial slices of the 3D requests (default: all)")
@@ -72,76 +71,53 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=5, help="undo/redo pairs after the first, for a median")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "undo_latency.json"))
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    image_path, label_path = demo_case(args.case)
-    label = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path))) > 0  # (k, j, i)
-    box_prompt, click_prompt = prompts_from_label(label, args.click_shift)
-    bounds = [int(v) for v in args.slice_range.split(",")] if args.slice_range else None
 
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        checkpoint = Path(tmp) / "random_medsam2.pt"
-        save_checkpoint(object_present_bias(build_model(MEDSAM2_CONFIG)), checkpoint)
-        config = MedSAM2()
-        config.init("medsam2", tmp, {"checkpoint": str(checkpoint), "device": args.device}, None)
-        segmenter = config.segmenter
-        t0 = time.perf_counter()
-        segmenter.provider.get()  # the server loads the model on the first request; not part of the figures
-        load_s = round(time.perf_counter() - t0, 2)
+def app_segmenter(tmp: str, device: str) -> tuple[MedSAM2, float]:
+    """The app's own wiring and default settings on a random-weights checkpoint saved as the tests save it, its
+    model loaded (the server loads it on the first request; not part of the figures): (config, load seconds)."""
+    torch.manual_seed(0)
+    checkpoint = Path(tmp) / "random_medsam2.pt"
+    save_checkpoint(object_present_bias(build_model(MEDSAM2_CONFIG)), checkpoint)
+    config = MedSAM2()
+    config.init("medsam2", tmp, {"checkpoint": str(checkpoint), "device": device}, None)
+    t0 = time.perf_counter()
+    config.segmenter.provider.get()
+    return config, round(time.perf_counter() - t0, 2)
 
-        s = config.settings
-        base = {
-            "model": "hiera-t 512 (MedSAM2 shape), random weights, saved and loaded as a checkpoint",
-            "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()}",
-            "dtype": str(segmenter.provider.compute_dtype or torch.float32).replace("torch.", ""),
-            "host": platform.node(),
-            "image": f"{args.case} {list(label.shape)[::-1]} (i, j, k)",
-            "settings": f"app defaults: window {s.window.name or s.window.mode}, "
-            f"encode_batch {s.encode_batch}, "
-            f"undo_levels {s.undo_levels}, precision {s.precision}",
-            "slice_range": bounds or "whole volume",
-        }
-        extra = {"slice_range": bounds} if bounds else {}
-        requests = [
-            ("3d_box", {"prompts": [box_prompt], **extra}),
-            ("correction", {"prompts": [click_prompt], "correction": True, **extra}),
-            ("undo", {"undo": True}),
-            ("redo", {"redo": True}),
-        ]
-        for _ in range(args.cycles):
-            requests += [("undo_again", {"undo": True}), ("redo_again", {"redo": True})]
 
-        lines, labels, totals, walls = [], {}, {}, {}
-        for name, request in requests:
-            t0 = time.perf_counter()
-            answer, out, _ = segmenter.segment_3d(str(image_path), {**request, "client_id": "bench"})
-            wall = round(time.perf_counter() - t0, 4)
-            labels.setdefault(name, answer)
-            totals.setdefault(name, []).append(out["latencies"]["total"])
-            walls.setdefault(name, []).append(wall)
-            if name.endswith("_again"):
-                continue
-            line = {"request": name, **(base if name == "3d_box" else {}), "latency_total_s": out["latencies"]["total"]}
-            line["wall_s"] = wall  # the call as its caller sees it: for undo/redo, with the label's decompression
-            line["latencies"] = out["latencies"]
-            line["labelled_voxels"] = int((answer > 0).sum())
-            line["history"] = out["history"]
-            if name == "3d_box":
-                line["window_used"] = out["window"]
-                line["model_load_s_before_it"] = load_s
-                line["prompt"] = box_prompt
-            if name == "correction":
-                line["prompt"] = click_prompt
-            lines.append(line)
-            print(json.dumps(line), flush=True)
+def request_sequence(box_prompt: dict, click_prompt: dict, bounds: list[int] | None, cycles: int) -> list:
+    """(name, params): a 3D box, a correction, undo, redo, then ``cycles`` more undo/redo pairs."""
+    extra = {"slice_range": bounds} if bounds else {}
+    sequence = [
+        ("3d_box", {"prompts": [box_prompt], **extra}),
+        ("correction", {"prompts": [click_prompt], "correction": True, **extra}),
+        ("undo", {"undo": True}),
+        ("redo", {"redo": True}),
+    ]
+    return sequence + [("undo_again", {"undo": True}), ("redo_again", {"redo": True})] * cycles
 
+
+def request_line(name: str, out: dict, answer: np.ndarray, wall: float) -> dict:
+    """One request's line: its latencies, the call's wall time, the labelled voxels and the undo history."""
+    return {
+        "request": name,
+        "latency_total_s": out["latencies"]["total"],
+        "wall_s": wall,  # the call as its caller sees it: for undo/redo, with the label's decompression
+        "latencies": out["latencies"],
+        "labelled_voxels": int((answer > 0).sum()),
+        "history": out["history"],
+    }
+
+
+def summary_line(bounds: list[int] | None, totals: dict, walls: dict, labels: dict) -> dict:
+    """Undo and redo against the propagation and the correction they replace; whether they restore the answers."""
     undo, redo = totals["undo"][0], totals["redo"][0]
-    repeats_undo = totals.get("undo_again", [])
-    repeats_redo = totals.get("redo_again", [])
-    wall_undo = walls["undo"] + walls.get("undo_again", [])
-    wall_redo = walls["redo"] + walls.get("redo_again", [])
-    summary = {
+    repeats_undo, repeats_redo = totals.get("undo_again", []), totals.get("redo_again", [])
+    wall_undo = float(np.median(walls["undo"] + walls.get("undo_again", [])))
+    wall_redo = float(np.median(walls["redo"] + walls.get("redo_again", [])))
+    return {
         "summary": True,
         "slice_range": bounds or "whole volume",
         "propagation_s": totals["3d_box"][0],
@@ -153,20 +129,56 @@ def main() -> None:
         "undo_vs_propagation": round(undo / totals["3d_box"][0], 5),
         "undo_vs_correction": round(undo / totals["correction"][0], 5),
         "redo_vs_propagation": round(redo / totals["3d_box"][0], 5),
-        "undo_wall_median_s": float(np.median(wall_undo)),
-        "redo_wall_median_s": float(np.median(wall_redo)),
-        "undo_wall_vs_propagation_wall": round(float(np.median(wall_undo)) / walls["3d_box"][0], 5),
-        "undo_wall_vs_correction_wall": round(float(np.median(wall_undo)) / walls["correction"][0], 5),
+        "undo_wall_median_s": wall_undo,
+        "redo_wall_median_s": wall_redo,
+        "undo_wall_vs_propagation_wall": round(wall_undo / walls["3d_box"][0], 5),
+        "undo_wall_vs_correction_wall": round(wall_undo / walls["correction"][0], 5),
         "note": "wall_s: the segmenter call's wall time; latencies.total of an undo/redo includes decompressing its "
         "label since commit 'An undo's latency includes decompressing the label it answers' (results before it: not)",
         "undo_restores_first_answer": bool((labels["undo"] == labels["3d_box"]).all()),
         "redo_restores_correction": bool((labels["redo"] == labels["correction"]).all()),
     }
-    lines.append(summary)
-    print(json.dumps(summary), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("[\n" + ",\n".join(json.dumps(line) for line in lines) + "\n]\n")
+
+
+def main() -> None:
+    args = parse_args()
+    image_path, label_path = demo_case(args.case)
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path))) > 0  # (k, j, i)
+    box_prompt, click_prompt = prompts_from_label(label, args.click_shift)
+    bounds = [int(v) for v in args.slice_range.split(",")] if args.slice_range else None
+    lines = JsonLines(None)
+    labels, totals, walls = {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        config, load_s = app_segmenter(tmp, args.device)
+        s = config.settings
+        first = {
+            "model": "hiera-t 512 (MedSAM2 shape), random weights, saved and loaded as a checkpoint",
+            "device": device_name(args.device),
+            "dtype": dtype_name(config.segmenter.provider.compute_dtype),
+            "host": platform.node(),
+            "image": f"{args.case} {list(label.shape)[::-1]} (i, j, k)",
+            "settings": f"app defaults: window {s.window.name or s.window.mode}, encode_batch {s.encode_batch}, "
+            f"undo_levels {s.undo_levels}, precision {s.precision}",
+            "slice_range": bounds or "whole volume",
+            "model_load_s_before_it": load_s,
+            "prompt": box_prompt,
+        }
+        for name, request in request_sequence(box_prompt, click_prompt, bounds, args.cycles):
+            with timed() as t:
+                answer, out, _ = config.segmenter.segment_3d(str(image_path), {**request, "client_id": "bench"})
+            labels.setdefault(name, answer)
+            totals.setdefault(name, []).append(out["latencies"]["total"])
+            walls.setdefault(name, []).append(round(t.seconds, 4))
+            if name.endswith("_again"):
+                continue
+            line = request_line(name, out, answer, round(t.seconds, 4))
+            if name == "3d_box":
+                line.update(first, window_used=out["window"])
+            if name == "correction":
+                line["prompt"] = click_prompt
+            lines.emit(line)
+    lines.emit(summary_line(bounds, totals, walls, labels))
+    lines.write_array(args.out)
 
 
 if __name__ == "__main__":
