@@ -1,53 +1,119 @@
-"""The README's PACS demo (scripts/pacs_demo.py): Orthanc with the demo lung CTs, the app serving them over
-DICOMweb; stopping the demo stops both."""
+"""The README's first command, ``bash scripts/start_demo.sh``, as a newcomer runs it: the demo studies converted to
+DICOM in a local Orthanc started by the script, the app serving them; OHIF's study list (the DICOMweb proxy) shows
+them and a box gives a 3D answer. Stopping the demo stops Orthanc with the server.
+
+One demo serves the module (its start converts and uploads the five demo studies): the saved-label tests on
+Orthanc (CONTRACTS C4) run on it too, in file order. Ports and the demo folder come from the script's environment
+variables; the model is the reference model (no download), passed as the README's offline form passes its
+``--conf`` arguments.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
-import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import requests
 from pacs_testing import DICOMWEB_PLUGIN, ORTHANC, REPO, free_port, require
 
-# scripts/pacs_demo.py starts Orthanc and the server as subprocesses
+from sam2_testing import REFERENCE_CHECKPOINT, REFERENCE_CONFIG
+
+# the script starts Orthanc and the server as subprocesses
 pytestmark = [pytest.mark.server, pytest.mark.pacs]
+DEMO_CASES = {"brain1", "brain2", "breast1", "lung1", "lung2"}
+NODULE = {"label": "lesion", "slice": 20, "box": [317, 335, 385, 395]}  # lung2's nodule, demo slices 15-25
 
 
-def test_pacs_demo_serves_the_demo_series_and_stops_orthanc_with_it(tmp_path):
-    require([ORTHANC, DICOMWEB_PLUGIN], "Orthanc with its DICOMweb plugin (Debian orthanc, orthanc-dicomweb)")
-    orthanc_port, port = free_port(), free_port()
-    cmd = [sys.executable, str(REPO / "scripts" / "pacs_demo.py"), "--folder", str(tmp_path / "pacs")]
-    cmd += ["--orthanc-port", str(orthanc_port), "--port", str(port), "--conf", "checkpoint", "random"]
-    log = open(tmp_path / "demo.log", "w")
-    demo = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            assert demo.poll() is None, (tmp_path / "demo.log").read_text()[-3000:]
-            try:
-                if requests.get(url + "/info/", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(1)
-        listing = requests.get(url + "/datastore/?output=all", timeout=60).json()["objects"]
-        assert len(listing) == 2  # lung1 and lung2, as CT series
-        series = requests.get(f"http://127.0.0.1:{orthanc_port}/dicom-web/series", timeout=30).json()
-        assert {s["0020000E"]["Value"][0] for s in series} == set(listing)
-        assert {s["0008103E"]["Value"][0] for s in series} == {"lung1", "lung2"}
-    finally:
-        demo.send_signal(signal.SIGTERM)
+@dataclass
+class Demo:
+    url: str
+    orthanc: str
+    proc: subprocess.Popen
+    log: Path
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return requests.get(self.url + path, timeout=kw.pop("timeout", 120), **kw)
+
+    def post(self, path: str, **kw) -> requests.Response:
+        return requests.post(self.url + path, timeout=kw.pop("timeout", 300), **kw)
+
+    def series_uid(self, description: str) -> str:
+        found = requests.get(f"{self.orthanc}/dicom-web/series", params={"SeriesDescription": description}, timeout=30)
+        return found.json()[0]["0020000E"]["Value"][0]
+
+
+def wait_until_up(demo: Demo, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        assert demo.proc.poll() is None, demo.log.read_text()[-3000:]
         try:
-            demo.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            demo.kill()
-            raise
-    for probe in (url + "/info/", f"http://127.0.0.1:{orthanc_port}/system"):
-        try:
-            requests.get(probe, timeout=2)
-            raise AssertionError(f"{probe} still answers after the demo stopped")
-        except requests.ConnectionError:
+            if demo.get("/info/", timeout=2).ok:
+                return
+        except requests.RequestException:
             pass
+        time.sleep(1)
+    raise AssertionError(f"the demo did not answer within {timeout_s}s:\n{demo.log.read_text()[-3000:]}")
+
+
+def stop(demo: Demo) -> None:
+    demo.proc.send_signal(signal.SIGTERM)
+    try:
+        demo.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        demo.proc.kill()
+        raise
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Iterator[Demo]:
+    """``bash scripts/start_demo.sh --conf ...`` with its ports and demo folder set through its environment."""
+    require([ORTHANC, DICOMWEB_PLUGIN], "Orthanc with its DICOMweb plugin (Debian orthanc, orthanc-dicomweb)")
+    tmp = tmp_path_factory.mktemp("start_demo")
+    port, orthanc_port = free_port(), free_port()
+    env = {**os.environ, "MEDSAM2_PORT": str(port), "MEDSAM2_ORTHANC_PORT": str(orthanc_port)}
+    env["MEDSAM2_DEMO_DIR"] = str(tmp / "demo")
+    conf = {"checkpoint": REFERENCE_CHECKPOINT, "model_config": REFERENCE_CONFIG, "warm_up": "off"}
+    conf |= {"cpu_encoder": "torch", "finetuned_checkpoint": tmp / "finetuned.pt"}
+    args = [a for k, v in conf.items() for a in ("--conf", k, str(v))]
+    log = tmp / "demo.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            ["bash", "scripts/start_demo.sh", *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO)
+        )
+    started = Demo(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{orthanc_port}", proc, log)
+    try:
+        wait_until_up(started, 600)
+        yield started
+    finally:
+        stop(started)
+
+
+def test_start_demo_lists_the_demo_studies_in_ohif_and_a_box_gives_a_3d_answer(demo):
+    assert "no local PACS" not in demo.log.read_text()
+    assert demo.get("/ohif/").status_code == 200
+    # OHIF's study list asks the PACS through the server's DICOMweb proxy
+    studies = demo.get("/proxy/dicom/qido/studies").json()
+    assert {s["00100020"]["Value"][0] for s in studies} >= {"MEDSAM2-DEMO-1", "MEDSAM2-DEMO-2"}
+    assert len(studies) == len(DEMO_CASES)
+    listing = demo.get("/datastore/?output=all").json()["objects"]
+    assert len(listing) == len(DEMO_CASES)  # CT and MR series, each an image of the app
+    lung2 = demo.series_uid("lung2")
+    params = {"prompts": [NODULE], "slice_range": [15, 25]}
+    r = demo.post(f"/infer/medsam2_3d?image={lung2}&output=json", data={"params": json.dumps(params)})
+    assert r.status_code == 200, r.text
+    coverage = r.json()["coverage"]["lesion"]
+    assert coverage["num_slices_with_mask"] >= 5, coverage
+
+
+def test_stopping_the_demo_stops_orthanc_too(demo):
+    stop(demo)
+    for probe in (demo.url + "/info/", demo.orthanc + "/system"):
+        with pytest.raises(requests.ConnectionError):
+            requests.get(probe, timeout=2)
