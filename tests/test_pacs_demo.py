@@ -19,8 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
+import SimpleITK as sitk
 from pacs_testing import DICOMWEB_PLUGIN, ORTHANC, REPO, free_port, require
 
 from sam2_testing import REFERENCE_CHECKPOINT, REFERENCE_CONFIG
@@ -110,6 +112,56 @@ def test_start_demo_lists_the_demo_studies_in_ohif_and_a_box_gives_a_3d_answer(d
     assert r.status_code == 200, r.text
     coverage = r.json()["coverage"]["lesion"]
     assert coverage["num_slices_with_mask"] >= 5, coverage
+
+
+def put_final_label(demo: Demo, image_id: str, image: sitk.Image, value: int, path: Path, shift: int = 0) -> None:
+    """Save a final label (a box of ``value`` on slices 8-10) as OHIF's panel does: PUT /datastore/label."""
+    arr = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.uint8)
+    arr[8:11, 100 + shift : 140 + shift, 100:150] = value
+    label = sitk.GetImageFromArray(arr)
+    label.CopyInformation(image)
+    sitk.WriteImage(label, str(path))
+    with open(path, "rb") as f:
+        r = requests.put(
+            f"{demo.url}/datastore/label?image={image_id}&tag=final", files={"label": (path.name, f)}, timeout=300
+        )
+    assert r.status_code == 200, r.text
+
+
+def test_saved_labels_on_orthanc_each_save_a_new_seg_series_and_any_one_refined(demo, tmp_path):
+    """CONTRACTS C4 next to a PACS: a name added to an image, two saves as two SEG series, the older refined."""
+    brain1, brain2 = demo.series_uid("brain1"), demo.series_uid("brain2")
+    added = demo.post(f"/medsam2/labels/{brain2}/names", json={"name": "oedema (left)"})
+    assert added.status_code == 200, added.text
+    assert demo.post(f"/medsam2/labels/{brain2}/names", json={"name": "oedema/left"}).status_code == 422
+    value = demo.get("/info/").json()["label_names"]["added"]["oedema (left)"]
+    assert demo.get(f"/medsam2/labels/{brain2}").json()["saved"] == []
+
+    (tmp_path / "brain2.nii.gz").write_bytes(demo.get(f"/datastore/image?image={brain2}").content)
+    image = sitk.ReadImage(str(tmp_path / "brain2.nii.gz"))
+    put_final_label(demo, brain2, image, value, tmp_path / "first.nii.gz")
+    put_final_label(demo, brain2, image, value, tmp_path / "second.nii.gz", shift=20)
+    listed = demo.get(f"/medsam2/labels/{brain2}").json()
+    assert listed["names"][-1] == "oedema (left)"
+    saved = listed["saved"]
+    assert [(s["tag"], s["version"], s["source"], s["names"]) for s in saved] == [
+        ("final", 2, "pacs", ["oedema (left)"]),
+        ("final", 1, "pacs", ["oedema (left)"]),
+    ]
+    segs = requests.get(f"{demo.orthanc}/dicom-web/series", params={"Modality": "SEG"}, timeout=30).json()
+    assert {s["0020000E"]["Value"][0] for s in segs} == {s["series_uid"] for s in saved}  # both kept in the PACS
+    assert all(s["refine_from"] == f"seg:{s['series_uid']}" for s in saved)
+
+    prompt = {"label": "oedema (left)", "slice": 9, "box": [100, 100, 150, 140]}
+    params = {"prompts": [prompt], "refine_from": saved[1]["refine_from"], "slice_range": [8, 10]}
+    r = demo.post(f"/infer/medsam2_3d?image={brain2}&output=json", data={"params": json.dumps(params)})
+    assert r.status_code == 200, r.text
+    assert r.json()["label_names"]["oedema (left)"] == value
+
+    # a SEG of brain2 to refine brain1: 422 naming both grids
+    r = demo.post(f"/infer/medsam2_3d?image={brain1}&output=json", data={"params": json.dumps(params)})
+    assert r.status_code == 422, r.text
+    assert "256x256x23 voxels" in r.json()["detail"] and "256x256x25 voxels" in r.json()["detail"], r.text
 
 
 def test_stopping_the_demo_stops_orthanc_too(demo):
