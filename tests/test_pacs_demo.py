@@ -27,8 +27,7 @@ from pacs_testing import DICOMWEB_PLUGIN, ORTHANC, REPO, free_port, require
 
 from sam2_testing import REFERENCE_CHECKPOINT, REFERENCE_CONFIG
 
-# the script starts Orthanc and the server as subprocesses
-pytestmark = [pytest.mark.server, pytest.mark.pacs]
+# the script starts Orthanc and the server as subprocesses: the tests on the demo are marked by hand
 DEMO_CASES = {"brain1", "brain2", "breast1", "lung1", "lung2"}
 NODULE = {"label": "lesion", "slice": 20, "box": [317, 335, 385, 395]}  # lung2's nodule, demo slices 15-25
 
@@ -97,6 +96,8 @@ def demo(tmp_path_factory) -> Iterator[Demo]:
         stop(started)
 
 
+@pytest.mark.server
+@pytest.mark.pacs
 def test_start_demo_lists_the_demo_studies_in_ohif_and_a_box_gives_a_3d_answer(demo):
     assert "no local PACS" not in demo.log.read_text()
     assert demo.get("/ohif/").status_code == 200
@@ -128,6 +129,8 @@ def put_final_label(demo: Demo, image_id: str, image: sitk.Image, value: int, pa
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.server
+@pytest.mark.pacs
 def test_saved_labels_on_orthanc_each_save_a_new_seg_series_and_any_one_refined(demo, tmp_path):
     """CONTRACTS C4 next to a PACS: a name added to an image, two saves as two SEG series, the older refined."""
     brain1, brain2 = demo.series_uid("brain1"), demo.series_uid("brain2")
@@ -164,8 +167,29 @@ def test_saved_labels_on_orthanc_each_save_a_new_seg_series_and_any_one_refined(
     assert "256x256x23 voxels" in r.json()["detail"] and "256x256x25 voxels" in r.json()["detail"], r.text
 
 
+@pytest.mark.server
+@pytest.mark.pacs
 def test_stopping_the_demo_stops_orthanc_too(demo):
     stop(demo)
     for probe in (demo.url + "/info/", demo.orthanc + "/system"):
         with pytest.raises(requests.ConnectionError):
             requests.get(probe, timeout=2)
+
+
+def test_without_root_the_pacs_install_fails_with_one_line_and_changes_nothing(tmp_path):
+    """What start_demo.sh shows before falling back to the studies folder (not root, no sudo, Orthanc missing)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, body in {"id": "echo 1000", "sudo": "exit 1", "dpkg-query": "exit 1", "apt-get": "exit 99"}.items():
+        (fake / name).write_text(f"#!/bin/sh\n{body}\n")
+        (fake / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(
+        ["bash", "scripts/install_pacs_tools.sh", "--pacs-only"], capture_output=True, text=True, env=env, cwd=REPO
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "install_pacs_tools: orthanc orthanc-dicomweb not installed: needs root (or password-less sudo)"
+    ]
+    script = (REPO / "scripts" / "start_demo.sh").read_text()
+    assert "no local PACS (${why#install_pacs_tools: })" in script  # the one line start_demo.sh prints from it
