@@ -55,7 +55,7 @@ from lib.imaging.dicom_seg import (
 )
 from lib.imaging.volume_io import describe_image_grid
 from lib.log_identifiers import identifying_values, remember_identifiers
-from lib.storage.label_catalog import newest_first
+from lib.storage.label_catalog import VERSION_KEY, newest_first
 from lib.storage.local_datastore import DurableLocalDatastore, check_writable_names
 
 logger = logging.getLogger(__name__)
@@ -464,14 +464,13 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         return path
 
     def _grid_of(self, image_id: str) -> str:
+        """The grid of another image series, in words (for a message)."""
+        if image_id not in self.list_images():
+            return "a series this server does not list"
         try:
-            return (
-                describe_image_grid(sitk.ReadImage(self.get_image_uri(image_id)))
-                if image_id in self.list_images()
-                else "?"
-            )
+            return describe_image_grid(sitk.ReadImage(self.get_image_uri(image_id)))
         except AppError:
-            return "not readable"
+            return "a series that cannot be read"
 
     def _decode_seg(self, seg_uid: str, image: sitk.Image, path: str) -> None:
         seg_dir = os.path.join(self._datastore_path, "segs", f"{seg_uid}.{uuid.uuid4().hex}")
@@ -492,7 +491,7 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         """A final label already in the PACS is kept there (its SEG series): only an unsent one is copied."""
         current = obj.labels.get(label_tag)
         if label_tag == FINAL and current is not None and current.info.get("pacs_upload", {}).get("status") == "sent":
-            return int(current.info.get("medsam2_version", 1))
+            return int(current.info.get(VERSION_KEY, 1))
         return super()._keep_earlier_version(image_id, obj, label_tag)
 
     # ----- saving -------------------------------------------------------------------------------------------
