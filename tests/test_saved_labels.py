@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from conftest import Server, write_image
 from lib.errors import Unprocessable
 from lib.storage.image_labels import image_labels
-from lib.storage.label_catalog import LabelNames, check_label_name
+from lib.storage.label_catalog import LabelNames, check_label_name, names_in_label
 from lib.storage.local_datastore import CineLocalDatastore
 from sam2_testing import blob_volume
 
@@ -40,6 +40,13 @@ def test_added_names_are_kept_on_disk_with_one_value_per_name_across_images(tmp_
     assert names.add("b", "liver (left)")["liver (left)"] == 3  # the value it got first
     assert names.of_image("c") == {"lesion": 1, "organ": 2}
     assert names.added_by_image() == {"a": ["liver (left)"], "b": ["kidney", "liver (left)"]}
+
+
+def test_a_label_whose_header_declares_billions_of_voxels_is_not_read_to_list_its_names(tmp_path):
+    from test_fuzz_uploads import huge_header_nifti
+
+    (tmp_path / "huge.nii").write_bytes(huge_header_nifti())
+    assert names_in_label(str(tmp_path / "huge.nii"), {"lesion": 1}) == []
 
 
 def label_file(path: Path, image: sitk.Image, value: int, shift: int = 0) -> Path:

@@ -16,6 +16,7 @@ next to a PACS every save of a final label is a new DICOM SEG series and the old
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from datetime import UTC, datetime
@@ -35,6 +36,7 @@ MAX_NAME_CHARS = 64
 VERSION_TAG = re.compile(r"^(?P<tag>[A-Za-z0-9_-]+)-v(?P<version>[0-9]+)$")  # an older version of a tag
 VERSION_KEY = "medsam2_version"  # a saved label's version number in its info (1 when absent)
 NAMES_KEY = "medsam2_names"  # the label names a saved label holds, noted when it is saved
+MAX_LISTED_VOXELS = 512 * 512 * 1200  # larger label files are not read to list their names
 
 
 def check_label_name(name: Any) -> str:
@@ -105,9 +107,15 @@ class LabelNames:
 
 
 def names_in_label(path: str, names: dict[str, int]) -> list[str]:
-    """The label names a label file holds (values without a name as ``label <value>``; none when unreadable)."""
+    """The label names a label file holds (values without a name as ``label <value>``; none when the file is not
+    a readable image, or declares more than ``MAX_LISTED_VOXELS``: a forged header must not allocate gigabytes)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        values = np.unique(sitk.GetArrayFromImage(sitk.ReadImage(path)))  # a view would outlive its image
+        reader.ReadImageInformation()
+        if math.prod(reader.GetSize()) * reader.GetNumberOfComponents() > MAX_LISTED_VOXELS:
+            return []
+        values = np.unique(sitk.GetArrayFromImage(reader.Execute()))  # a view would outlive its image
     except RuntimeError:  # e.g. OHIF's raw .bin before conversion: its save reports what is wrong
         return []
     by_value = {v: k for k, v in names.items()}
