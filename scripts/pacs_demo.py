@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,13 @@ def orthanc_missing() -> str | None:
     return f"{', '.join(missing)} missing" if missing else None
 
 
+def port_in_use(port: int) -> bool:
+    """Something already listens on 127.0.0.1:``port`` (e.g. Debian's own Orthanc service on 8042)."""
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--studies", type=Path, default=REPO / "demo" / "studies", help="NIfTI studies to convert")
@@ -75,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     args, server_args = ap.parse_known_args(argv)
     if why := orthanc_missing():
         raise SystemExit(f"{why}: install Orthanc first (sudo bash scripts/install_pacs_tools.sh --pacs-only)")
+    if port_in_use(args.orthanc_port):
+        raise SystemExit(
+            f"port {args.orthanc_port} is in use (Debian's Orthanc service? sudo systemctl stop orthanc), so the "
+            "demo's Orthanc cannot start there: set MEDSAM2_ORTHANC_PORT (start_demo.sh) or --orthanc-port."
+        )
     files = write_demo_series(args.studies, args.folder / "series")
     orthanc = LocalOrthanc(args.folder / "orthanc", args.orthanc_port, name="MEDSAM2-DEMO-PACS").start()
     try:

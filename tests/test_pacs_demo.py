@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -193,3 +195,15 @@ def test_without_root_the_pacs_install_fails_with_one_line_and_changes_nothing(t
     ]
     script = (REPO / "scripts" / "start_demo.sh").read_text()
     assert "no local PACS (${why#install_pacs_tools: })" in script  # the one line start_demo.sh prints from it
+
+
+def test_a_port_taken_by_another_orthanc_is_named_before_anything_is_converted(tmp_path):
+    require([ORTHANC, DICOMWEB_PLUGIN], "Orthanc with its DICOMweb plugin (Debian orthanc, orthanc-dicomweb)")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "scripts/pacs_demo.py", "--orthanc-port", str(port), "--studies", str(tmp_path)]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 1 and f"port {port} is in use" in done.stderr, done.stderr[-2000:]
+    assert not list(tmp_path.iterdir())  # nothing prepared or converted
