@@ -1,5 +1,5 @@
-"""Write a volume as a CT DICOM series, one file per slice, with consistent geometry (what a CT scanner sends a
-PACS): used by the PACS demo (``scripts/pacs_demo.py``) and the PACS tests."""
+"""Write a volume as a CT (or MR) DICOM series, one file per slice, with consistent geometry (what a scanner sends
+a PACS): used by the PACS demo (``scripts/pacs_demo.py``) and the PACS tests."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 
 @dataclass
@@ -30,8 +30,10 @@ def write_ct_series(
     head_first_numbering: bool = False,
     uid_seed: str | None = None,
     description: str = "lung CT (pyradiomics lung2 slab)",
+    modality: str = "CT",
 ) -> CtSeries:
-    """One CT DICOM file per slice of ``image`` (LPS geometry, HU stored with RescaleIntercept -1024).
+    """One CT DICOM file per slice of ``image`` (LPS geometry, HU stored with RescaleIntercept -1024); with
+    ``modality="MR"`` an MR series (values stored as they are, rounded, RescaleIntercept 0).
 
     ``uid_seed``: derive the UIDs from it (re-running writes the same instances). By default InstanceNumber 1
     is the slice with the highest z (superior first), the reverse of the voxel order, so a reader that sorts by
@@ -46,6 +48,9 @@ def write_ct_series(
     series_uid = series_uid or uid("series")
     frame_uid = uid("frame")
     arr = sitk.GetArrayFromImage(image)  # (k, j, i)
+    sop_class, intercept = (MRImageStorage, 0) if modality == "MR" else (CTImageStorage, -1024)
+    stored = np.clip(np.round(arr).astype(np.int64) - intercept, 0, 65535).astype(np.uint16)
+    window = np.percentile(arr, [0.5, 99.5]) if modality == "MR" else (-1350.0, 150.0)
     direction = np.array(image.GetDirection()).reshape(3, 3)
     spacing = image.GetSpacing()
     origin = np.array(image.GetOrigin())
@@ -55,12 +60,12 @@ def write_ct_series(
         ipp = origin + direction[:, 2] * spacing[2] * k
         number = k + 1 if head_first_numbering else n - k
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPClassUID = sop_class
         meta.MediaStorageSOPInstanceUID = uid("instance", str(k))
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         path = folder / f"slice_{number:04d}.dcm"
         ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID = CTImageStorage
+        ds.SOPClassUID = sop_class
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         ds.PatientName = "Doe^Jane"  # a placeholder: the log scrubber hides its parts wherever they appear
         ds.PatientID = patient_id
@@ -74,14 +79,14 @@ def write_ct_series(
         ds.StudyID = "1"
         ds.AccessionNumber = "MS2-0001"
         ds.ReferringPhysicianName = ""
-        ds.StudyDescription = "MedSAM2 test chest CT"
+        ds.StudyDescription = f"MedSAM2 {description}" if modality == "MR" else "MedSAM2 test chest CT"
         ds.SeriesDescription = description
-        ds.Modality = "CT"
+        ds.Modality = modality
         ds.Manufacturer = "MedSAM2 tests"
         ds.SeriesNumber = 1
         ds.InstanceNumber = number
         ds.PositionReferenceIndicator = ""
-        ds.BodyPartExamined = "CHEST"
+        ds.BodyPartExamined = "CHEST" if modality == "CT" else ""
         ds.ImagePositionPatient = [f"{v:.6f}" for v in ipp]
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1])]
         ds.PixelSpacing = [f"{spacing[1]:.6f}", f"{spacing[0]:.6f}"]
@@ -94,13 +99,14 @@ def write_ct_series(
         ds.BitsStored = 16
         ds.HighBit = 15
         ds.PixelRepresentation = 0
-        ds.RescaleIntercept = "-1024"
+        ds.RescaleIntercept = str(intercept)
         ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
-        ds.WindowCenter = "-600"
-        ds.WindowWidth = "1500"
-        ds.KVP = "120"
-        ds.PixelData = (np.clip(arr[k].astype(np.int32) + 1024, 0, 65535)).astype(np.uint16).tobytes()
+        ds.WindowCenter = f"{(window[0] + window[1]) / 2:.1f}"
+        ds.WindowWidth = f"{max(window[1] - window[0], 1.0):.1f}"
+        if modality == "CT":
+            ds.RescaleType = "HU"
+            ds.KVP = "120"
+        ds.PixelData = stored[k].tobytes()
         ds.save_as(str(path), write_like_original=False)
         files.append(path)
         ipps.append(tuple(float(v) for v in ds.ImagePositionPatient))

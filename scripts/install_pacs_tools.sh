@@ -4,9 +4,15 @@
 # is installed) for the test that rebuilds the OHIF panel from its pinned packages. Idempotent; needs root
 # (or sudo). The tests start their own Orthanc and nginx on 127.0.0.1 with temporary storage: the Debian
 # services are not used (and not started here).
+#   --pacs-only   Orthanc and its DICOMweb plugin only (what scripts/start_demo.sh needs)
+# Exits 1 with one line on stderr when it cannot install (not root and no password-less sudo, or apt-get failed).
 set -euo pipefail
-packages=(orthanc orthanc-dicomweb chromium chromium-driver nginx)
-command -v npm >/dev/null || packages+=(nodejs npm)
+if [ "${1-}" = "--pacs-only" ]; then
+  packages=(orthanc orthanc-dicomweb)
+else
+  packages=(orthanc orthanc-dicomweb chromium chromium-driver nginx)
+  command -v npm >/dev/null || packages+=(nodejs npm)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -16,13 +22,29 @@ if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
 run=()
-[ "$(id -u)" -eq 0 ] || run=(sudo)
+if [ "$(id -u)" -ne 0 ]; then
+  if ! command -v sudo >/dev/null || ! sudo -n true 2>/dev/null; then
+    echo "install_pacs_tools: ${missing[*]} not installed: needs root (or password-less sudo)" >&2
+    exit 1
+  fi
+  run=(sudo -n)
+fi
+if ! command -v apt-get >/dev/null; then
+  echo "install_pacs_tools: ${missing[*]} not installed: no apt-get (Debian/Ubuntu packages)" >&2
+  exit 1
+fi
 # policy-rc.d 101: the packages install without starting the system Orthanc or nginx service
 if [ ! -e /usr/sbin/policy-rc.d ]; then
   printf '#!/bin/sh\nexit 101\n' | "${run[@]}" tee /usr/sbin/policy-rc.d >/dev/null
   "${run[@]}" chmod +x /usr/sbin/policy-rc.d
   trap '"${run[@]}" rm -f /usr/sbin/policy-rc.d' EXIT
 fi
-"${run[@]}" apt-get update -qq
-DEBIAN_FRONTEND=noninteractive "${run[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+log="$(mktemp)"
+if ! { "${run[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${run[@]}" apt-get install -y -qq "${missing[@]}"; } \
+  >"$log" 2>&1; then
+  echo "install_pacs_tools: apt-get could not install ${missing[*]}: $(grep -m1 -E '^(E|W):' "$log" || tail -n1 "$log")" >&2
+  rm -f "$log"
+  exit 1
+fi
+rm -f "$log"
 echo "install_pacs_tools: installed ${missing[*]}"

@@ -69,6 +69,7 @@ class MedSAM2App(MONAILabelApp):
             operations=OperationsSource(self.replica, self.status.operations, self.status.not_ready_reasons),
             on_image_opened=self.image_opened,
             allow_untested_monailabel=self.settings.allow_untested_monailabel,
+            datastore=self.datastore,
         )
 
     def init_datastore(self) -> Datastore:

@@ -211,6 +211,18 @@ def read_label_values(path: str | os.PathLike, max_voxels: int | None) -> np.nda
     return sitk.GetArrayFromImage(_read_label(reader, "uploaded label")).astype(np.int32)
 
 
+def describe_grid(size, spacing, origin) -> str:
+    """A voxel grid in words: size (i x j x k), spacing and origin."""
+    sizes = "x".join(str(int(n)) for n in size)
+    spacings = ", ".join(f"{v:.4g}" for v in spacing)
+    return f"{sizes} voxels, spacing ({spacings}) mm, origin ({', '.join(f'{v:.4g}' for v in origin)})"
+
+
+def describe_image_grid(image: sitk.Image) -> str:
+    """:func:`describe_grid` of an image."""
+    return describe_grid(image.GetSize(), image.GetSpacing(), image.GetOrigin())
+
+
 def load_label_on(path: str | os.PathLike, reference: sitk.Image, what: str = "label") -> np.ndarray:
     """A label volume that lies on the image's voxel grid, as (k, j, i) int32 values.
 
@@ -225,8 +237,9 @@ def load_label_on(path: str | os.PathLike, reference: sitk.Image, what: str = "l
     if reader.GetNumberOfComponents() != 1 or reader.GetDimension() not in (2, 3):
         raise Unprocessable(f"The {what} must be a single-channel 2D or 3D label image.")
     if size != reference.GetSize():
+        grid = describe_grid(size, reader.GetSpacing(), reader.GetOrigin())
         raise Unprocessable(
-            f"The {what} has {list(size)} voxels (i, j, k) but the image has {list(reference.GetSize())}: "
+            f"The {what} lies on another voxel grid ({grid}) than the image ({describe_image_grid(reference)}): "
             "export the label on the image's geometry (in Slicer: the segmentation's reference volume)."
         )
     label = _read_label(reader, what)
@@ -243,9 +256,10 @@ def load_label_on(path: str | os.PathLike, reference: sitk.Image, what: str = "l
         if not np.allclose(a, b, atol=tol, rtol=0)
     ]
     if mismatch:
+        grid = describe_image_grid(label)
         raise Unprocessable(
-            f"The {what} lies on another voxel grid than the image (its {', '.join(mismatch)} differ): resample it "
-            "onto the image, or export it with the image as reference."
+            f"The {what} lies on another voxel grid ({grid}) than the image ({describe_image_grid(reference)}): its "
+            f"{', '.join(mismatch)} differ. Resample it onto the image, or export it with the image as reference."
         )
     array = sitk.GetArrayFromImage(label)
     if not np.issubdtype(array.dtype, np.integer):

@@ -10,13 +10,14 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.engine.changed_region import ChangedRegion
+from lib.engine.label_map import LabelMap
 from lib.engine.refine import LabelFile
 from lib.engine.request import SegmentRequest
 from lib.engine.segmenter import MedSAM2Segmenter
 from lib.errors import PromptError
 from lib.imaging.label_region import REGION_SUFFIX, write_label_region
 from lib.imaging.volume_io import label_suffix, write_label
-from lib.storage.label_sources import LABEL_FILE_KEY
+from lib.storage.label_sources import LABEL_FILE_KEY, LABEL_NAMES_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ class MedSAM2Infer(InferTask):
         return True
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        typed = self.segmenter.request(request, self.dimension)  # read once; the segmenter takes it as it is
+        # read once; the segmenter takes it as it is. Names added to the image (CONTRACTS C4) join the task's labels
+        typed = self.segmenter.request(request, self.dimension, self._image_labels(request))
         run = self.segmenter.segment_2d if self.dimension == 2 else self.segmenter.segment_3d
         label_file = self._label_file(request, typed)
         label, result, reference = run(str(request.get("image") or ""), typed, label_file)
@@ -73,6 +75,12 @@ class MedSAM2Infer(InferTask):
         if "hint" in result:  # OHIF asks for the label image only: the server log is where its users see this
             logger.info("medsam2_3d on %s: %s", request.get("image"), result["hint"])
         return _write_answer(label, reference, request, result), result
+
+    def _image_labels(self, request: dict[str, Any]) -> LabelMap | None:
+        added = request.get(LABEL_NAMES_KEY)
+        if not isinstance(added, dict) or not added:
+            return None
+        return LabelMap({**self.labels, **{k: v for k, v in added.items() if k not in self.labels}})
 
     def _label_file(self, request: dict[str, Any], typed: SegmentRequest) -> LabelFile | None:
         source = request.get(LABEL_FILE_KEY)

@@ -12,7 +12,7 @@ from monailabel.interfaces.datastore import Datastore
 from lib.errors import BadRequest, NotFound
 from lib.server.admission import AdmissionGate
 from lib.server.served_models import ServedModels
-from lib.storage.label_sources import attach_label_file, is_upload
+from lib.storage.label_sources import attach_label_file, attach_label_names, is_upload
 from lib.storage.pacs_datastore import PacsDatastore
 
 # strategies that do not run a model: no inference slot needed
@@ -30,6 +30,7 @@ def prepare_infer_request(request: dict[str, Any], models: Collection[str], data
     if request.get("model") not in models:
         raise NotFound(f"Unknown model {request.get('model')!r}; available: {sorted(models)}")
     attach_label_file(request, datastore)
+    attach_label_names(request, datastore)
 
 
 def next_sample(

@@ -46,7 +46,21 @@ class AppStatus:
         meta["session_cache"] = self.models.session_caches()
         meta["warm_up"] = dict(self.models.warm_up)
         meta["encode_ahead"] = self.models.encode_ahead()
+        self._added_label_names(meta)
         return meta
+
+    def _added_label_names(self, meta: dict[str, Any]) -> None:
+        """Names annotators added to images (CONTRACTS C4): in every model's labels (one value per name, so
+        Slicer's label list shows them), and per image under ``label_names``."""
+        store = getattr(self._get_datastore(), "names_store", None)
+        if store is None:
+            return
+        added = store.added()
+        for model in (meta.get("models") or {}).values():
+            labels = model.get("labels") if isinstance(model, dict) else None
+            if isinstance(labels, dict):
+                model["labels"] = {**labels, **{k: v for k, v in added.items() if k not in labels}}
+        meta["label_names"] = {"added": added, "images": store.added_by_image()}
 
     def not_ready_reasons(self) -> list[str]:
         """Why ``/health/ready`` answers 503: a model not loaded yet (or failed), or the datastore unreachable."""

@@ -65,6 +65,7 @@ class PatchContext:
     operations: Any = None  # lib.server.operations.OperationsSource
     on_image_opened: Callable[[str, str], None] | None = None  # (image id, source): lib.server.image_opened
     allow_untested_monailabel: bool = False  # --conf allow_untested_monailabel
+    datastore: Callable[[], Any] | None = None  # the app's datastore (MONAILabelApp.datastore): lib.server.label_routes
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,15 @@ def _apply_ohif_viewer(ctx: PatchContext) -> bool:
     return ohif_viewer.install()
 
 
+def _apply_label_routes(ctx: PatchContext) -> bool:
+    from lib.server import label_routes
+
+    if ctx.datastore is None:
+        return False
+    require(label_routes.install(ctx.datastore), "monailabel.app routes")
+    return True
+
+
 def _check_internals(ctx: PatchContext) -> bool:
     missing = [
         f"{owner}.{name}" for owner, names in MONAILABEL_INTERNALS.items() for name in names if not _has(owner, name)
@@ -342,6 +352,15 @@ PATCHES: tuple[Patch, ...] = (
         "panel (boxes, scribbles, lasso, undo, per-slice confidence); not applied when it is not installed",
         security=False,
         apply=_apply_ohif_viewer,
+    ),
+    Patch(
+        "label_routes",
+        "monailabel.app: GET /medsam2/labels/{image_id} and POST /medsam2/labels/{image_id}/names",
+        "MONAI Label keeps one label per tag (a save overwrites it) and a label list fixed at start; now the names "
+        "added to an image are kept on disk for every client, and every saved version (local tags, DICOM SEG "
+        "series) is listed with the refine_from value that refines it (CONTRACTS C4)",
+        security=False,
+        apply=_apply_label_routes,
     ),
     Patch(
         "monailabel_internals",

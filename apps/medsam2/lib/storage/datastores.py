@@ -23,15 +23,19 @@ def make_datastore(
     if studies.startswith(("http://", "https://")):
         if "googleapis.com" in studies:
             return monailabels_own()
-        return pacs_datastore(studies, label_names, timeout_s, resend_every_s)
+        datastore = pacs_datastore(studies, label_names, timeout_s, resend_every_s)
+        datastore.keep_label_names(label_names)
+        return datastore
     patterns = [*settings.MONAI_LABEL_DATASTORE_FILE_EXT]
     patterns += [p for pattern in CINE_PATTERNS for p in (pattern, pattern.upper()) if p not in patterns]
-    return CineLocalDatastore(
+    local = CineLocalDatastore(
         studies,
         extensions=patterns,
         auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
         read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
     )
+    local.keep_label_names(label_names)
+    return local
 
 
 def pacs_datastore(url: str, label_names: dict[str, int], timeout_s: float, resend_every_s: float) -> PacsDatastore:

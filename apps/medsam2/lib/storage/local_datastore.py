@@ -34,6 +34,7 @@ from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoun
 from lib.atomic_files import atomic_write, remove_stale_temp_files
 from lib.errors import BadRequest
 from lib.imaging.cine_io import VIDEO_SUFFIXES, is_multiframe_dicom
+from lib.storage.label_catalog import NAMES_KEY, VERSION_KEY, VERSION_TAG, LabelNames, names_in_label
 from lib.storage.names import SAFE_LABEL_TAG, is_path_like
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,14 @@ def _index_stamp(path: str) -> tuple[int, int] | None:
 
 class DurableLocalDatastore(LocalDatastore):
     """LocalDatastore whose label, image and index writes are atomic and durable, and whose index stays current
-    when other processes write to the same folder (see the module docstring)."""
+    when other processes write to the same folder (see the module docstring).
+
+    Saving a label over one saved earlier under the same tag keeps the earlier one as the tag ``<tag>-v<N>``
+    (its version N; the new one is N+1): nothing saved is lost, and a viewer can refine any version
+    (:mod:`lib.storage.label_catalog`). ``keep_label_versions`` False: replaced in place (the PACS keeps them)."""
+
+    keep_label_versions = True
+    names_store: LabelNames | None = None  # set by lib.storage.datastores: the label names of each image
 
     def __init__(self, datastore_path: str, *args: Any, read_only: bool = False, **kwargs: Any):
         self._durable_read_only = read_only
@@ -175,17 +183,56 @@ class DurableLocalDatastore(LocalDatastore):
             obj = self._datastore.objects.get(image_id)
             if not obj:
                 raise ImageNotFoundException(f"Image {image_id} not found")
-            if only_if is not None:
-                current = obj.labels.get(label_tag)
-                if not only_if(current.info if current else None):
-                    return ""
+            current = obj.labels.get(label_tag)
+            if only_if is not None and not only_if(current.info if current else None):
+                return ""
+            version = self._keep_earlier_version(image_id, obj, label_tag) + 1
             os.makedirs(label_path, exist_ok=True)
             with atomic_write(os.path.join(label_path, name), pause_at="label_save_before_label_replace") as tmp:
                 shutil.copyfile(label_filename, tmp)
-            info = {**(label_info or {}), "ts": int(time.time()), "name": name}
+            info = {**(label_info or {}), "ts": int(time.time()), "name": name, VERSION_KEY: version}
+            if self.names_store is not None:
+                info[NAMES_KEY] = names_in_label(label_filename, self.names_store.of_image(image_id))
             obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
             self._write_index(lock=False, pause_at="label_save_before_index_replace")
         return image_id
+
+    def keep_label_names(self, start_names: dict[str, int]) -> None:
+        """Keep the names annotators add to each image in this datastore's folder (:class:`LabelNames`)."""
+        self.names_store = LabelNames(self._datastore_path, start_names)
+
+    def saved_label_files(self, image_id: str) -> dict[str, tuple[dict[str, Any], str]]:
+        """Label tag -> (its info, its file) for every label saved for ``image_id``."""
+        obj = self._datastore.objects.get(image_id)
+        if obj is None:
+            return {}
+        return {
+            tag: (
+                dict(label.info),
+                os.path.join(
+                    self._datastore.label_path(tag), label.info.get("name") or self._filename(image_id, label.ext)
+                ),
+            )
+            for tag, label in obj.labels.items()
+        }
+
+    def _keep_earlier_version(self, image_id: str, obj: ImageLabelModel, label_tag: str) -> int:
+        """Copy the label saved under ``label_tag`` (if any) to the tag ``<tag>-v<its version>``; returns that
+        version (0: none saved). The caller holds the index lock."""
+        current = obj.labels.get(label_tag)
+        if current is None or not self.keep_label_versions or VERSION_TAG.match(label_tag):
+            return int(current.info.get(VERSION_KEY, 1)) if current else 0
+        version = int(current.info.get(VERSION_KEY, 1))
+        name = current.info.get("name") or self._filename(image_id, current.ext)
+        source = os.path.join(self._datastore.label_path(label_tag), name)
+        if not os.path.isfile(source):
+            return version
+        older = f"{label_tag}-v{version}"
+        os.makedirs(self._datastore.label_path(older), exist_ok=True)
+        with atomic_write(os.path.join(self._datastore.label_path(older), name)) as tmp:
+            shutil.copyfile(source, tmp)
+        obj.labels[older] = DataModel(info={**current.info, VERSION_KEY: version}, ext=current.ext)
+        return version
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         """Add (or replace) an image file; returns its id."""

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -40,7 +42,7 @@ from monailabel.datastore.utils.convert import binary_to_image, dicom_to_nifti
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
-from lib.atomic_files import atomic_folder
+from lib.atomic_files import atomic_folder, atomic_write
 from lib.errors import AppError, NotFound, PacsUnavailable, PacsUploadFailed, Unprocessable, UnsupportedMedia
 from lib.imaging.dicom_seg import (
     SegError,
@@ -51,12 +53,15 @@ from lib.imaging.dicom_seg import (
     segments_for,
     write_dicom_seg,
 )
+from lib.imaging.volume_io import describe_image_grid
 from lib.log_identifiers import identifying_values, remember_identifiers
+from lib.storage.label_catalog import VERSION_KEY, newest_first
 from lib.storage.local_datastore import DurableLocalDatastore, check_writable_names
 
 logger = logging.getLogger(__name__)
 
 FINAL = DefaultLabelTag.FINAL.value
+SEG_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
 DEFAULT_TIMEOUT_S = 30.0
 
 
@@ -118,6 +123,7 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         self._locks_guard = threading.Lock()
         self._seg_view: tuple[float, dict[str, dict[str, str]]] | None = None
         self._seg_sources: dict[str, tuple[str, str]] = {}  # SEG uid -> (image series uid, UTC time): fixed
+        self._seg_names: dict[str, list[str]] = {}  # SEG uid -> its segments' labels: fixed
         self._all_segs: set[str] = set()
         self._known_images: list[str] = []
         self._last_failure: str | None = None
@@ -257,6 +263,8 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
                 # the pixel data stays behind its bulk-data URI: only the header is read here
                 header = Dataset.from_json(meta[0], bulk_data_uri_handler=lambda *_: None)
                 self._seg_sources[seg_uid] = (referenced_series(header), seg_time_utc(header))
+                segments = header.get("SegmentSequence") or []
+                self._seg_names[seg_uid] = [str(s.get("SegmentLabel", "")) for s in segments]
             source, when = self._seg_sources[seg_uid]
             if source not in images:
                 continue
@@ -406,6 +414,86 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         self._sync_final_labels()
         return DurableLocalDatastore.datalist(self, full_path)
 
+    def all_label_names(self) -> dict[str, int]:
+        """The start label names and every name added to any image (one value per name)."""
+        added = self.names_store.added() if self.names_store is not None else {}
+        return {**added, **self.label_names}
+
+    # ----- saved labels, every version (CONTRACTS C4) -------------------------------------------------------
+    def segs_of(self, image_id: str) -> list[dict[str, Any]]:
+        """Every SEG series in the PACS drawn on ``image_id``, as ``saved`` entries, newest first."""
+        self.latest_segs()
+        found = [(when, seg) for seg, (source, when) in self._seg_sources.items() if source == image_id]
+        found = sorted(f for f in found if f[1] in self._all_segs)
+        return newest_first(
+            [
+                {
+                    "tag": FINAL,
+                    "version": n,
+                    "source": "pacs",
+                    "refine_from": f"seg:{seg}",
+                    "saved_at": _iso(when),
+                    "names": list(self._seg_names.get(seg, [])),
+                    "series_uid": seg,
+                }
+                for n, (when, seg) in enumerate(found, start=1)
+            ]
+        )
+
+    def seg_label_file(self, image_id: str, seg_uid: str) -> str:
+        """A SEG series of ``image_id`` as a label file on the image's grid (kept in the cache); 404 for a SEG
+        the PACS does not have, 422 for one drawn on another series (naming both grids)."""
+        if not SEG_UID.match(seg_uid):
+            raise Unprocessable(f"seg:{seg_uid[:80]} does not name a DICOM series (a UID: digits and dots).")
+        if seg_uid not in self._seg_sources:
+            self.latest_segs(max_age_s=0)
+        if seg_uid not in self._seg_sources or seg_uid not in self._all_segs:
+            raise NotFound(f"The PACS has no DICOM SEG series {seg_uid}: GET /medsam2/labels/{image_id} lists them.")
+        image = sitk.ReadImage(self.get_image_uri(image_id))
+        source = self._seg_sources[seg_uid][0]
+        if source != image_id:
+            raise Unprocessable(
+                f"The DICOM SEG {seg_uid} was drawn on the series {source or '(not named)'} "
+                f"({self._grid_of(source)}), not on the image {image_id} ({describe_image_grid(image)}): open "
+                "that series to refine it, or pick a label saved on this image."
+            )
+        path = os.path.join(self._datastore_path, "segs", f"{seg_uid}.nii.gz")
+        if not os.path.isfile(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._decode_seg(seg_uid, image, path)
+        return path
+
+    def _grid_of(self, image_id: str) -> str:
+        """The grid of another image series, in words (for a message)."""
+        if image_id not in self.list_images():
+            return "a series this server does not list"
+        try:
+            return describe_image_grid(sitk.ReadImage(self.get_image_uri(image_id)))
+        except AppError:
+            return "a series that cannot be read"
+
+    def _decode_seg(self, seg_uid: str, image: sitk.Image, path: str) -> None:
+        seg_dir = os.path.join(self._datastore_path, "segs", f"{seg_uid}.{uuid.uuid4().hex}")
+        try:
+            self._download_series(seg_uid, seg_dir)
+            files = sorted(os.listdir(seg_dir))
+            try:
+                label = read_dicom_seg(os.path.join(seg_dir, files[0]), image, self.all_label_names())
+            except Exception as e:  # another tool's SEG: say why, keep serving
+                raise Unprocessable(f"The DICOM SEG {seg_uid} cannot be read ({type(e).__name__}: {e}).") from None
+            with atomic_write(path) as tmp:
+                sitk.WriteImage(label, tmp + ".nii.gz", True)
+                os.replace(tmp + ".nii.gz", tmp)
+        finally:
+            shutil.rmtree(seg_dir, ignore_errors=True)
+
+    def _keep_earlier_version(self, image_id: str, obj: Any, label_tag: str) -> int:
+        """A final label already in the PACS is kept there (its SEG series): only an unsent one is copied."""
+        current = obj.labels.get(label_tag)
+        if label_tag == FINAL and current is not None and current.info.get("pacs_upload", {}).get("status") == "sent":
+            return int(current.info.get(VERSION_KEY, 1))
+        return super()._keep_earlier_version(image_id, obj, label_tag)
+
     # ----- saving -------------------------------------------------------------------------------------------
     def save_label(
         self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], label_id: str = ""
@@ -460,7 +548,7 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
             self.get_image_uri(image_id)  # the series files the SEG references
             label = sitk.ReadImage(self._final_path(image_id))
             values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label)) if v]
-            segments = segments_for(values, info.get("label_info"), self.label_names)
+            segments = segments_for(values, info.get("label_info"), self.all_label_names())
             seg = write_dicom_seg(
                 label,
                 os.path.join(self._datastore.image_path(), image_id),
@@ -507,6 +595,13 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
             if obj and FINAL in obj.labels and obj.labels[FINAL].info.get("save_id") == expected.get("save_id"):
                 obj.labels[FINAL].info = info
                 self._write_index(lock=False)
+
+
+def _iso(when: str) -> str | None:
+    """A SEG's sortable UTC time ('YYYYmmddHHMMSS.ffffff') as ISO 8601."""
+    if not when:
+        return None
+    return datetime.strptime(when, "%Y%m%d%H%M%S.%f").replace(tzinfo=UTC).isoformat(timespec="seconds")
 
 
 def _remember_patient(path: str) -> None:
