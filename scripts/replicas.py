@@ -139,16 +139,34 @@ class Child:
             self.restarts += 1
             say(f"{self.name} restarted (pid {self.process.pid}, restart {self.restarts})")
 
-    def stop(self) -> None:
-        """SIGTERM the process group (the replica and its training run), SIGKILL it after 30 s."""
-        if self.process is None or self.process.poll() is not None:
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, wait_s: float = 30.0) -> None:
+        """SIGTERM the process group (the replica and its training run), SIGKILL it after ``wait_s``."""
+        if not self.running():
             return
         _signal_group(self.process, signal.SIGTERM)
+        self.wait_or_kill(wait_s)
+
+    def wait_or_kill(self, wait_s: float) -> None:
         try:
-            self.process.wait(timeout=30)
+            self.process.wait(timeout=max(wait_s, 0.1))
         except subprocess.TimeoutExpired:
             _signal_group(self.process, signal.SIGKILL)
             self.process.wait(timeout=30)
+
+
+def stop_all(children: list[Child], wait_s: float = 30.0) -> None:
+    """SIGTERM the replicas (all at once), wait for them (SIGKILL after ``wait_s``), then stop the front."""
+    replicas = [c for c in children if c.name != "nginx" and c.running()]
+    for child in replicas:
+        _signal_group(child.process, signal.SIGTERM)
+    deadline = time.monotonic() + wait_s
+    for child in replicas:
+        child.wait_or_kill(deadline - time.monotonic())
+    for child in children:
+        child.stop(wait_s)
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
@@ -169,8 +187,7 @@ def stop_on_signals(children: list[Child]) -> None:
     """On SIGTERM/SIGINT: stop every child (replicas first, the front last) and exit 0."""
 
     def stop(*_: object) -> None:
-        for child in reversed(children):
-            child.stop()
+        stop_all(children)
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
@@ -258,8 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         for port, replica in zip(ports, replicas, strict=True):
             wait_ready(f"http://127.0.0.1:{port}", 600, replica.process)
     except (RuntimeError, TimeoutError) as e:  # a replica that cannot start is a setting to fix, not to retry
-        for child in reversed(children):
-            child.stop()
+        stop_all(children)
         raise SystemExit(f"replicas: {e} ({run_dir})") from e
     where = f"behind http://{args.host}:{args.port}" if args.front == "nginx" else f"on ports {ports}"
     print(f"{len(upstreams)} replicas {where} (logs in {run_dir})", flush=True)

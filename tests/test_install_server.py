@@ -8,6 +8,8 @@ refused with a JSON 413, and MONAI Label's own client: info, infer and ``train_s
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import shlex
 import shutil
 import subprocess
@@ -31,6 +33,7 @@ from install_server import Layout, read_settings, service_command  # noqa: E402
 from replicas import nginx_binary  # noqa: E402
 
 pytestmark = pytest.mark.server  # the installed service starts `monailabel start_server`
+ME = pwd.getpwuid(os.getuid()).pw_name  # the service's user: under --prefix an existing one (no useradd)
 TINY_RUN = {"steps_per_epoch": 1, "clip_length": 3, "max_objects": 1, "publish_max_overlap_rise": 1.0}
 
 
@@ -68,7 +71,7 @@ def nginx_main_conf(folder: Path, layout: Layout) -> Path:
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    require([nginx_binary(), shutil.which("openssl")], "nginx and openssl (Debian packages)")
+    require([nginx_binary(), shutil.which("openssl") or "/usr/bin/openssl"], "nginx and openssl (Debian packages)")
     root = tmp_path_factory.mktemp("install")
     studies, conf, _ = publishing_setup(root, images=3, labelled=2)
     cert, key = self_signed_certificate(root)
@@ -78,7 +81,7 @@ def installed(tmp_path_factory):
     conf_line = " ".join(f"--conf {k} {v}" for k, v in app_conf.items())
     cmd = ["/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable]  # the system's python
     cmd += [str(REPO / "scripts" / "install_server.py"), "--prefix", str(root / "server"), "--no-start"]
-    cmd += ["--user", "root", "--venv", str(Path(sys.executable).parents[1]), "--server-name", "localhost"]
+    cmd += ["--user", ME, "--venv", str(Path(sys.executable).parents[1]), "--server-name", "localhost"]
     cmd += ["--tls-cert", str(cert), "--tls-key", str(key), "--https-port", str(https_port)]
     cmd += ["--http-port", str(http_port), "--replica-port", str(replica_port), "--max-upload", "1m"]
     cmd += ["--studies", str(studies), "--checkpoint", conf["checkpoint"], "--login", "off"]
@@ -101,9 +104,10 @@ def installed(tmp_path_factory):
     nginx = None
     try:
         main_conf = nginx_main_conf(nginx_dir, layout)
-        check = subprocess.run([nginx_binary(), "-t", "-q", "-c", str(main_conf)], capture_output=True, text=True)
+        run_nginx = [nginx_binary(), "-p", str(nginx_dir), "-c", str(main_conf)]
+        check = subprocess.run([*run_nginx, "-t", "-q"], capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
-        nginx = subprocess.Popen([nginx_binary(), "-c", str(main_conf), "-g", "daemon off;"])
+        nginx = subprocess.Popen([*run_nginx, "-g", "daemon off;"])
         deadline = time.time() + 300
         while not any("1 replicas on ports" in line for line in output):
             assert service.poll() is None and time.time() < deadline, "".join(output)
@@ -162,11 +166,11 @@ def test_the_install_writes_its_settings_in_one_file(installed):
     assert settings["MEDSAM2_FRONT"] == "none" and settings["MEDSAM2_MAX_UPLOAD"] == "1m"
     assert (installed.layout.src / "apps" / "medsam2" / "main.py").is_file()
     unit = installed.layout.unit.read_text()
-    assert "User=root" in unit and f"--env-file {installed.layout.settings}" in unit
+    assert f"User={ME}" in unit and f"--env-file {installed.layout.settings}" in unit
     # running it again (an upgrade; last in this module: it swaps the code the running service was started from,
     # which a real install then restarts) keeps the settings: a key given once stays, a new option changes its key
     again = [sys.executable, str(REPO / "scripts" / "install_server.py"), "--prefix", str(installed.layout.prefix)]
-    again += ["--no-start", "--user", "root", "--venv", str(Path(sys.executable).parents[1])]
+    again += ["--no-start", "--user", ME, "--venv", str(Path(sys.executable).parents[1])]
     done = subprocess.run(
         [*again, "--max-upload", "2m", "--setting", "MONAI_LABEL_AUTH_TIMEOUT=10"], capture_output=True
     )

@@ -10,7 +10,7 @@ import sys
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
-from replicas import Child  # noqa: E402
+from replicas import Child, stop_all  # noqa: E402
 
 
 def _dies_at_once() -> subprocess.Popen:
@@ -61,3 +61,17 @@ def test_stop_ends_a_running_process_and_its_group():
     assert child.process.poll() is None and child.restart_at is None
     child.stop()
     assert child.process.returncode == -15
+
+
+def test_stop_all_terminates_every_replica_at_once_then_the_front():
+    def sleeper() -> subprocess.Popen:
+        return subprocess.Popen(["sleep", "60"], start_new_session=True)
+
+    children = [Child("nginx", lambda: subprocess.Popen(["sleep", "60"])), Child("replica-1", sleeper)]
+    children.append(Child("replica-2", sleeper))
+    for child in children:
+        child.launch()
+    children[2].process.kill()  # one is dead already (waiting for its restart): nothing to stop
+    children[2].process.wait(timeout=30)
+    stop_all(children, wait_s=10)
+    assert [c.process.returncode for c in children] == [-15, -15, -9]
