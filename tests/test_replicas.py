@@ -54,6 +54,7 @@ class ReplicaSet:
     studies: Path
     published: Path
     run_dir: Path
+    started_in_s: float  # the launcher's first start of both replicas, until ready (the machine's pace now)
 
     def pid(self, name: str) -> int:
         """The replica's current process id (the launcher writes it at every start)."""
@@ -91,14 +92,15 @@ def replica_set(tmp_path_factory):
     launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
     threading.Thread(target=collect_lines, args=(launcher.stdout, output), daemon=True).start()
-    deadline = time.time() + 300
+    started, deadline = time.time(), time.time() + 300
     while not any("2 replicas behind" in line for line in output):
         assert launcher.poll() is None and time.time() < deadline, "".join(output)
         time.sleep(0.5)
     replicas = {
         name: Server(f"http://127.0.0.1:{first + i}", launcher, run_dir / f"{name}.log") for i, name in enumerate(NAMES)
     }
-    rs = ReplicaSet(f"http://127.0.0.1:{port}", replicas, launcher, output, studies, published, run_dir)
+    url = f"http://127.0.0.1:{port}"
+    rs = ReplicaSet(url, replicas, launcher, output, studies, published, run_dir, time.time() - started)
     yield rs
     if launcher.poll() is None:
         launcher.terminate()
@@ -349,12 +351,15 @@ def test_sigkill_of_a_replica_while_annotators_work_loses_no_label(replica_set, 
         listed = objects[image]["labels"]["final"]["info"].get("version")
         lost += not (listed in allowed and any(np.array_equal(saved, label_array(image, v)) for v in allowed))
     report["labels_lost"] = lost
-    # the launcher starts the killed replica again (after 1 s), within a minute of the kill
-    restarted = replica_set.replicas[victim]
+    # the launcher starts the killed replica again (after 1 s), ready within a minute of the kill: a server start
+    # takes 10-30 s on 2 idle cores; on a machine loaded so that the first start took longer (the fixture's), the
+    # bound grows with it: what the launcher adds is the back-off, checked below
+    restarted, limit_s = replica_set.replicas[victim], max(60.0, 1.5 * replica_set.started_in_s)
     while not _ready(restarted.url):
-        assert time.time() - killed_at[0] < 60, "".join(replica_set.output) + restarted.log.read_text()[-3000:]
+        assert time.time() - killed_at[0] < limit_s, "".join(replica_set.output) + restarted.log.read_text()[-3000:]
         time.sleep(0.5)
     report["replica_back_after_s"] = round(time.time() - killed_at[0], 1)
+    report["first_start_s"] = round(replica_set.started_in_s, 1)
     print("FAILOVER " + json.dumps(report))
     (APP_DIR.parents[1] / "test-artifacts").mkdir(exist_ok=True)
     (APP_DIR.parents[1] / "test-artifacts" / "failover.json").write_text(json.dumps(report))
