@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System packages for the PACS, viewer and scale-out tests (Debian/Ubuntu): Orthanc with its DICOMweb plugin,
-# Chromium with ChromeDriver for the OHIF browser tests, nginx for the replicas test, and Node.js/npm (unless one
+# Chromium with ChromeDriver for the OHIF browser tests, nginx for the replicas test, nginx and openssl for the
+# production install's test (a self-signed certificate), and Node.js/npm (unless one
 # is installed) for the test that rebuilds the OHIF panel from its pinned packages. Idempotent; needs root
 # (or sudo). The tests start their own Orthanc and nginx on 127.0.0.1 with temporary storage: the Debian
 # services are not used (and not started here).
@@ -10,7 +11,7 @@ set -euo pipefail
 if [ "${1-}" = "--pacs-only" ]; then
   packages=(orthanc orthanc-dicomweb)
 else
-  packages=(orthanc orthanc-dicomweb chromium chromium-driver nginx)
+  packages=(orthanc orthanc-dicomweb chromium chromium-driver nginx openssl)
   command -v npm >/dev/null || packages+=(nodejs npm)
 fi
 missing=()

@@ -1,0 +1,180 @@
+"""The production install (scripts/install_server.py) end to end on this machine: installed into a clean folder
+(``--prefix``, ``--no-start``: there is no systemd here), the service's own command line (the unit's ExecStart)
+started by the test, a real nginx with the installed site and a self-signed certificate (openssl) in front, then
+over HTTPS: HTTP redirected, the OHIF viewer and the MedSAM2 panel from the same origin, a too large request
+refused with a JSON 413, and MONAI Label's own client: info, infer and ``train_start(model, {"max_epochs": 1})``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from monailabel.client import MONAILabelClient
+from pacs_testing import require
+from test_crash_safety import publishing_setup
+from test_replicas import BOX_3D, collect_lines, two_free_ports
+
+from conftest import REPO, free_port
+
+sys.path.insert(0, str(REPO / "scripts"))
+from install_server import Layout, read_settings, service_command  # noqa: E402
+from replicas import nginx_binary  # noqa: E402
+
+pytestmark = pytest.mark.server  # the installed service starts `monailabel start_server`
+ME = pwd.getpwuid(os.getuid()).pw_name  # the service's user: under --prefix an existing one (no useradd)
+TINY_RUN = {"steps_per_epoch": 1, "clip_length": 3, "max_objects": 1, "publish_max_overlap_rise": 1.0}
+
+
+@dataclass
+class Installed:
+    url: str  # https://localhost:<port>
+    http_url: str
+    cert: Path
+    layout: Layout
+    output: list[str]
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate for localhost and 127.0.0.1 and its key (openssl, P-256: made in milliseconds)."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    cmd = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    cmd += ["-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"]
+    subprocess.run([*cmd, "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def nginx_main_conf(folder: Path, layout: Layout) -> Path:
+    """What Debian's /etc/nginx/nginx.conf does for the site: include sites-enabled (pid, logs, temp in ``folder``)."""
+    conf = folder / "nginx.conf"
+    temp = "\n".join(
+        f"    {kind}_temp_path {folder}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf.write_text(
+        f"worker_processes 1;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log warn;\n"
+        f"events {{ worker_connections 256; }}\nhttp {{\n{temp}\n"
+        f"    include {layout.path('/etc/nginx/sites-enabled')}/*;\n}}\n"
+    )
+    return conf
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    require([nginx_binary(), shutil.which("openssl") or "/usr/bin/openssl"], "nginx and openssl (Debian packages)")
+    root = tmp_path_factory.mktemp("install")
+    studies, conf, _ = publishing_setup(root, images=3, labelled=2)
+    cert, key = self_signed_certificate(root)
+    https_port, http_port, replica_port = free_port(), free_port(), two_free_ports()
+    app_conf = {k: v for k, v in conf.items() if k not in ("checkpoint", "finetuned_checkpoint")}
+    app_conf |= {"cpu_encoder": "torch", "warm_up": "off"}
+    conf_line = " ".join(f"--conf {k} {v}" for k, v in app_conf.items())
+    cmd = ["/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable]  # the system's python
+    cmd += [str(REPO / "scripts" / "install_server.py"), "--prefix", str(root / "server"), "--no-start"]
+    cmd += ["--user", ME, "--venv", str(Path(sys.executable).parents[1]), "--server-name", "localhost"]
+    cmd += ["--tls-cert", str(cert), "--tls-key", str(key), "--https-port", str(https_port)]
+    cmd += ["--http-port", str(http_port), "--replica-port", str(replica_port), "--max-upload", "1m"]
+    cmd += ["--studies", str(studies), "--checkpoint", conf["checkpoint"], "--login", "off"]
+    cmd += ["--setting", f"MEDSAM2_CONF={conf_line}"]
+    installing = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert installing.returncode == 0, installing.stdout + installing.stderr
+    layout = Layout(root / "server")
+    # the service as systemd would run it, as far as this sandbox allows: its command line, in its folder
+    service = subprocess.Popen(
+        shlex.split(service_command(layout)),
+        cwd=layout.state,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output: list[str] = []
+    threading.Thread(target=collect_lines, args=(service.stdout, output), daemon=True).start()
+    nginx_dir = root / "nginx"
+    nginx_dir.mkdir()
+    nginx = None
+    try:
+        main_conf = nginx_main_conf(nginx_dir, layout)
+        run_nginx = [nginx_binary(), "-p", str(nginx_dir), "-c", str(main_conf)]
+        check = subprocess.run([*run_nginx, "-t", "-q"], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        nginx = subprocess.Popen([*run_nginx, "-g", "daemon off;"])
+        deadline = time.time() + 300
+        while not any("1 replicas on ports" in line for line in output):
+            assert service.poll() is None and time.time() < deadline, "".join(output)
+            time.sleep(0.5)
+        yield Installed(f"https://localhost:{https_port}", f"http://localhost:{http_port}", cert, layout, output)
+    finally:
+        service.terminate()
+        assert service.wait(timeout=90) == 0, "".join(output)
+        if nginx is not None:
+            nginx.terminate()
+            nginx.wait(timeout=30)
+
+
+def test_https_only_with_the_viewer_and_its_panel_on_the_same_origin(installed):
+    redirect = requests.get(f"{installed.http_url}/ohif/?x=1", allow_redirects=False, timeout=30)
+    assert redirect.status_code == 301 and redirect.headers["location"] == f"{installed.url}/ohif/?x=1"
+    viewer = requests.get(f"{installed.url}/ohif/", verify=str(installed.cert), timeout=60)
+    assert viewer.status_code == 200 and "<html" in viewer.text.lower(), viewer.text[:300]
+    for path in ("/ohif/app-config.js", "/ohif/medsam2-ohif.js", "/ohif/medsam2-mode.js"):
+        r = requests.get(installed.url + path, verify=str(installed.cert), timeout=60)
+        assert r.status_code == 200, (path, r.status_code)
+    config = requests.get(f"{installed.url}/ohif/app-config.js", verify=str(installed.cert), timeout=60).text
+    assert "wadoRoot: '/proxy/dicom/wado'" in config  # the panel and DICOMweb: relative URLs, the same origin
+
+
+def test_a_request_over_the_size_limit_is_refused_with_a_json_413(installed):
+    r = requests.put(
+        f"{installed.url}/datastore/label",
+        params={"image": "case0", "tag": "final"},
+        files={"label": ("case0.nii.gz", b"\0" * (3 * 1024 * 1024))},
+        verify=str(installed.cert),
+        timeout=60,
+    )
+    assert r.status_code == 413 and "smaller" in r.json()["detail"], r.text[:300]
+
+
+def test_monailabel_client_info_infer_and_train_over_https(installed, tmp_path):
+    client = MONAILabelClient(installed.url, tmpdir=str(tmp_path), client_id="install-test")
+    info = client.info()
+    assert "medsam2_3d" in info["models"] and info["replica"] == "replica-1"
+    label, result = client.infer("medsam2_3d", "case0", BOX_3D)
+    assert Path(label).is_file() and Path(label).stat().st_size > 0, result
+    # MONAI Label's documented option name (its clients send max_epochs), the rest only to keep it short
+    started = client.train_start("medsam2", {"max_epochs": 1, **TINY_RUN})
+    assert started.get("status") in ("RUNNING", "SUBMITTED", None) or started, started
+    deadline = time.time() + 300
+    while (status := client.train_status())["status"] not in ("DONE", "ERROR"):
+        assert time.time() < deadline, status
+        time.sleep(2)
+    assert status["status"] == "DONE", json.dumps(status)[:2000]
+
+
+def test_the_install_writes_its_settings_in_one_file(installed):
+    settings = read_settings(installed.layout.settings)
+    assert settings["MEDSAM2_TLS_CERT"] == str(installed.cert) and settings["MONAI_LABEL_AUTH_ENABLE"] == "false"
+    assert settings["MEDSAM2_FRONT"] == "none" and settings["MEDSAM2_MAX_UPLOAD"] == "1m"
+    assert (installed.layout.src / "apps" / "medsam2" / "main.py").is_file()
+    unit = installed.layout.unit.read_text()
+    assert f"User={ME}" in unit and f"--env-file {installed.layout.settings}" in unit
+    # running it again (an upgrade; last in this module: it swaps the code the running service was started from,
+    # which a real install then restarts) keeps the settings: a key given once stays, a new option changes its key
+    again = [sys.executable, str(REPO / "scripts" / "install_server.py"), "--prefix", str(installed.layout.prefix)]
+    again += ["--no-start", "--user", ME, "--venv", str(Path(sys.executable).parents[1])]
+    done = subprocess.run(
+        [*again, "--max-upload", "2m", "--setting", "MONAI_LABEL_AUTH_TIMEOUT=10"], capture_output=True
+    )
+    assert done.returncode == 0, done.stderr
+    after = read_settings(installed.layout.settings)
+    assert after == {**settings, "MEDSAM2_MAX_UPLOAD": "2m", "MONAI_LABEL_AUTH_TIMEOUT": "10"}
+    assert "client_max_body_size 2m;" in installed.layout.site.read_text()
