@@ -291,7 +291,8 @@ def test_save_label_as_the_plugin_does_and_the_datastore_lists_it_as_final(clien
     downloaded = client.download_label("flipped_ras", "final")
     assert hashlib.sha256(Path(downloaded).read_bytes()).digest() == hashlib.sha256(label_in.read_bytes()).digest()
 
-    # the same with the tag named, as client.save_label(tag="final") builds it: the final label is replaced
+    # the same with the tag named, as client.save_label(tag="final") builds it: the final label is replaced, and the
+    # one it replaces is kept as the version final-v1 (docs/api.md, saved labels)
     exported[1, :3, :3] = 3
     again = sitk.GetImageFromArray(exported)
     again.CopyInformation(image)
@@ -299,7 +300,8 @@ def test_save_label_as_the_plugin_does_and_the_datastore_lists_it_as_final(clien
     sitk.WriteImage(again, str(label_again), useCompression=True)
     client.save_label("flipped_ras", str(label_again), tag="final", params={"label_info": label_info})
     assert Path(client.download_label("flipped_ras", "final")).read_bytes() == label_again.read_bytes()
-    assert sorted(client.datastore()["objects"]["flipped_ras"]["labels"]) == ["final"]
+    assert sorted(client.datastore()["objects"]["flipped_ras"]["labels"]) == ["final", "final-v1"]
+    assert Path(client.download_label("flipped_ras", "final-v1")).read_bytes() == label_in.read_bytes()
 
 
 def _red_view_axis(image: sitk.Image) -> int:
