@@ -20,8 +20,8 @@ from all of them) or ``refine`` (``refine_from: last``: the last answer is refin
     python bench/interactive_protocol.py --generated 20 --out bench/results/interactive_protocol_cpu.jsonl
     python bench/interactive_protocol.py --studies demo/studies --cases lung2 --window lung \\
         --labels '{"lesion":1}' --out bench/results/interactive_protocol_cpu.jsonl      # the demo CT, its manual label
-    python bench/interactive_protocol.py --studies /data/my_studies --checkpoint MedSAM2_latest.pt \\
-        --model-config apps/medsam2/model/configs/sam2.1_hiera_t512.yaml --window abdomen   # real weights
+    python bench/interactive_protocol.py --studies /data/my_studies --checkpoint MedSAM2_latest \\
+        --window abdomen --labels '{"liver":1,"tumour":2}'                                 # real weights
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--studies", type=Path, default=None, help="a labelled studies folder (default: generated)")
     ap.add_argument("--generated", type=int, default=10, help="without --studies: how many generated volumes")
     ap.add_argument("--cases", default="", help="comma list of study ids (default: every labelled one)")
-    ap.add_argument("--checkpoint", type=Path, default=REFERENCE_CHECKPOINT)
-    ap.add_argument("--model-config", type=Path, default=REFERENCE_CONFIG)
+    ap.add_argument("--checkpoint", default=str(REFERENCE_CHECKPOINT), help="--conf checkpoint: a name or a file")
+    ap.add_argument("--model-config", default="", help="--conf model_config (default: the checkpoint's own)")
     ap.add_argument("--window", default="", help="--conf window (default: 127.5,255 for generated volumes, auto)")
     ap.add_argument("--labels", default="", help='--conf labels, e.g. {"lesion":1} (default: object_<value>)')
     ap.add_argument("--clicks-as", default="correction", help=f"comma list of {sorted(CLICKS_AS)}")
@@ -125,10 +125,11 @@ def main() -> None:
         labels = json.loads(args.labels) if args.labels else {f"object_{v}": v for v in values}
         names = {int(v): k for k, v in labels.items()}
         window = args.window or ("127.5,255" if args.studies is None else "auto")
-        conf = {"checkpoint": str(args.checkpoint), "model_config": str(args.model_config), "window": window}
+        config = args.model_config or (str(REFERENCE_CONFIG) if args.checkpoint == str(REFERENCE_CHECKPOINT) else "")
+        conf = {"checkpoint": args.checkpoint, "window": window} | ({"model_config": config} if config else {})
         conf |= {"labels": json.dumps(labels, separators=(",", ":")), **dict(args.conf)}
         base = {
-            "checkpoint": args.checkpoint.name,
+            "checkpoint": Path(args.checkpoint).name,
             "studies": str(args.studies) if args.studies else f"{args.generated} held-out generated volumes",
             "window": window,
             "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
