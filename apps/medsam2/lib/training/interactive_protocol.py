@@ -188,7 +188,16 @@ def run_case(
     return result
 
 
-def _record(result: CaseResult, answer, truth, values, spacing_kji, settings, seconds: float, clicks) -> None:
+def _record(
+    result: CaseResult,
+    answer: np.ndarray,
+    truth: np.ndarray,
+    values: Sequence[int],
+    spacing_kji: Sequence[float],
+    settings: ProtocolSettings,
+    seconds: float,
+    clicks: list[Click],
+) -> None:
     dice, nsd = scores(answer, truth, values, spacing_kji, settings)
     result.dice.append(dice)
     result.nsd.append(nsd)
@@ -200,6 +209,8 @@ def summarise(results: Sequence[CaseResult], settings: ProtocolSettings = Protoc
     """Means over the cases (and their standard deviation) of the challenge's figures."""
     rows = [r.summary(settings) for r in results]
     out: dict = {"cases": len(rows)}
+    if not rows:
+        return out
     for key in ("dice_auc", "nsd_auc", "final_dice", "final_nsd", "seconds_per_interaction"):
         values = [row[key] for row in rows]
         out[key] = round(float(np.mean(values)), 4)
