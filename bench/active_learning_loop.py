@@ -61,7 +61,13 @@ from monailabel.tasks.activelearning.first import First  # noqa: E402
 from monailabel.tasks.activelearning.random import Random  # noqa: E402
 
 from lib.activelearning.uncertainty import PropagationUncertainty  # noqa: E402
-from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, image_size_overrides  # noqa: E402
+from lib.engine.checkpoints import (  # noqa: E402
+    MEDSAM2_CONFIG,
+    build_model,
+    image_size_overrides,
+    load_model,
+    resolve_checkpoint,
+)
 from lib.engine.confidence import propagation_uncertainty  # noqa: E402
 from lib.engine.precision import compute_dtype_for  # noqa: E402
 from lib.engine.preprocessing import parse_window  # noqa: E402
@@ -572,6 +578,7 @@ class LoopConfig:
     start_steps: int = 12  # the seed's first fine-tuning, on the starting set
     lr: float = 1e-4
     clip_length: int = 4
+    loss: str = "sam2"  # the retraining loss (the reference model was trained with dice_ce)
     annotator: AnnotatorSettings = field(default_factory=AnnotatorSettings)
 
 
@@ -626,9 +633,8 @@ def prepare_seed(
     model = copy.deepcopy(base)
     if config.start_steps > 0:
         studies = [c.study for c in pool if c.name in start_ids]
-        retrain(
-            model, studies, train_settings(config.start_steps, 1, config.lr, seed, config.clip_length), device, dtype
-        )
+        settings = train_settings(config.start_steps, 1, config.lr, seed, config.clip_length, loss=config.loss)
+        retrain(model, studies, settings, device, dtype)
         if features is not None:
             features.check(model)
     model.eval()
@@ -671,7 +677,9 @@ def run_strategy(
             datastore.save_final(case.name, case.study.label)  # the corrected label is the truth
             picks.append(chosen)
         before = trainable_fingerprint(model)
-        settings = train_settings(config.steps, config.epochs, config.lr, start.seed * 1000 + cycle, config.clip_length)
+        settings = train_settings(
+            config.steps, config.epochs, config.lr, start.seed * 1000 + cycle, config.clip_length, loss=config.loss
+        )
         labelled = [cases[i].study for i in sorted(datastore.final)]
         t = time.perf_counter()
         loss = retrain(model, labelled, settings, device, dtype)
@@ -914,7 +922,15 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--start-steps", type=int, default=12, help="clips of the seed's first fine-tuning")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--pretrain-steps", type=int, default=100)
+    ap.add_argument(
+        "--init",
+        default="",
+        help="start every seed from this checkpoint instead of pretraining a base, e.g. the reference model "
+        "tests/fixtures/reference_sam2.pt (with --model-config)",
+    )
+    ap.add_argument("--model-config", default="", help="the Hydra config of --init")
     ap.add_argument("--clip-length", type=int, default=4)
+    ap.add_argument("--loss", choices=("sam2", "dice_ce"), default="sam2", help="the retraining loss")
     ap.add_argument("--pretrain-lr", type=float, default=2e-3)
     ap.add_argument("--max-corrections", type=int, default=4)
     ap.add_argument("--threshold", type=float, default=0.8, help="per-slice Dice below which a slice is corrected")
@@ -940,6 +956,7 @@ def loop_config(args: argparse.Namespace) -> LoopConfig:
         start_steps=args.start_steps,
         lr=args.lr,
         clip_length=args.clip_length,
+        loss=args.loss,
         annotator=AnnotatorSettings(threshold=args.threshold, max_corrections=args.max_corrections),
     )
 
@@ -957,6 +974,15 @@ def _start_line(seed: int, start: SeedStart, seconds: float) -> dict[str, Any]:
         "held_out_dice_by_kind": start.start_scores["dice_by_kind"],
         "seconds": round(seconds, 1),
     }
+
+
+def start_model(args: argparse.Namespace, device: torch.device, dtype, emit) -> torch.nn.Module:
+    """The model every seed starts from: ``--init`` (e.g. the reference model) or a base pretrained here."""
+    if args.init:
+        return load_model(resolve_checkpoint(args.init, config=args.model_config or None), device).eval()
+    return pretrained_base(
+        args.image_size, args.pretrain_steps, args.pretrain_lr, device, dtype, Path(args.cache), emit
+    )
 
 
 def run_seeds(args, config, strategies, base, device, dtype, emit) -> tuple[dict, dict]:
@@ -1010,7 +1036,9 @@ def main() -> None:
     emit(
         {
             "kind": "config",
-            "model": f"hiera-t {args.image_size} (MedSAM2 shape)",
+            "model": f"{args.init} ({args.model_config})"
+            if args.init
+            else f"hiera-t {args.image_size} (MedSAM2 shape)",
             "dtype": dtype_name(dtype),
             "torch_threads": torch.get_num_threads(),
             "seeds": [int(s) for s in args.seeds.split(",") if s != ""],
@@ -1021,9 +1049,7 @@ def main() -> None:
             "loadavg_1m": loadavg(),
         }
     )
-    base = pretrained_base(
-        args.image_size, args.pretrain_steps, args.pretrain_lr, device, dtype, Path(args.cache), emit
-    )
+    base = start_model(args, device, dtype, emit)
     runs, starts = run_seeds(args, config, strategies, base, device, dtype, emit)
     summaries = {name: summarise(results, starts) for name, results in runs.items()}
     for name, summary in summaries.items():

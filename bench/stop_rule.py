@@ -7,10 +7,17 @@ the rule-off baseline of the same model in the same run.
 
     python bench/stop_rule.py --out bench/results/stop_rule_cpu.jsonl              # CPU, ~25 min
     python bench/stop_rule.py --image-size 512 --minutes 10 --device cuda          # GPU
+    python bench/stop_rule.py --init tests/fixtures/reference_sam2.pt \
+        --model-config apps/medsam2/model/configs/reference_sam2.yaml --data synthetic --val-studies 20   # a checkpoint
 
 Measured per setting: voxels labelled on slices past the object's true end (overshoot), all false-positive
 voxels, Dice, slices with a mask past the end, tracking steps and tracking time; per model, the object
-score on slices inside the object and past its end (what the rule reads).
+score on slices inside the object and past its end (what the rule reads). With ``--init`` a checkpoint is measured
+instead of training one, on ``--data synthetic`` (lib/training/synthetic.py's held-out volumes: several objects,
+each ending inside the volume) or ``ending``; then the rule's precision at the end of each object is measured too:
+of the slices the rule emptied (masked with the rule off, empty with it on), the share past the object's true end
+(``end_precision``: 1.0 means it never cut into an object), and of the masked slices past the end, the share it
+emptied (``end_recall``).
 """
 
 from __future__ import annotations
@@ -27,7 +34,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "apps" / "medsam2"))
 
-from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, image_size_overrides  # noqa: E402
+from lib.engine.checkpoints import (  # noqa: E402
+    MEDSAM2_CONFIG,
+    build_model,
+    image_size_overrides,
+    load_model,
+    resolve_checkpoint,
+)
 from lib.engine.precision import compute_dtype_for  # noqa: E402
 from lib.engine.propagation import StopRule, propagate_volume  # noqa: E402
 from lib.engine.volume_session import VolumeSession  # noqa: E402
@@ -35,6 +48,7 @@ from lib.training.data import Study  # noqa: E402
 from lib.training.loop import train  # noqa: E402
 from lib.training.metrics import dice_score  # noqa: E402
 from lib.training.settings import TrainSettings  # noqa: E402
+from lib.training.synthetic import held_out_studies  # noqa: E402
 from lib.training.validation import key_slice_prompts  # noqa: E402
 
 
@@ -73,17 +87,16 @@ def measure(model, studies: list[Study], rule: StopRule | None, device, dtype) -
         result = propagate_volume(session, prompts, stop_rule=rule)
         track += time.perf_counter() - t0
         steps += result.steps
-        pred = result.binary_mask(prompts[0].label)
-        gt = study.label == 1
-        present = np.nonzero(gt.reshape(gt.shape[0], -1).any(1))[0]
-        outside = np.ones(gt.shape[0], bool)
-        outside[present.min() : present.max() + 1] = False
-        for k, score in result.object_scores[prompts[0].label].items():
-            (past_scores if outside[k] else inside_scores).append(score)
-        overshoot += int(pred[outside].sum())
-        slices_past += int(pred[outside].reshape(int(outside.sum()), -1).any(1).sum())
-        fp += int((pred & ~gt).sum())
-        dices.append(dice_score(pred, gt))
+        for prompt in prompts:
+            pred = result.binary_mask(prompt.label)
+            gt = study.label == prompt.label_value
+            outside = ~gt.reshape(gt.shape[0], -1).any(1)
+            for k, score in result.object_scores[prompt.label].items():
+                (past_scores if outside[k] else inside_scores).append(score)
+            overshoot += int(pred[outside].sum())
+            slices_past += int(pred[outside].reshape(int(outside.sum()), -1).any(1).sum())
+            fp += int((pred & ~gt).sum())
+            dices.append(dice_score(pred, gt))
     scores = {
         "object_score_inside_median": round(float(np.median(inside_scores)), 3),
         "object_score_past_end_median": round(float(np.median(past_scores)), 3) if past_scores else None,
@@ -97,6 +110,38 @@ def measure(model, studies: list[Study], rule: StopRule | None, device, dtype) -
         "tracking_steps": steps,
         "tracking_seconds": round(track, 3),
     }, scores
+
+
+def end_precision(model, studies: list[Study], rule: StopRule, device, dtype) -> dict:
+    """Where the rule ends an object: of the slices it empties (masked with the rule off, empty with it on), the
+    share past the object's true extent (precision), and of the masked slices past the extent, the share it
+    empties (recall); per object, whether it cut into the object (emptied a slice holding it)."""
+    removed_past = removed_inside = masked_past = objects = cut = 0
+    for study in studies:
+        prompts = key_slice_prompts(study.label)
+        session = VolumeSession(study.frames, model, device, dtype, dtype or torch.float32)
+        off = propagate_volume(session, prompts)
+        on = propagate_volume(session, prompts, stop_rule=rule)
+        for prompt in prompts:
+            present = (study.label == prompt.label_value).reshape(study.label.shape[0], -1).any(1)
+            was = off.binary_mask(prompt.label).reshape(len(present), -1).any(1)
+            now = on.binary_mask(prompt.label).reshape(len(present), -1).any(1)
+            removed = was & ~now
+            removed_past += int((removed & ~present).sum())
+            removed_inside += int((removed & present).sum())
+            masked_past += int((was & ~present).sum())
+            objects += 1
+            cut += bool((removed & present).any())
+    removed = removed_past + removed_inside
+    return {
+        "objects": objects,
+        "slices_emptied": removed,
+        "slices_emptied_past_end": removed_past,
+        "end_precision": round(removed_past / removed, 4) if removed else None,
+        "end_recall": round(removed_past / masked_past, 4) if masked_past else None,
+        "masked_slices_past_end_rule_off": masked_past,
+        "objects_cut_short": cut,
+    }
 
 
 def train_model(args, p_cross_end: float, train_set, val_set, device, dtype):
@@ -142,6 +187,9 @@ def main() -> None:
     ap.add_argument("--p-cross-end", default="0,0.5", help="one model per value")
     ap.add_argument("--patience", default="1,2,3,5")
     ap.add_argument("--min-object-score", type=float, default=0.0)
+    ap.add_argument("--init", default="", help="measure this checkpoint instead of training models")
+    ap.add_argument("--model-config", default="", help="the Hydra config of --init")
+    ap.add_argument("--data", choices=("ending", "synthetic"), default="ending", help="held-out volumes (see above)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
@@ -149,16 +197,24 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = compute_dtype_for(device)
     train_set = [ending_object_study(s, args.slices, args.size) for s in range(args.train_studies)]
-    val_set = [ending_object_study(1000 + s, args.slices, args.size) for s in range(args.val_studies)]
+    if args.data == "synthetic":
+        val_set = held_out_studies(args.val_studies)
+    else:
+        val_set = [ending_object_study(1000 + s, args.slices, args.size) for s in range(args.val_studies)]
+    shape = "x".join(str(n) for n in val_set[0].frames.shape)
     lines = []
-    for p_cross_end in [float(v) for v in args.p_cross_end.split(",") if v]:
-        model, name, val_dice = train_model(args, p_cross_end, train_set, val_set, device, dtype)
+    for p_cross_end in [float(v) for v in args.p_cross_end.split(",") if v] if not args.init else [None]:
+        if args.init:
+            model = load_model(resolve_checkpoint(args.init, config=args.model_config or None), device).eval()
+            name, val_dice = Path(args.init).name, float("nan")
+        else:
+            model, name, val_dice = train_model(args, p_cross_end, train_set, val_set, device, dtype)
         base = {
             "model": name,
             "p_cross_end": p_cross_end,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "val_dice_during_training": round(val_dice, 4),
-            "volumes": f"{args.val_studies} x {args.slices}x{args.size}x{args.size}",
+            "volumes": f"{args.val_studies} x {shape} ({args.data})",
         }
         measure(model, val_set[:1], None, device, dtype)  # warm-up: the first propagation pays one-off costs
         off, scores = measure(model, val_set, None, device, dtype)
@@ -172,7 +228,8 @@ def main() -> None:
                 "dice_minus_off": round(on["dice"] - off["dice"], 4),
             }
             setting = f"stop rule: score < {args.min_object_score} for {patience}"
-            lines.append({**base, "setting": setting, **on, **ratios})
+            ends = end_precision(model, val_set, rule, device, dtype) if args.init else {}
+            lines.append({**base, "setting": setting, **on, **ratios, **ends})
         for line in lines[-(1 + len(args.patience.split(","))) :]:
             print(json.dumps(line), flush=True)
     if args.out:
