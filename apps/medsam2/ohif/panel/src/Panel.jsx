@@ -62,27 +62,11 @@ function ConfidenceList({ run, label, jump }) {
   );
 }
 
-export default function Panel({ annotator }) {
-  const [state, setState] = useState(annotator.state);
-  useEffect(() => {
-    setState(annotator.state); // an update between the first render and the subscription
-    return annotator.subscribe(setState);
-  }, [annotator]);
-  const { labels, label, dimension, tool, polarity, live, busy, status, error, info, lastRun3d } = state;
+function PromptControls({ annotator, state }) {
+  const { tool, polarity, dimension, live } = state;
   const set = change => annotator.update(change);
   return (
-    <div style={css.panel} className="medsam2Panel">
-      <div data-medsam2="status">{busy ? '⏳ ' : ''}{status}</div>
-      {info?.warning && <div style={css.error}>{info.warning}</div>}
-      {error && <div style={css.error} data-medsam2="error">{error}</div>}
-
-      <div style={css.title}>Label</div>
-      <select style={css.select} value={label ?? ''} onChange={e => set({ label: e.target.value })} data-medsam2="label">
-        {labels.map(l => (
-          <option key={l.name} value={l.name}>{l.name}</option>
-        ))}
-      </select>
-
+    <>
       <div style={css.title}>Prompt</div>
       <div style={css.row}>
         {KINDS.map(([kind, text]) => (
@@ -102,7 +86,13 @@ export default function Panel({ annotator }) {
           <input type="checkbox" checked={live} onChange={e => set({ live: e.target.checked })} data-medsam2="live" /> live
         </label>
       </div>
+    </>
+  );
+}
 
+function Actions({ annotator, busy }) {
+  return (
+    <>
       <div style={css.row}>
         <Button name="run" on onClick={() => annotator.run()} disabled={busy}>Run</Button>
         <Button name="undo" title="Ctrl+Z" onClick={() => annotator.step(true)} disabled={busy}>Undo</Button>
@@ -112,6 +102,38 @@ export default function Panel({ annotator }) {
       <div style={css.row}>
         <Button name="save" onClick={() => annotator.save()} disabled={busy}>Save label</Button>
       </div>
+    </>
+  );
+}
+
+function LabelChoice({ annotator, labels, label }) {
+  return (
+    <>
+      <div style={css.title}>Label</div>
+      <select style={css.select} value={label ?? ''} onChange={e => annotator.update({ label: e.target.value })} data-medsam2="label">
+        {labels.map(l => (
+          <option key={l.name} value={l.name}>{l.name}</option>
+        ))}
+      </select>
+    </>
+  );
+}
+
+export default function Panel({ annotator }) {
+  const [state, setState] = useState(annotator.state);
+  useEffect(() => {
+    setState(annotator.state); // an update between the first render and the subscription
+    return annotator.subscribe(setState);
+  }, [annotator]);
+  const { labels, label, busy, status, error, info, lastRun3d } = state;
+  return (
+    <div style={css.panel} className="medsam2Panel">
+      <div data-medsam2="status">{busy ? '⏳ ' : ''}{status}</div>
+      {info?.warning && <div style={css.error}>{info.warning}</div>}
+      {error && <div style={css.error} data-medsam2="error">{error}</div>}
+      <LabelChoice annotator={annotator} labels={labels} label={label} />
+      <PromptControls annotator={annotator} state={state} />
+      <Actions annotator={annotator} busy={busy} />
       {lastRun3d?.answer?.hint && <div data-medsam2="hint">{lastRun3d.answer.hint}</div>}
       <ConfidenceList run={lastRun3d} label={label} jump={k => annotator.bridge.jumpToSlice(k)} />
     </div>

@@ -60,6 +60,11 @@ export class Annotator {
     return this.images.get(uid);
   }
 
+  /** The active viewport changed: show its series' last 3D answer. */
+  viewChanged() {
+    this.update({ lastRun3d: this.imageState()?.lastRun3d ?? null });
+  }
+
   async connect() {
     try {
       const info = await fetchInfo();
@@ -153,19 +158,24 @@ export class Annotator {
   /** One request; true when its answer is shown. */
   async send(view, image, model, drawn) {
     const started = performance.now();
-    const params = { client_id: this.clientId };
-    let prompts2d = null;
-    if (model === 'medsam2_3d') {
-      params.prompts = nativePrompts(drawn);
-      params.correction = drawn.every(p => image.prompted.has(p.label));
-    } else {
-      prompts2d = new Map(image.prompts2d);
-      for (const p of drawn) prompts2d.set(sliceKey(p), [...(prompts2d.get(sliceKey(p)) ?? []), p]);
-      params.prompts = nativePrompts([...new Set(drawn.map(sliceKey))].flatMap(key => prompts2d.get(key)));
-    }
-    let reply;
+    const { params, prompts2d } = requestParams(model, drawn, image, this.clientId);
+    const reply = await this.ask(view, image, model, drawn, params);
+    if (!reply) return false;
+    const applying = performance.now();
+    const step = await this.show(view, model, drawn, reply);
+    if (!step) return false;
+    const written = performance.now();
+    await new Promise(resolve => requestAnimationFrame(() => resolve())); // the overlay's frame
+    const timing = answerTiming(drawn, reply, { started, applying, written, shown: performance.now() });
+    const result = { model, answer: reply.answer, timing, slices: params.prompts.map(p => p.slice) };
+    this.record(image, step, { model, drawn, prompts2d, result });
+    return true;
+  }
+
+  /** The server's answer to one request, or null (refused: the drawings are dropped; failed: kept to resend). */
+  async ask(view, image, model, drawn, params) {
     try {
-      reply = await infer(model, view.displaySet.SeriesInstanceUID, params);
+      return await infer(model, view.displaySet.SeriesInstanceUID, params);
     } catch (e) {
       if (REFUSED.has(e.status)) {
         this.bridge.removeAnnotations(drawn.map(p => p.uid));
@@ -174,45 +184,38 @@ export class Annotator {
         image.pending = [...drawn, ...image.pending]; // busy or unreachable: Run sends them again
         this.update({ error: `${e.detail ?? e.message} (press Run to try again)`, status: `${model} failed` });
       }
-      return false;
+      return null;
     }
-    let step;
-    const applying = performance.now();
+  }
+
+  /** Write an answer into the labelmap; its undo step, or null when it cannot be shown (then the server's
+   * session steps back too). */
+  async show(view, model, drawn, reply) {
     try {
-      step = await this.applyAnswer(view, model, drawn, reply.answer, reply.label);
+      return await this.applyAnswer(view, model, drawn, reply.answer, reply.label);
     } catch (e) {
-      // the server took the step, the viewer cannot show it: take it back there too
       infer(model, view.displaySet.SeriesInstanceUID, { undo: true, client_id: this.clientId }, 'json').catch(() => {});
       this.bridge.removeAnnotations(drawn.map(p => p.uid));
       this.update({ error: `The answer was not shown: ${e.message}.`, status: `${model}: not shown` });
-      return false;
+      return null;
     }
-    const written = performance.now();
-    await new Promise(resolve => requestAnimationFrame(() => resolve())); // the overlay's frame
-    const shown = performance.now();
-    const seconds = (from, to) => Math.round(to - from) / 1000;
-    const timing = {
-      prompt_to_overlay_s: seconds(Math.max(...drawn.map(p => p.drawnAt)), shown),
-      request_to_overlay_s: seconds(started, shown),
-      server_s: reply.answer.latencies?.total ?? null,
-      until_answer_s: seconds(started, reply.answeredAt), // request, server, first bytes back
-      receive_s: seconds(reply.answeredAt, reply.receivedAt), // the multipart body read and split
-      write_s: seconds(applying, written), // NRRD parsed, grid checked, labelmap written
-      frame_s: seconds(written, shown),
-    };
-    const result = { model, answer: reply.answer, timing, slices: params.prompts.map(p => p.slice) };
-    const before = { prompted: new Set(image.prompted), prompts2d: image.prompts2d, lastRun3d: image.lastRun3d };
-    if (model === 'medsam2_3d') drawn.forEach(p => image.prompted.add(p.label));
+  }
+
+  /** An answer was shown: it becomes the image's last step (undo goes back to the state before it). */
+  record(image, step, { model, drawn, prompts2d, result }) {
+    step.before = snapshot(image);
+    if (model === 'medsam2_3d') {
+      drawn.forEach(p => image.prompted.add(p.label));
+      image.lastRun3d = result;
+    }
     if (prompts2d) image.prompts2d = prompts2d;
-    if (model === 'medsam2_3d') image.lastRun3d = result;
-    step.before = before;
-    step.after = { prompted: new Set(image.prompted), prompts2d: image.prompts2d, lastRun3d: image.lastRun3d };
+    step.after = snapshot(image);
     this.bridge.removeAnnotations(image.sent.map(p => p.uid));
     image.sent = drawn;
     image.done = [...image.done, step].slice(-MAX_UNDO);
     image.undone = [];
-    this.update({ status: `${model}: answered in ${timing.request_to_overlay_s.toFixed(1)} s`, lastRun: result, lastRun3d: image.lastRun3d });
-    return true;
+    const status = `${model}: answered in ${result.timing.request_to_overlay_s.toFixed(1)} s`;
+    this.update({ status, lastRun: result, lastRun3d: image.lastRun3d });
   }
 
   /** Write an answer's labels into the labelmap: 3D replaces the session's labels on every slice, 2D the
@@ -254,37 +257,49 @@ export class Annotator {
     const step = from.at(-1);
     if (!step) return this.update({ error: back ? 'Nothing to undo.' : 'Nothing to redo.' });
     this.update({ busy: true, error: null, status: back ? 'Undoing…' : 'Redoing…' });
-    let sessionGone = false;
     try {
-      try {
-        await infer(step.model, view.displaySet.SeriesInstanceUID, { [back ? 'undo' : 'redo']: true, client_id: this.clientId }, 'json');
-      } catch (e) {
-        if (!SESSION_GONE.has(e.status)) {
-          return this.update({ error: `${e.detail ?? e.message} (nothing was undone; try again)` });
-        }
-        sessionGone = true;
-      }
+      const sessionGone = await this.stepServer(view, step.model, back);
+      if (sessionGone === null) return;
       from.pop();
       (back ? image.undone : image.done).push(step);
-      const map = await this.bridge.labelmap(view, this.state.labels);
-      for (const [k, change] of step.changes) writeVoxels(this.bridge.sliceVoxels(map, k), change, back);
-      this.bridge.labelmapChanged(map);
-      const restored = back ? step.before : step.after;
-      image.prompted = sessionGone ? new Set() : new Set(restored.prompted);
-      image.prompts2d = sessionGone ? new Map() : restored.prompts2d;
-      image.lastRun3d = restored.lastRun3d;
-      this.bridge.removeAnnotations(image.sent.map(p => p.uid));
-      image.sent = [];
-      this.update({
-        status: back ? 'Undone' : 'Redone',
-        lastRun3d: image.lastRun3d,
-        error: sessionGone
-          ? "The overlay was restored, but the server's session had lost that step; the next prompt starts a new session."
-          : null,
-      });
+      await this.stepOverlay(view, image, step, back, sessionGone);
     } finally {
       this.idle();
     }
+  }
+
+  /** The server's session steps back or forward: false when it did, true when it no longer has that step,
+   * null when it failed (nothing was changed). */
+  async stepServer(view, model, back) {
+    const params = { [back ? 'undo' : 'redo']: true, client_id: this.clientId };
+    try {
+      await infer(model, view.displaySet.SeriesInstanceUID, params, 'json');
+      return false;
+    } catch (e) {
+      if (SESSION_GONE.has(e.status)) return true;
+      this.update({ error: `${e.detail ?? e.message} (nothing was ${back ? 'undone' : 'redone'}; try again)` });
+      return null;
+    }
+  }
+
+  /** The overlay and the image's state go back (or forward) over `step`. */
+  async stepOverlay(view, image, step, back, sessionGone) {
+    const map = await this.bridge.labelmap(view, this.state.labels);
+    for (const [k, change] of step.changes) writeVoxels(this.bridge.sliceVoxels(map, k), change, back);
+    this.bridge.labelmapChanged(map);
+    const restored = back ? step.before : step.after;
+    image.prompted = sessionGone ? new Set() : new Set(restored.prompted);
+    image.prompts2d = sessionGone ? new Map() : restored.prompts2d;
+    image.lastRun3d = restored.lastRun3d;
+    this.bridge.removeAnnotations(image.sent.map(p => p.uid));
+    image.sent = [];
+    this.update({
+      status: back ? 'Undone' : 'Redone',
+      lastRun3d: image.lastRun3d,
+      error: sessionGone
+        ? "The overlay was restored, but the server's session had lost that step; the next prompt starts a new session."
+        : null,
+    });
   }
 
   /** Save the whole labelmap as the series' final label (next to a PACS: a DICOM SEG in the study). */
@@ -339,6 +354,40 @@ function batches(model, drawn, image) {
     groups.set(key, [...(groups.get(key) ?? []), p]);
   }
   return [...groups.values()];
+}
+
+/** A request's params ({params, prompts2d}): 3D, the drawn prompts (a correction when the session holds every
+ * label); 2D, everything drawn on the prompted slices (the server's 2D starts each slice afresh). */
+function requestParams(model, drawn, image, clientId) {
+  const params = { client_id: clientId };
+  if (model === 'medsam2_3d') {
+    params.prompts = nativePrompts(drawn);
+    params.correction = drawn.every(p => image.prompted.has(p.label));
+    return { params, prompts2d: null };
+  }
+  const prompts2d = new Map(image.prompts2d);
+  for (const p of drawn) prompts2d.set(sliceKey(p), [...(prompts2d.get(sliceKey(p)) ?? []), p]);
+  params.prompts = nativePrompts([...new Set(drawn.map(sliceKey))].flatMap(key => prompts2d.get(key)));
+  return { params, prompts2d };
+}
+
+/** Where the time of one answer went (seconds), from the last drawing to the overlay's frame. */
+function answerTiming(drawn, reply, { started, applying, written, shown }) {
+  const seconds = (from, to) => Math.round(to - from) / 1000;
+  return {
+    prompt_to_overlay_s: seconds(Math.max(...drawn.map(p => p.drawnAt)), shown),
+    request_to_overlay_s: seconds(started, shown),
+    server_s: reply.answer.latencies?.total ?? null,
+    until_answer_s: seconds(started, reply.answeredAt), // request, server, first bytes back
+    receive_s: seconds(reply.answeredAt, reply.receivedAt), // the multipart body read and split
+    write_s: seconds(applying, written), // NRRD parsed, grid checked, labelmap written
+    frame_s: seconds(written, shown),
+  };
+}
+
+/** What undo and redo restore of an image's state. */
+function snapshot(image) {
+  return { prompted: new Set(image.prompted), prompts2d: image.prompts2d, lastRun3d: image.lastRun3d };
 }
 
 /** Where a 2D prompt's earlier prompts are kept: its label on its slice. */
