@@ -85,7 +85,8 @@ export class MedSAM2Service {
     this.teardown.push(
       ...subscriptions.map(subscription => () => subscription.unsubscribe()),
       () => cs.eventTarget.removeEventListener(cst.Enums.Events.ANNOTATION_COMPLETED, completed),
-      () => window.removeEventListener('keydown', this.onKey, true)
+      () => window.removeEventListener('keydown', this.onKey, true),
+      () => annotator.close()
     );
     this.render();
     annotator.connect();
