@@ -370,6 +370,25 @@ def test_2d_prompts_go_one_slice_a_request_and_build_up_on_their_slice(panel):
     assert np.abs(np.array(prompt["box"]) - np.array(NODULE_BOX)).max() <= 1
 
 
+def test_a_state_the_server_does_not_hold_is_asked_again_without_a_whole_volume(panel):
+    """The overlay's state unknown to the server (a restart, an evicted session: 409): the panel asks the 2D
+    request again against "empty" and writes the slice's box; no message, no whole volume."""
+    s = panel
+    jump_to_slice(s.driver, KEY_SLICE + 6)
+    s.driver.execute_script("window.medsam2.imageState().answerIds.set(2, 'not-held.1')")
+    select_tool(s, "box", dimension="2d")
+    before = len(infer_requests(s))
+    drag(s, [NODULE_BOX[:2], NODULE_BOX[2:]], KEY_SLICE + 6)
+    wait_for(lambda: s.driver.execute_script(PENDING) == 1, 10, "the box as a prompt")
+    click(s, "run")
+    wait_for(lambda: len(infer_requests(s)) >= before + 2, 60, "the request and its retry")
+    wait_for(lambda: not state(s, "busy"), 60, "the answer")
+    assert state(s, "error") is None, state(s, "error")
+    refused, retry = infer_requests(s)[before : before + 2]
+    assert refused["changed_since"] == "not-held.1" and retry["changed_since"] == "empty"
+    assert "refine_from" not in retry and state(s, "lastRun")["bytes"] < 64 * 1024
+
+
 def test_a_drawing_without_a_label_is_refused_in_the_panel(panel):
     """No label chosen: the drawing is removed with a message, and nothing is sent."""
     s = panel

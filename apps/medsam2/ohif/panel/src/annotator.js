@@ -222,7 +222,7 @@ export class Annotator {
     try {
       return await this.api.infer(model, view.displaySet.SeriesInstanceUID, params);
     } catch (e) {
-      const retry = retryParams(e, params);
+      const retry = retryParams(e, params, model);
       if (retry) {
         image.answerIds.delete(drawn[0].axis);
         return this.ask(view, image, model, drawn, retry);
@@ -464,9 +464,13 @@ export class Annotator {
 }
 
 /** The request again when the server's session no longer holds what the panel knew of it, else null: 409, the
- * state the overlay shows (ask for the whole label); 404 for `refine_from: "last"`, no answer yet (without it). */
-function retryParams(error, params) {
-  if (error.status === 409 && params.changed_since) return { ...params, changed_since: undefined, refine_from: undefined };
+ * state the overlay shows (3D: ask for the whole label; 2D: the slice alone, against "empty", so a 2D answer
+ * never carries the whole volume); 404 for `refine_from: "last"`, no answer yet (without it). */
+function retryParams(error, params, model) {
+  if (error.status === 409 && params.changed_since) {
+    const since = model === 'medsam2_2d' ? 'empty' : undefined;
+    return { ...params, changed_since: since, refine_from: undefined };
+  }
   if (error.status === 404 && params.refine_from === 'last') return { ...params, refine_from: undefined };
   return null;
 }
