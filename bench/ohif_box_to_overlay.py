@@ -1,6 +1,13 @@
 """From a box drawn in OHIF to the overlay on screen: the MedSAM2 panel in headless Chromium, on the demo lung CT
-(pyradiomics lung2, 512 x 512 x 61) in a real Orthanc, the MedSAM2 model shape with random weights, the app's
-default settings (encode-ahead, OpenVINO encoder, CPU tracking modules).
+(pyradiomics lung2, 512 x 512 x 61) in a real Orthanc, with the app's default settings (encode-ahead, OpenVINO
+encoder, CPU tracking modules). ``--model reference`` (default): the reference model (tests/fixtures/reference_sam2.pt,
+docs/reference_model.md), whose masks have a realistic size; ``--model medsam2-random``: the MedSAM2 model shape
+with random weights (``object_present_bias``: masks fill most of the volume, the worst case for the wire).
+
+The panel asks for changed regions (``changed_since``, a gzip NRRD of the changed box): ``wire_bytes`` is the
+answer's body as the browser received it. The baseline, whole-label answer (what the panel asked for before,
+an uncompressed NRRD of the whole volume) is measured in the same run by the direct request below
+(``whole_label_bytes``).
 
 The panel runs in live mode: the box's mouse release sends the request. The panel's own clock gives the time from
 the release to the frame that shows the answer (``prompt_to_overlay_s``). The baseline, in the same run, is the
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -42,7 +50,7 @@ from pacs_testing import Orthanc, lung_ct, write_ct_series  # noqa: E402
 
 from conftest import start_server, stop_server  # noqa: E402
 from lib.engine.checkpoints import MEDSAM2_CONFIG, build_model, save_checkpoint  # noqa: E402
-from sam2_testing import object_present_bias  # noqa: E402
+from sam2_testing import REFERENCE_CHECKPOINT, REFERENCE_CONFIG, object_present_bias  # noqa: E402
 
 KEY_SLICE = 20
 TUMOUR_BOX = (317, 335, 385, 395)  # x0, y0, x1, y1 = i0, j0, i1, j1 of the lung2 tumour
@@ -53,8 +61,9 @@ def device() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86'})"
 
 
-def direct_request(server, image: str, model: str, prompts: list[dict]) -> float:
-    """Seconds for the same prompts sent by HTTP, in a session of their own, asking for the same NRRD."""
+def direct_request(server, image: str, model: str, prompts: list[dict]) -> tuple[float, int]:
+    """Seconds and answer bytes for the same prompts sent by HTTP, in a session of their own, asking for the
+    whole label as an uncompressed NRRD (the panel's request before changed regions)."""
     params = {
         "prompts": prompts,
         "client_id": f"direct-{time.monotonic_ns()}",
@@ -70,7 +79,7 @@ def direct_request(server, image: str, model: str, prompts: list[dict]) -> float
         timeout=600,
     )
     r.raise_for_status()
-    return time.monotonic() - started
+    return time.monotonic() - started, len(r.content)
 
 
 def draw_box(driver, image, box: tuple[int, int, int, int], k: int, dimension: str) -> dict:
@@ -96,9 +105,13 @@ def measure(args, folder: Path) -> list[dict]:
     orthanc = Orthanc(folder / "orthanc").start()
     ct = write_ct_series(lung_ct(first_slice=0, num_slices=61, size=512), folder / "ct", description="lung2")
     orthanc.upload(ct.files)
-    checkpoint = folder / "random_medsam2.pt"
-    save_checkpoint(object_present_bias(build_model(MEDSAM2_CONFIG)), checkpoint)
-    conf = {"checkpoint": str(checkpoint), "window": "lung", **APP_DEFAULTS}
+    conf = {"window": "lung", **APP_DEFAULTS}
+    if args.model == "reference":
+        conf |= {"checkpoint": str(REFERENCE_CHECKPOINT), "model_config": str(REFERENCE_CONFIG)}
+    else:
+        checkpoint = folder / "random_medsam2.pt"
+        save_checkpoint(object_present_bias(build_model(MEDSAM2_CONFIG)), checkpoint)
+        conf["checkpoint"] = str(checkpoint)
     server = start_server(orthanc.dicomweb, conf, folder / "server.log", timeout=600)
     lines: list[dict] = []
     try:
@@ -112,14 +125,20 @@ def measure(args, folder: Path) -> list[dict]:
                 run = draw_box(driver, ct.image, TUMOUR_BOX, k, dimension)
                 model = run["model"]
                 prompts = [{"label": "lesion", "slice": k, "box": list(TUMOUR_BOX)}]
-                direct = direct_request(server, ct.series_uid, model, prompts)
+                direct, whole_bytes = direct_request(server, ct.series_uid, model, prompts)
                 timing = run["timing"]
                 line = {
                     "bench": "ohif_box_to_overlay",
                     "case": name,
                     "image": "lung2 512x512x61",
+                    "model": args.model,
                     "device": device(),
+                    "load_average_1m": round(os.getloadavg()[0], 2),
                     "think_s": args.think,
+                    "wire_bytes": run.get("bytes"),
+                    "whole_label_bytes": whole_bytes,
+                    "wire_over_whole": round(run["bytes"] / whole_bytes, 4) if run.get("bytes") else None,
+                    "changed_region": run["answer"].get("changed_region"),
                     "box_release_to_overlay_s": round(timing["prompt_to_overlay_s"], 3),
                     "server_total_s": timing["server_s"],
                     "direct_http_s": round(direct, 3),
@@ -140,12 +159,14 @@ def measure(args, folder: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--think", type=float, default=20.0, help="seconds between opening the study and the box")
-    parser.add_argument("--out", type=Path, help="also write the JSON lines here")
+    parser.add_argument("--model", choices=("reference", "medsam2-random"), default="reference")
+    parser.add_argument("--out", type=Path, help="also write the JSON lines here (appended)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ohif-bench-") as tmp:
         lines = measure(args, Path(tmp))
     if args.out:
-        args.out.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        with args.out.open("a") as out:
+            out.write("".join(json.dumps(line) + "\n" for line in lines))
 
 
 if __name__ == "__main__":

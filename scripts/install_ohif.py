@@ -98,7 +98,18 @@ def move_to_base(viewer: Path) -> None:
 def installed_version(viewer: Path = VIEWER_DIR) -> str | None:
     """The release installed in ``viewer``, or None."""
     stamp = viewer / STAMP
-    return stamp.read_text().strip() if stamp.is_file() else None
+    return stamp.read_text().splitlines()[0].strip() if stamp.is_file() else None
+
+
+def stamp_text(release: dict) -> str:
+    """What an install of ``release`` writes in its stamp: the release, and what of it was left out (an install
+    that skipped other files, e.g. OHIF's in-browser AI files ``dist/ort/``, is not this one)."""
+    return f"{release['package']}@{release['version']}\nskip: {' '.join(sorted(release.get('skip', [])))}\n"
+
+
+def is_installed(release: dict, viewer: Path = VIEWER_DIR) -> bool:
+    stamp = viewer / STAMP
+    return stamp.is_file() and stamp.read_text() == stamp_text(release)
 
 
 def install(release: dict, viewer: Path = VIEWER_DIR) -> None:
@@ -108,7 +119,7 @@ def install(release: dict, viewer: Path = VIEWER_DIR) -> None:
         staged = Path(tmp) / "viewer"
         unpack_dist(data, release.get("skip", []), staged)
         move_to_base(staged)
-        (staged / STAMP).write_text(f"{release['package']}@{release['version']}\n")
+        (staged / STAMP).write_text(stamp_text(release))
         old = Path(tmp) / "old"
         if viewer.exists():
             viewer.rename(old)  # the old viewer stays whole until the new one is in place
@@ -126,7 +137,7 @@ def main() -> int:
     args = parser.parse_args()
     release = json.loads(RELEASE_FILE.read_text())
     wanted = f"{release['package']}@{release['version']}"
-    if installed_version() == wanted and not args.force:
+    if is_installed(release) and not args.force:
         print(f"install_ohif: {wanted} is installed")
         return 0
     try:

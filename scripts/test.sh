@@ -6,6 +6,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
 .venv/bin/ruff check apps tests scripts bench
+bash scripts/lint_ohif_panel.sh  # eslint on the OHIF panel's sources
 # idle OpenMP threads sleep instead of spinning: on a shared 2-core machine (pytest, servers and their training
 # processes at once) the engine tests ran 2-6x faster
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"

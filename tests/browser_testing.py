@@ -146,9 +146,14 @@ def drag_voxels(driver: webdriver.Chrome, image, voxels: list[tuple[float, float
     """Press the left button at the first (i, j) voxel of slice k of ``image`` (SimpleITK: the CT as written to
     the PACS, so the positions do not come from the viewer's own geometry), move through the others, release;
     returns the monotonic time of the release."""
+    return drag_ijk(driver, image, [(i, j, k) for i, j in voxels])
+
+
+def drag_ijk(driver: webdriver.Chrome, image, voxels: list[tuple[float, float, float]]) -> float:
+    """:func:`drag_voxels` through (i, j, k) voxels, in the active viewport (any view of the series)."""
     from selenium.webdriver.common.actions.action_builder import ActionBuilder
 
-    worlds = [image.TransformContinuousIndexToPhysicalPoint((float(i), float(j), float(k))) for i, j in voxels]
+    worlds = [image.TransformContinuousIndexToPhysicalPoint(tuple(map(float, v))) for v in voxels]
     points = [driver.execute_script(WORLD_TO_PAGE, list(w)) for w in worlds]
     actions = ActionBuilder(driver, duration=30)
     actions.pointer_action.move_to_location(*map(int, points[0])).pointer_down()
@@ -157,6 +162,53 @@ def drag_voxels(driver: webdriver.Chrome, image, voxels: list[tuple[float, float
     actions.pointer_action.pointer_up()
     actions.perform()
     return time.monotonic()
+
+
+# OHIF's MPR layout; the viewport whose view-plane normal is the world axis arguments[0] (0 x: sagittal, 1 y:
+# coronal, 2 z: axial) becomes the active one and moves its plane through the world point arguments[1]
+SHOW_PLANE = """
+const [axis, world] = arguments;
+const vs = window.services.cornerstoneViewportService;
+for (const id of window.services.viewportGridService.getState().viewports.keys()) {
+  const v = vs.getCornerstoneViewport(id);
+  const cam = v && v.getCamera();
+  if (!cam || Math.abs(cam.viewPlaneNormal[axis]) < 0.99) continue;
+  window.services.viewportGridService.setActiveViewportId(id);
+  const n = cam.viewPlaneNormal;
+  const d = [0, 1, 2].reduce((s, c) => s + (world[c] - cam.focalPoint[c]) * n[c], 0);
+  const shift = p => p.map((x, c) => x + d * n[c]);
+  v.setCamera({ focalPoint: shift(cam.focalPoint), position: shift(cam.position) });
+  v.render();
+  return id;
+}
+return null;
+"""
+
+
+def open_mpr(driver: webdriver.Chrome) -> None:
+    """Switch the viewer to OHIF's MPR layout (axial, sagittal, coronal) and wait for its three viewports."""
+    driver.execute_script("window.medsam2.bridge.commands.runCommand('toggleHangingProtocol', {protocolId: 'mpr'})")
+    wait_for(
+        lambda: driver.execute_script(
+            "return window.services.viewportGridService.getState().viewports.size === 3 "
+            "&& [...window.services.viewportGridService.getState().viewports.keys()].every("
+            "id => window.services.cornerstoneViewportService.getCornerstoneViewport(id)?.getCamera?.())"
+        ),
+        60,
+        "OHIF's MPR layout",
+    )
+    time.sleep(2)  # the volume loads into the three views
+
+
+def show_plane(driver: webdriver.Chrome, image, world_axis: int, voxel: tuple[float, float, float]) -> str:
+    """Make the MPR view across ``world_axis`` active, showing the plane through ``voxel`` (i, j, k) of
+    ``image``; its viewport id."""
+    world = list(image.TransformContinuousIndexToPhysicalPoint(tuple(map(float, voxel))))
+    viewport = wait_for(
+        lambda: driver.execute_script(SHOW_PLANE, world_axis, world), 30, f"the view across {world_axis}"
+    )
+    time.sleep(0.5)
+    return viewport
 
 
 def shows_slice(driver: webdriver.Chrome, image, k: int) -> bool:

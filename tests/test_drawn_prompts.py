@@ -256,3 +256,16 @@ def test_undo_history_keeps_its_levels_and_drops_redo_after_a_new_edit():
     history.push(Snapshot.of({"n": 99}, None, {}, "edit"))
     with pytest.raises(PromptError, match="Nothing to redo"):
         history.redo()
+
+
+def test_a_refused_3d_request_leaves_the_session_as_it_was(model, volume_path):
+    """A background click alone for a label the session does not hold is refused, and its prompt is not kept:
+    the session's next request (another label) is answered (it used to fail with the same refusal)."""
+    seg = _segmenter(model)
+    box = {"client_id": "a", "prompts": [{"label": "lesion", "slice": 7, "box": [10, 8, 36, 30]}]}
+    seg.segment_3d(str(volume_path), box)
+    refused = {"client_id": "a", "prompts": [{"label": "organ", "slice": 7, "background": [[5, 5]]}]}
+    with pytest.raises(PromptError, match="only background"):
+        seg.segment_3d(str(volume_path), refused)
+    label, _, _ = seg.segment_3d(str(volume_path), {**box, "correction": False})
+    assert (label == 1).any() and not (label == 2).any()

@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from browser_testing import click_panel, current_slice, drag_voxels, jump_to_slice, panel_state, shows_slice, wait_for
+from browser_testing import (
+    click_panel,
+    current_slice,
+    drag_ijk,
+    drag_voxels,
+    jump_to_slice,
+    panel_state,
+    shows_slice,
+    wait_for,
+)
 from pacs_testing import CHROMEDRIVER, CHROMIUM, CtSeries, Orthanc, lung_ct, require, write_ct_series
 
 from conftest import ARTIFACTS, Server, start_server, stop_server
@@ -185,6 +194,11 @@ def test_box_drag_reaches_the_server_in_voxels_of_the_shown_slice_and_its_3d_ans
     assert prompt["label"] == "lesion" and prompt["slice"] == KEY_SLICE
     assert np.abs(np.array(prompt["box"]) - np.array(NODULE_BOX)).max() <= 1, prompt["box"]
     assert request["correction"] is False and request["client_id"].startswith("ohif-")
+    # a changed-region answer (C1): the overlay was empty, so the box of the answer's voxels, gzip NRRD
+    assert request["changed_since"] == "empty" and request["axis"] == "axial"
+    run = state(s, "lastRun")
+    assert run["answer"]["changed_region"]["since"] == "empty", run["answer"]
+    assert run["bytes"] < overlay.size // 4, run["bytes"]  # the whole label would be one byte a voxel
 
     expected = server_label(s, {"prompts": request["prompts"]}, "medsam2_3d")
     assert overlay.shape == expected.shape
@@ -200,12 +214,15 @@ def test_scribble_and_lasso_reach_the_server_as_drawn(panel):
     voxels in order, on the slice shown; the 2D answer changes that slice only."""
     s = panel
     stroke = [(150.0, 150.0), (165.0, 158.0), (180.0, 170.0)]
+    shown_id = s.driver.execute_script("return window.medsam2.imageState().answerIds.get(2)")
+    assert shown_id == state(s, "lastRun")["answer"]["answer_id"]
     before = len(infer_requests(s))
     select_tool(s, "scribble", polarity="background")
     drag(s, stroke, KEY_SLICE)
     request = run_and_wait(s, before)
     (prompt,) = request["prompts"]
     assert prompt["slice"] == KEY_SLICE and request["correction"] is True
+    assert request["changed_since"] == shown_id  # only what changed since the answer the overlay shows
     drawn = np.array(prompt["background_scribbles"][0])
     assert len(drawn) >= 3
     assert np.abs(drawn[0] - stroke[0]).max() <= 1.5 and np.abs(drawn[-1] - stroke[-1]).max() <= 1.5
@@ -224,6 +241,7 @@ def test_scribble_and_lasso_reach_the_server_as_drawn(panel):
     after = labelmap(s)
     changed = np.nonzero((after != before_map).any(axis=(1, 2)))[0].tolist()
     assert changed == [KEY_SLICE]
+    assert state(s, "lastRun")["bytes"] < 64 * 1024  # a 2D answer never carries the whole volume
     inside = after[KEY_SLICE, 175:195, 165:195]
     assert (inside == LABELS["lesion"]).all()  # a lasso alone on a slice is that slice's mask, pixel exact
 
@@ -297,14 +315,16 @@ def test_saved_seg_comes_back_from_the_pacs_aligned(panel):
 
 
 def test_a_prompt_the_server_refuses_is_dropped_with_the_servers_message(panel):
-    """A background click alone, for a label the slice does not have (nothing to remove it from): the server
-    answers 422; the panel shows its detail, drops the drawing, keeps the overlay, and the next prompt runs."""
+    """A background click alone (3D), for a label the session does not have (nothing to remove it from): the
+    server answers 422; the panel shows its detail, drops the drawing, keeps the overlay, and the next prompt
+    runs. (In 2D the panel refines the session's label, `refine_from: "last"`, where a background click alone is
+    a valid edit.)"""
     s = panel
     jump_to_slice(s.driver, KEY_SLICE)
     overlay = labelmap(s)
     before = len(infer_requests(s))
     s.driver.execute_script("window.medsam2.update({label: 'organ'})")
-    select_tool(s, "click", polarity="background", dimension="2d")
+    select_tool(s, "click", polarity="background", dimension="3d")
     drag(s, [(40.0, 40.0)], KEY_SLICE)
     # cornerstone holds a mouse-down until it knows it is not half of a double click
     wait_for(lambda: s.driver.execute_script(PENDING) == 1, 10, "the click as a prompt")
@@ -350,6 +370,25 @@ def test_2d_prompts_go_one_slice_a_request_and_build_up_on_their_slice(panel):
     assert np.abs(np.array(prompt["box"]) - np.array(NODULE_BOX)).max() <= 1
 
 
+def test_a_state_the_server_does_not_hold_is_asked_again_without_a_whole_volume(panel):
+    """The overlay's state unknown to the server (a restart, an evicted session: 409): the panel asks the 2D
+    request again against "empty" and writes the slice's box; no message, no whole volume."""
+    s = panel
+    jump_to_slice(s.driver, KEY_SLICE + 6)
+    s.driver.execute_script("window.medsam2.imageState().answerIds.set(2, 'not-held.1')")
+    select_tool(s, "box", dimension="2d")
+    before = len(infer_requests(s))
+    drag(s, [NODULE_BOX[:2], NODULE_BOX[2:]], KEY_SLICE + 6)
+    wait_for(lambda: s.driver.execute_script(PENDING) == 1, 10, "the box as a prompt")
+    click(s, "run")
+    wait_for(lambda: len(infer_requests(s)) >= before + 2, 60, "the request and its retry")
+    wait_for(lambda: not state(s, "busy"), 60, "the answer")
+    assert state(s, "error") is None, state(s, "error")
+    refused, retry = infer_requests(s)[before : before + 2]
+    assert refused["changed_since"] == "not-held.1" and retry["changed_since"] == "empty"
+    assert "refine_from" not in retry and state(s, "lastRun")["bytes"] < 64 * 1024
+
+
 def test_a_drawing_without_a_label_is_refused_in_the_panel(panel):
     """No label chosen: the drawing is removed with a message, and nothing is sent."""
     s = panel
@@ -364,3 +403,226 @@ def test_a_drawing_without_a_label_is_refused_in_the_panel(panel):
     assert len(infer_requests(s)) == before
     assert s.driver.execute_script(PENDING) == 0
     s.driver.execute_script("window.medsam2.update({label: 'lesion', error: null})")
+
+
+# the panel's requests as they leave the page (URL, method, headers, body), recorded from now on
+RECORD_REQUESTS = """
+if (!window.__medsam2Sent) {
+  window.__medsam2Sent = [];
+  const send = window.fetch;
+  window.fetch = (url, init = {}) => {
+    const body = typeof init.body === 'string' ? init.body : null;
+    window.__medsam2Sent.push({url: String(url), method: init.method || 'GET', headers: init.headers || {}, body});
+    return send(url, init);
+  };
+}
+window.__medsam2Sent.length = 0;
+"""
+
+
+def sent(s: PanelSession, path: str) -> list[dict]:
+    return [r for r in s.driver.execute_script("return window.__medsam2Sent") if path in r["url"]]
+
+
+def test_the_api_key_typed_in_the_panel_goes_with_every_request_and_the_heartbeat(panel):
+    """No OHIF login here: the key typed in the panel goes as X-API-Key with the panel's requests (C5), and the
+    panel's heartbeat (C6) posts the open series."""
+    s = panel
+    s.driver.execute_script(RECORD_REQUESTS)
+    field_ = s.driver.find_element("css selector", "[data-medsam2='api-key']")
+    field_.send_keys("key-123")
+    wait_for(lambda: state(s, "apiKey") == "key-123", 5, "the key in the panel")
+    s.driver.execute_script("window.medsam2.heartbeat.unsupported = false; return window.medsam2.heartbeat.send()")
+    (beat,) = wait_for(lambda: sent(s, "/medsam2/heartbeat") or None, 10, "the heartbeat")
+    assert beat["method"] == "POST" and json.loads(beat["body"]) == {"image": s.ct.series_uid}
+    assert beat["headers"].get("X-API-Key") == "key-123"
+    header = s.driver.execute_script("return window.services.userAuthenticationService.getAuthorizationHeader()")
+    assert header == {"X-API-Key": "key-123"}  # OHIF's DICOMweb requests carry it too
+    s.driver.execute_script("window.medsam2.setApiKey('')")
+
+
+def test_a_label_name_the_pacs_refuses_is_refused_in_the_panel_and_a_good_one_is_sent(panel):
+    """C4: "liver/1" gets a message naming the allowed characters and no request; "liver (2)" is posted to
+    /medsam2/labels/{series}/names, and the panel shows the server's answer (the new label, or its message)."""
+    s = panel
+    s.driver.execute_script(RECORD_REQUESTS)
+    name = s.driver.find_element("css selector", "[data-medsam2='new-label-name']")
+    name.send_keys("liver/1")
+    click(s, "add-label")
+    message = wait_for(lambda: state(s, "error"), 5, "the panel's message")
+    assert "liver/1" in message and "letters, digits" in message, message
+    assert not sent(s, "/names")
+    name.clear()
+    name.send_keys("liver (2)")
+    click(s, "add-label")
+    (post,) = wait_for(lambda: sent(s, "/names") or None, 10, "the new name at the server")
+    assert post["url"].endswith(f"/medsam2/labels/{s.ct.series_uid}/names") and post["method"] == "POST"
+    assert json.loads(post["body"]) == {"name": "liver (2)"}
+    wait_for(lambda: state(s, "label") == "liver (2)" or state(s, "error"), 10, "the server's answer")
+    if state(s, "label") != "liver (2)":  # an app without the C4 routes: its message, the labels unchanged
+        assert 'Label "liver (2)" not added' in state(s, "error")
+        assert [x["name"] for x in state(s, "labels")] == list(LABELS)
+    s.driver.execute_script("window.medsam2.update({label: 'lesion', error: null})")
+
+
+def test_reset_clears_one_label_undoably_and_new_object_starts_it_over(panel):
+    """Reset clears the chosen label only (Ctrl+Z brings it back, voxel for voxel); after it, or with New object
+    chosen, the label's next 3D prompt is not a correction; then the panel is back to Refine."""
+    s = panel
+    jump_to_slice(s.driver, KEY_SLICE)
+    before_reset = labelmap(s)
+    assert (before_reset == LABELS["lesion"]).any()
+    click(s, "reset-label")
+    wait_for(lambda: not (labelmap(s) == LABELS["lesion"]).any(), 10, "the lesion cleared")
+    after_reset = labelmap(s)
+    assert np.array_equal(after_reset[before_reset != LABELS["lesion"]], before_reset[before_reset != LABELS["lesion"]])
+    click(s, "undo")
+    wait_for(lambda: np.array_equal(labelmap(s), before_reset), 10, "the lesion back")
+    click(s, "redo")
+    wait_for(lambda: np.array_equal(labelmap(s), after_reset), 10, "the reset again")
+
+    select_tool(s, "box")
+    for grow in (0, 3):  # the first box right after the reset, the second (a little larger) with New object chosen
+        if grow:
+            click(s, "new-object")
+        before = len(infer_requests(s))
+        x0, y0, x1, y1 = NODULE_BOX
+        drag(s, [(x0 - grow, y0 - grow), (x1 + grow, y1 + grow)], KEY_SLICE)
+        wait_for(lambda: s.driver.execute_script(PENDING) == 1, 10, "the box as a prompt")
+        request = run_and_wait(s, before)
+        assert request["correction"] is False, request  # after the reset: a new object
+        assert s.driver.execute_script("return window.medsam2.state.newObject.size") == 0
+    assert (labelmap(s) == LABELS["lesion"]).any()
+    before = len(infer_requests(s))
+    select_tool(s, "click", dimension="3d")
+    drag(s, [(175.0, 180.0)], KEY_SLICE)
+    wait_for(lambda: s.driver.execute_script(PENDING) == 1, 10, "the click as a prompt")
+    assert run_and_wait(s, before)["correction"] is True  # Refine again
+
+
+def test_refine_a_saved_label_sends_refine_from_once_and_shows_the_whole_label(panel):
+    """A saved label chosen in the panel (an entry of C4's list; "final" is the SEG the save test put in the PACS):
+    the next 3D prompt sends its `refine_from` without `changed_since` (the session starts over from a label the
+    overlay does not hold) and the overlay becomes the server's answer; the prompt after it is a correction."""
+    s = panel
+    jump_to_slice(s.driver, KEY_SLICE)
+    s.driver.execute_script(
+        "window.medsam2.update({saved: [{tag: 'final', version: 1, source: 'pacs', refine_from: 'final'}]})"
+    )
+    click(s, "refine-saved")
+    wait_for(lambda: state(s, "refineFrom") == "final", 5, "the saved label chosen")
+    select_tool(s, "click")
+    before = len(infer_requests(s))
+    drag(s, [(170.0, 185.0)], KEY_SLICE)
+    wait_for(lambda: s.driver.execute_script(PENDING) == 1, 10, "the click as a prompt")
+    request = run_and_wait(s, before)
+    assert request["refine_from"] == "final" and "changed_since" not in request and request["correction"] is False
+    assert state(s, "refineFrom") is None
+    expected = server_label(s, {"prompts": request["prompts"], "refine_from": "final"}, "medsam2_3d")
+    assert np.array_equal(labelmap(s)[expected > 0], expected[expected > 0])
+    before = len(infer_requests(s))
+    drag(s, [(185.0, 176.0)], KEY_SLICE)
+    wait_for(lambda: s.driver.execute_script(PENDING) == 1, 10, "the click as a prompt")
+    request = run_and_wait(s, before)
+    assert "refine_from" not in request and request["correction"] is True and request["changed_since"]
+
+
+def test_ohifs_brush_paints_into_the_labelmap_the_panel_made(panel):
+    """OHIF's own CircularBrush, on the panel's labelmap with the "organ" segment active: a stroke on the key
+    slice paints organ voxels where it went, beside the panel's labels."""
+    s = panel
+    jump_to_slice(s.driver, KEY_SLICE)
+    s.driver.execute_script(
+        """
+        const m = window.medsam2, v = m.bridge.active(), id = m.bridge.segmentationId(v);
+        const seg = window.services.segmentationService;
+        seg.setActiveSegmentation(v.viewportId, id);
+        seg.setActiveSegment(id, 2);
+        m.bridge.commands.runCommand('setToolActiveToolbar', {toolName: 'CircularBrush', toolGroupIds: ['default']});
+        """
+    )
+    before = labelmap(s)
+    drag(s, [(40.0, 60.0), (60.0, 60.0), (80.0, 60.0)], KEY_SLICE)
+    painted = wait_for(lambda: (m := labelmap(s)) is not None and (m != before).any() and m, 20, "the brush stroke")
+    changed = np.argwhere(painted != before)
+    assert set(changed[:, 0].tolist()) == {KEY_SLICE}
+    assert (painted[painted != before] == LABELS["organ"]).all()
+    assert painted[KEY_SLICE, 60, 60] == LABELS["organ"]
+    select_tool(s, "box")
+
+
+MPR_CASES = [
+    # world axis of the view (the CT is axis-aligned: i along x), the nodule's centre voxel, the box's corners
+    pytest.param(0, (180, 183, 10), [(180, 164, 6), (180, 202, 14)], id="sagittal"),
+    pytest.param(1, (180, 183, 10), [(157, 183, 6), (204, 183, 14)], id="coronal"),
+]
+
+
+@pytest.mark.parametrize(("axis", "centre", "corners"), MPR_CASES)
+def test_a_box_on_an_mpr_view_lands_on_the_axis_clicked(panel, axis, centre, corners):
+    """OHIF's MPR layout: a 3D box (±2 slices) on the sagittal / coronal view through the nodule is sent along
+    that axis (slice = the voxel index across the view, box in the view's voxel axes), and the voxels it
+    changes lie within those slices of that axis; the labelmap shows in all three views."""
+    from browser_testing import open_mpr, show_plane
+
+    s = panel
+    if s.driver.execute_script("return window.services.viewportGridService.getState().viewports.size") != 3:
+        open_mpr(s.driver)
+    show_plane(s.driver, s.ct.image, axis, centre)
+    select_tool(s, "box")
+    s.driver.execute_script("window.medsam2.update({label: 'organ', range: 2})")
+    before_map = labelmap(s)
+    before = len(infer_requests(s))
+    drag_ijk(s.driver, s.ct.image, corners)
+    wait_for(lambda: s.driver.execute_script(PENDING) == 1 or state(s, "error"), 10, "the box as a prompt")
+    request = run_and_wait(s, before)
+    s.driver.execute_script("window.medsam2.update({label: 'lesion', range: null})")
+
+    name = ("sagittal", "coronal")[axis]
+    in_plane = [c for c in (0, 1, 2) if c != axis]
+    (prompt,) = request["prompts"]
+    assert request["axis"] == name and prompt["slice"] == centre[axis], request
+    expected_box = [corners[0][in_plane[0]], corners[0][in_plane[1]], corners[1][in_plane[0]], corners[1][in_plane[1]]]
+    assert np.abs(np.array(prompt["box"]) - np.array(expected_box)).max() <= 1, prompt["box"]
+    assert request["slice_range"] == [centre[axis] - 2, centre[axis] + 2]
+    after = labelmap(s)
+    changed = np.argwhere(after != before_map)  # (k, j, i)
+    assert len(changed), "the answer changed no voxel"
+    across = changed[:, 2 - axis]
+    assert across.min() >= centre[axis] - 2 and across.max() <= centre[axis] + 2, (across.min(), across.max())
+    assert (after[after != before_map] == LABELS["organ"]).any()
+    shown = s.driver.execute_script(
+        "const id = window.medsam2.bridge.segmentationId(window.medsam2.bridge.active());"
+        "return [...window.services.viewportGridService.getState().viewports.keys()].filter(v =>"
+        " window.services.segmentationService.getSegmentationRepresentations(v, {segmentationId: id}).length).length"
+    )
+    assert shown == 3
+    if name == "sagittal":  # a refine session on the sagittal view: a click corrects the box's answer
+        before = len(infer_requests(s))
+        s.driver.execute_script("window.medsam2.update({label: 'organ', range: 2})")
+        select_tool(s, "click")
+        drag_ijk(s.driver, s.ct.image, [(centre[0], centre[1], centre[2] + 1)])
+        wait_for(lambda: s.driver.execute_script(PENDING) == 1, 10, "the click as a prompt")
+        correction = run_and_wait(s, before)
+        s.driver.execute_script("window.medsam2.update({label: 'lesion', range: null})")
+        assert correction["axis"] == "sagittal" and correction["correction"] is True, correction
+        clicked = np.array(correction["prompts"][0]["foreground"])
+        assert np.abs(clicked - [[centre[1], centre[2] + 1]]).max() <= 1, clicked
+    from browser_testing import screenshot
+
+    screenshot(s.driver, SHOTS / f"mpr_{name}.png")  # mpr_sagittal.png is docs/ohif_sagittal_refine.png
+
+
+def test_a_2d_prompt_on_a_sagittal_view_is_refused_in_the_panel(panel):
+    """2D answers are axial: a 2D box on the sagittal view is removed with a message saying what to do."""
+    from browser_testing import show_plane
+
+    s = panel
+    show_plane(s.driver, s.ct.image, 0, (180, 183, 10))
+    select_tool(s, "box", dimension="2d")
+    before = len(infer_requests(s))
+    drag_ijk(s.driver, s.ct.image, [(180, 164, 6), (180, 202, 14)])
+    message = wait_for(lambda: state(s, "error"), 10, "the panel's message")
+    assert "axial" in message and "3D" in message, message
+    assert s.driver.execute_script(PENDING) == 0 and len(infer_requests(s)) == before
+    s.driver.execute_script("window.medsam2.update({error: null})")

@@ -96,6 +96,15 @@ def test_install_stops_when_the_public_path_is_not_where_it_was(tmp_path):
     assert (viewer / "index.html").read_text() == "the installed one"
 
 
+def test_pinned_release_keeps_ohifs_own_segmentation_files():
+    """OHIF's in-browser AI files (``dist/ort/``: Labelmap Assist, One Click Segment) stay installed beside the
+    panel; an install that skipped them is not the pinned one (it is replaced)."""
+    release = json.loads(install_ohif.RELEASE_FILE.read_text())
+    assert not any(s.startswith("dist/ort") for s in release.get("skip", []))
+    assert "skip: \n" in install_ohif.stamp_text({**release, "skip": []})
+    assert install_ohif.stamp_text({**release, "skip": ["dist/ort/"]}) != install_ohif.stamp_text(release)
+
+
 def test_pinned_release_is_an_exact_npm_version_with_its_integrity():
     release = json.loads(install_ohif.RELEASE_FILE.read_text())
     assert release["tarball"] == f"https://registry.npmjs.org/@ohif/app/-/app-{release['version']}.tgz"

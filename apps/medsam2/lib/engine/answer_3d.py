@@ -82,9 +82,14 @@ class VolumeAnswers:
             since = held_state(history, request)
             if request.history_step:
                 return replay(session, history, request, since, t0)
+            before = session.state()
             if request.reset_state:
                 session.restore(EMPTY_STATE)
-            label, out, result, t1 = self._propagate(session, request, label_file, axis, stop_rule, reused)
+            try:
+                label, out, result, t1 = self._propagate(session, request, label_file, axis, stop_rule, reused)
+            except Exception:
+                session.restore(before)  # a refused request leaves the session as it was
+                raise
             for warning in out.get("warnings", []):
                 logger.warning("medsam2_3d on %s: %s", image_path, warning)
             record(session, history, label, out, request, since)

@@ -1,6 +1,7 @@
 // The MedSAM2 side panel (rendered by the panel's own React root, see index.jsx).
 
 import React, { useEffect, useState } from 'react';
+import { addLabelName, openSaved } from './labels.js';
 
 const KINDS = [
   ['box', 'Box'],
@@ -62,27 +63,11 @@ function ConfidenceList({ run, label, jump }) {
   );
 }
 
-export default function Panel({ annotator }) {
-  const [state, setState] = useState(annotator.state);
-  useEffect(() => {
-    setState(annotator.state); // an update between the first render and the subscription
-    return annotator.subscribe(setState);
-  }, [annotator]);
-  const { labels, label, dimension, tool, polarity, live, busy, status, error, info, lastRun3d } = state;
+function PromptControls({ annotator, state }) {
+  const { tool, polarity, dimension, live } = state;
   const set = change => annotator.update(change);
   return (
-    <div style={css.panel} className="medsam2Panel">
-      <div data-medsam2="status">{busy ? '⏳ ' : ''}{status}</div>
-      {info?.warning && <div style={css.error}>{info.warning}</div>}
-      {error && <div style={css.error} data-medsam2="error">{error}</div>}
-
-      <div style={css.title}>Label</div>
-      <select style={css.select} value={label ?? ''} onChange={e => set({ label: e.target.value })} data-medsam2="label">
-        {labels.map(l => (
-          <option key={l.name} value={l.name}>{l.name}</option>
-        ))}
-      </select>
-
+    <>
       <div style={css.title}>Prompt</div>
       <div style={css.row}>
         {KINDS.map(([kind, text]) => (
@@ -102,7 +87,28 @@ export default function Panel({ annotator }) {
           <input type="checkbox" checked={live} onChange={e => set({ live: e.target.checked })} data-medsam2="live" /> live
         </label>
       </div>
+      <RangeInput annotator={annotator} range={state.range} />
+    </>
+  );
+}
 
+/** 3D: propagate ±N slices around the prompted ones (empty: the whole axis). */
+function RangeInput({ annotator, range }) {
+  const change = e => {
+    const n = e.target.value === '' ? null : Number(e.target.value);
+    annotator.update({ range: Number.isInteger(n) && n >= 0 ? n : null });
+  };
+  return (
+    <label style={css.row} title="3D: propagate only this many slices either side of the prompted slices">
+      ± slices
+      <input type="number" min="0" step="1" placeholder="all" value={range ?? ''} onChange={change} style={{ ...css.select, width: 60 }} data-medsam2="range" />
+    </label>
+  );
+}
+
+function Actions({ annotator, busy }) {
+  return (
+    <>
       <div style={css.row}>
         <Button name="run" on onClick={() => annotator.run()} disabled={busy}>Run</Button>
         <Button name="undo" title="Ctrl+Z" onClick={() => annotator.step(true)} disabled={busy}>Undo</Button>
@@ -112,8 +118,95 @@ export default function Panel({ annotator }) {
       <div style={css.row}>
         <Button name="save" onClick={() => annotator.save()} disabled={busy}>Save label</Button>
       </div>
+    </>
+  );
+}
+
+function LabelChoice({ annotator, state }) {
+  const { labels, label, newObject, busy } = state;
+  const fresh = newObject.has(label);
+  return (
+    <>
+      <div style={css.title}>Label</div>
+      <select style={css.select} value={label ?? ''} onChange={e => annotator.update({ label: e.target.value })} data-medsam2="label">
+        {labels.map(l => (
+          <option key={l.name} value={l.name}>{l.name}</option>
+        ))}
+      </select>
+      <div style={css.row}>
+        <Button name="refine" on={!fresh} title="the next prompt corrects this label" onClick={() => annotator.setNewObject(false)}>Refine</Button>
+        <Button name="new-object" on={fresh} title="the next prompt starts this label over" onClick={() => annotator.setNewObject(true)}>New object</Button>
+        <Button name="reset-label" title="clear this label (Undo brings it back)" onClick={() => annotator.resetLabel()} disabled={busy}>Reset</Button>
+      </div>
+      <NewLabel annotator={annotator} />
+    </>
+  );
+}
+
+function NewLabel({ annotator }) {
+  const [name, setName] = useState('');
+  const add = async () => {
+    await addLabelName(annotator, name);
+    if (annotator.state.label === name.trim()) setName('');
+  };
+  return (
+    <div style={css.row}>
+      <input style={{ ...css.select, width: 110 }} placeholder="new label" value={name} onChange={e => setName(e.target.value)} data-medsam2="new-label-name" />
+      <Button name="add-label" onClick={add}>Add</Button>
+    </div>
+  );
+}
+
+function SavedLabels({ annotator, saved, refineFrom }) {
+  const [chosen, setChosen] = useState(0);
+  if (!saved?.length) return null;
+  const text = e => `${e.tag ?? 'label'} v${e.version ?? '?'} (${e.source ?? 'local'})${e.names?.length ? `: ${e.names.join(', ')}` : ''}`;
+  return (
+    <>
+      <div style={css.title}>Saved labels</div>
+      <select style={css.select} value={chosen} onChange={e => setChosen(Number(e.target.value))} data-medsam2="saved">
+        {saved.map((e, n) => (
+          <option key={e.refine_from ?? n} value={n}>{text(e)}</option>
+        ))}
+      </select>
+      <div style={css.row}>
+        <Button name="refine-saved" on={Boolean(refineFrom)} title="the next 3D prompt refines this saved label; saving writes a new version" onClick={() => openSaved(annotator, saved[chosen])}>
+          Refine this
+        </Button>
+      </div>
+    </>
+  );
+}
+
+function ApiKey({ annotator, apiKey }) {
+  if (annotator.bridge.authorizationHeader()?.Authorization) return null; // OHIF's own login is used
+  return (
+    <label style={css.row} title="sent as X-API-Key when OHIF has no login of its own">
+      API key
+      <input type="password" style={{ ...css.select, width: 120 }} value={apiKey} onChange={e => annotator.setApiKey(e.target.value)} data-medsam2="api-key" />
+    </label>
+  );
+}
+
+export default function Panel({ annotator }) {
+  const [state, setState] = useState(annotator.state);
+  useEffect(() => {
+    setState(annotator.state); // an update between the first render and the subscription
+    return annotator.subscribe(setState);
+  }, [annotator]);
+  const { label, busy, status, error, info, lastRun3d } = state;
+  return (
+    <div style={css.panel} className="medsam2Panel">
+      <div data-medsam2="status">{busy ? '⏳ ' : ''}{status}</div>
+      {info?.warning && <div style={css.error}>{info.warning}</div>}
+      {error && <div style={css.error} data-medsam2="error">{error}</div>}
+      <LabelChoice annotator={annotator} state={state} />
+      <SavedLabels annotator={annotator} saved={state.saved} refineFrom={state.refineFrom} />
+      <PromptControls annotator={annotator} state={state} />
+      <Actions annotator={annotator} busy={busy} />
       {lastRun3d?.answer?.hint && <div data-medsam2="hint">{lastRun3d.answer.hint}</div>}
       <ConfidenceList run={lastRun3d} label={label} jump={k => annotator.bridge.jumpToSlice(k)} />
+      <ApiKey annotator={annotator} apiKey={state.apiKey} />
     </div>
   );
 }

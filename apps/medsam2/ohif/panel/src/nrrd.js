@@ -1,14 +1,13 @@
-// NRRD label volumes: the server answers raw uint8 NRRD (result_extension .nrrd, result_dtype uint8,
-// result_compress false) and takes one back when a label is saved.
+// NRRD label volumes: the server answers a changed region as a gzip uint8 NRRD box (`changed_since`, see the
+// app's docs/api.md#changed-region-answers) or the whole label as raw uint8 NRRD (result_extension .nrrd,
+// result_dtype uint8, result_compress false), and takes a raw one back when a label is saved.
 
 const decoder = new TextDecoder();
 
 const numbers = text => (text.match(/-?[\d.]+(?:e[-+]?\d+)?/gi) ?? []).map(Number);
 
-/** Parse a raw (uncompressed) uint8 NRRD: {sizes: [i, j, k], data: Uint8Array (i fastest), origin, axes}
- * (`axes`: the i, j and k steps in mm, LPS, when the header gives them). */
-export function parseNrrd(buffer) {
-  const bytes = new Uint8Array(buffer);
+/** The header of an NRRD file: {fields (`key: value` and `key:=value` lines), dataStart (byte offset)}. */
+export function nrrdHeader(bytes) {
   let end = -1;
   for (let n = 0; n + 1 < bytes.length; n++) {
     if (bytes[n] === 10 && bytes[n + 1] === 10) {
@@ -16,25 +15,77 @@ export function parseNrrd(buffer) {
       break;
     }
   }
-  if (end < 0 || decoder.decode(bytes.subarray(0, 4)) !== 'NRRD') {
-    throw new Error('the answer is not an NRRD label');
-  }
+  if (end < 0 || decoder.decode(bytes.subarray(0, 4)) !== 'NRRD') throw new Error('the answer is not an NRRD label');
   const fields = {};
   for (const line of decoder.decode(bytes.subarray(0, end)).split('\n').slice(1)) {
-    const at = line.indexOf(': ');
-    if (at > 0 && !line.startsWith('#')) fields[line.slice(0, at).trim()] = line.slice(at + 2).trim();
+    const match = line.startsWith('#') ? null : /^([^:]+):=?\s?(.*)$/.exec(line);
+    if (match) fields[match[1].trim()] = match[2].trim();
   }
-  if (fields.encoding !== 'raw') throw new Error(`NRRD encoding ${fields.encoding} (raw expected)`);
+  return { fields, dataStart: end + 2 };
+}
+
+function checkUint8(fields) {
   if (!['uint8', 'uchar', 'unsigned char', 'uint8_t'].includes(fields.type)) {
     throw new Error(`NRRD type ${fields.type} (uint8 expected)`);
   }
+}
+
+/** Parse a raw (uncompressed) uint8 NRRD: {sizes: [i, j, k], data: Uint8Array (i fastest), origin, axes}
+ * (`axes`: the i, j and k steps in mm, LPS, when the header gives them). */
+export function parseNrrd(buffer) {
+  const bytes = new Uint8Array(buffer);
+  const { fields, dataStart } = nrrdHeader(bytes);
+  if (fields.encoding !== 'raw') throw new Error(`NRRD encoding ${fields.encoding} (raw expected)`);
+  checkUint8(fields);
   const sizes = fields.sizes.split(/\s+/).map(Number);
   const count = sizes.reduce((a, b) => a * b, 1);
-  const data = bytes.subarray(end + 2, end + 2 + count); // a view: answers are tens of MB
+  const data = bytes.subarray(dataStart, dataStart + count); // a view: answers are tens of MB
   if (data.length !== count) throw new Error(`NRRD data has ${data.length} voxels, ${count} expected`);
+  return { sizes, data, ...placement(fields) };
+}
+
+/** The origin and axes (i, j, k steps in mm) an NRRD header gives, null where it gives none. */
+function placement(fields) {
   const axes = fields['space directions'] ? numbers(fields['space directions']) : null;
   const origin = fields['space origin'] ? numbers(fields['space origin']) : null;
-  return { sizes, data, origin, axes: axes?.length === 9 ? [axes.slice(0, 3), axes.slice(3, 6), axes.slice(6)] : null };
+  return { origin, axes: axes?.length === 9 ? [axes.slice(0, 3), axes.slice(3, 6), axes.slice(6)] : null };
+}
+
+async function gunzip(bytes) {
+  const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream('gzip'));
+  return new Uint8Array(await new Response(stream).arrayBuffer());
+}
+
+/** Parse an answer's label, raw or gzip uint8 NRRD: as {@link parseNrrd}, plus `offset` ([i0, j0, k0]) and
+ * `fullSize` ([I, J, K]) when it is a changed region (`medsam2_offset_ijk`, `medsam2_full_size_ijk`). */
+export async function readLabel(buffer) {
+  const bytes = new Uint8Array(buffer);
+  const { fields, dataStart } = nrrdHeader(bytes);
+  if (!['raw', 'gzip', 'gz'].includes(fields.encoding)) throw new Error(`NRRD encoding ${fields.encoding}`);
+  checkUint8(fields);
+  const sizes = fields.sizes.split(/\s+/).map(Number);
+  const count = sizes.reduce((a, b) => a * b, 1);
+  const body = bytes.subarray(dataStart);
+  const data = fields.encoding === 'raw' ? body.subarray(0, count) : await gunzip(body);
+  if (data.length !== count) throw new Error(`NRRD data has ${data.length} voxels, ${count} expected`);
+  const offset = fields.medsam2_offset_ijk ? numbers(fields.medsam2_offset_ijk) : null;
+  const fullSize = fields.medsam2_full_size_ijk ? numbers(fields.medsam2_full_size_ijk) : null;
+  return { sizes, data, offset, fullSize, ...placement(fields) };
+}
+
+/** Why a changed region (from {@link readLabel}) does not lie on `grid`, or null when it does: the whole
+ * label's size is the series', the box is inside it, and its origin is the series' voxel at its offset. */
+export function regionMismatch(region, grid) {
+  const full = region.fullSize ?? [];
+  if (full.join(' ') !== grid.dimensions.join(' ')) {
+    return `its image size ${full.join('×')} is not the series' ${grid.dimensions.join('×')}`;
+  }
+  if (region.offset.some((o, a) => o < 0 || o + region.sizes[a] > full[a])) return 'its box leaves the image';
+  if (!region.origin) return null;
+  const at = [0, 1, 2].map(c =>
+    grid.origin[c] + [0, 1, 2].reduce((sum, a) => sum + region.offset[a] * grid.spacing[a] * grid.direction[3 * a + c], 0)
+  );
+  return gridMismatch({ ...region, sizes: grid.dimensions, origin: region.origin }, { ...grid, origin: at });
 }
 
 /** Why the label does not lie on `grid` (dimensions, spacing, origin, direction), or null when it does: the

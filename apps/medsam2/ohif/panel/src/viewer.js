@@ -155,16 +155,34 @@ export class ViewerBridge {
         segments,
       });
     }
-    const shown = segmentationService.getSegmentationRepresentations(view.viewportId, { segmentationId });
-    if (!shown?.length) {
-      await segmentationService.addSegmentationRepresentation(view.viewportId, { segmentationId });
-      for (const l of labels) segmentationService.setSegmentColor(view.viewportId, segmentationId, l.value, [...l.color, 255]);
-      // OHIF's segmentation mode shows its own panel when the first segmentation appears: come back
-      for (const ms of [0, 500]) setTimeout(() => this.services.panelService?.activatePanel(this.panelId, true), ms);
-    }
+    await this.showLabelmap(view, segmentationId, labels);
     const labelmap = segmentationService.getSegmentation(segmentationId).representationData.Labelmap;
     const byImage = new Map(labelmap.referencedImageIds.map((r, n) => [r, labelmap.imageIds[n]]));
     return { segmentationId, sliceImage: k => byImage.get(view.grid.imageIds[k]) };
+  }
+
+  /** The viewports showing `view`'s series (the three of an MPR layout, or the one). */
+  viewportsShowing(view) {
+    const { viewportGridService } = this.services;
+    const uid = view.displaySet.displaySetInstanceUID;
+    const ids = [...(viewportGridService.getState().viewports?.values?.() ?? [])]
+      .filter(v => v.displaySetInstanceUIDs?.includes(uid))
+      .map(v => v.viewportId);
+    return ids.includes(view.viewportId) ? ids : [view.viewportId, ...ids];
+  }
+
+  /** Show the panel's labelmap, in the labels' colours, on every viewport of the series that lacks it. */
+  async showLabelmap(view, segmentationId, labels) {
+    const { segmentationService } = this.services;
+    let added = false;
+    for (const viewportId of this.viewportsShowing(view)) {
+      if (segmentationService.getSegmentationRepresentations(viewportId, { segmentationId })?.length) continue;
+      await segmentationService.addSegmentationRepresentation(viewportId, { segmentationId });
+      for (const l of labels) segmentationService.setSegmentColor(viewportId, segmentationId, l.value, [...l.color, 255]);
+      added = true;
+    }
+    // OHIF's segmentation mode shows its own panel when the first segmentation appears: come back
+    if (added) for (const ms of [0, 500]) setTimeout(() => this.services.panelService?.activatePanel(this.panelId, true), ms);
   }
 
   /** Voxels (Uint8Array, i fastest) of slice k of a labelmap from {@link labelmap}. */
@@ -176,6 +194,28 @@ export class ViewerBridge {
   labelmapChanged(map) {
     const { cst } = cornerstoneLibraries();
     cst.segmentation.triggerSegmentationEvents.triggerSegmentationDataModified(map.segmentationId);
+  }
+
+  /** OHIF's own credentials for its requests ({Authorization: 'Bearer …'}), or null when it has none. */
+  authorizationHeader() {
+    const header = this.services.userAuthenticationService?.getAuthorizationHeader?.();
+    return header?.Authorization ? { Authorization: header.Authorization } : null;
+  }
+
+  /** OHIF's DICOMweb requests (to the app's proxy) carry `X-API-Key: key` (C5), unless OHIF has a login of
+   * its own (its Bearer token then goes, as always). */
+  useApiKey(key) {
+    const auth = this.services.userAuthenticationService;
+    if (!auth?.setServiceImplementation) return;
+    // OHIF's own implementation, kept once (calling the service's method from ours would call ours)
+    this.ohifAuthorization ??= auth.serviceImplementation?._getAuthorizationHeader ?? (() => undefined);
+    const own = this.ohifAuthorization;
+    auth.setServiceImplementation({
+      getAuthorizationHeader: () => {
+        const header = own();
+        return header?.Authorization || !key ? header : { ...(header ?? {}), 'X-API-Key': key };
+      },
+    });
   }
 
   notify(type, title, message) {
