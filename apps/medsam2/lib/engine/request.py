@@ -60,6 +60,7 @@ class SegmentRequest:
     stop: StopOptions = field(default_factory=StopOptions)
     correction: bool = False
     reset_state: bool = False
+    tracking_region: str | None = None  # 3D: "roi" or "full"; None: the server's setting (tracking_region)
 
     @property
     def propagation_axis(self) -> int:
@@ -96,6 +97,7 @@ def parse_segment_request(request: Any, dimension: int, labels: LabelMap) -> Seg
             "stop": parse_stop_options(request),
             "correction": bool(parse_flag(request.get("correction"), "correction")),
             "reset_state": bool(parse_flag(request.get("reset_state"), "reset_state")),
+            "tracking_region": _tracking_region(request.get("tracking_region")),
         }
     return SegmentRequest(
         dimension=dimension,
@@ -218,6 +220,16 @@ def _native_prompts(raw: Any) -> tuple[dict[str, Any], ...]:
         if not isinstance(item, dict):
             raise PromptError(f"prompts[{n}] must be an object, got {item!r}.")
     return tuple(raw)
+
+
+def _tracking_region(value: Any) -> str | None:
+    """``tracking_region``: "roi" (refused with 422 where no region can be formed) or "full"; None: not sent."""
+    if value in (None, ""):
+        return None
+    text = str(value).strip().lower()
+    if text not in ("roi", "full"):
+        raise PromptError(f"tracking_region must be roi or full, got {value!r}.")
+    return text
 
 
 def _slice_range(value: Any) -> tuple[int, int] | None:
