@@ -436,6 +436,15 @@ SETTINGS: tuple[Setting, ...] = (
         "feature cell: 16 pixels of the model's input)",
     ),
     Setting(
+        "tracking_overflow",
+        MODEL,
+        Choice(("grow", "clip")),
+        "grow",
+        "what region-of-interest tracking does when a mask reaches the region's border: `grow` tracks the label "
+        "again on a region grown by twice the margin, then on the whole frame; `clip` keeps the region and cuts "
+        "the mask at its border (for benches with random weights, whose masks fill the frame)",
+    ),
+    Setting(
         "max_key_slices",
         MODEL,
         Number(int, 0, note="0: all"),
@@ -597,6 +606,7 @@ class AppSettings:
     stop_rule: StopRule | None
     tracking_region: str
     tracking_margin: float
+    tracking_overflow: str
     max_key_slices: int
     local_corrections: CorrectionRule | None
     tracking_workers: int

@@ -70,6 +70,7 @@ class MedSAM2(ModelConfig):
             tracking=TrackingOptions(
                 region=s.tracking_region,
                 margin=s.tracking_margin,
+                overflow=s.tracking_overflow,
                 max_key_slices=s.max_key_slices,
                 workers=s.tracking_workers,
                 keep_memory=s.local_corrections is not None,

@@ -110,7 +110,8 @@ def _walk(
     """Track from the corrected slice in one direction until the masks agree with the previous answer."""
     n = session.num_slices
     window = memory.windows.get((label, sign))
-    if window is not None and bool(window.touches_border(window.crop(keys[corrected]["pred_masks"])).any()):
+    grow = tracking.overflow == "grow"
+    if grow and window is not None and bool(window.touches_border(window.crop(keys[corrected]["pred_masks"])).any()):
         return None  # the corrected mask leaves the window the label was tracked on
     coord = (lambda s: s) if sign > 0 else (lambda s: n - 1 - s)  # SAM2's frame index: increasing along the walk
     od = _memory_bank(memory, label, keys, corrected, sign, window, coord)
@@ -126,7 +127,7 @@ def _walk(
         else:
             out = _track_frames(session, od, [s], coord(s), horizon, view, window)
             walk.steps += 1
-            if window is not None and bool(window.touches_border(out["pred_masks"]).any()):
+            if grow and window is not None and bool(window.touches_border(out["pred_masks"]).any()):
                 return None
             full = window.paste(out["pred_masks"]) if window is not None else out["pred_masks"]
             logits = full[0, 0]

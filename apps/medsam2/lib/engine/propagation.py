@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lib.engine import sam2_api
+from lib.engine.cpu_inference import uses_cpu_inference_modules
 from lib.engine.mask_prompts import apply_edits
 from lib.engine.precision import autocast_for
 from lib.engine.prompts import KeySlicePrompt
@@ -272,8 +273,11 @@ class TrackingOptions:
     workers: int = 1
     keep_memory: bool = False
     strict: bool = False
+    overflow: str = "grow"  # "clip": keep the window, masks cut at its border (benches with random weights)
 
     def __post_init__(self):
+        if self.overflow not in ("grow", "clip"):
+            raise ValueError(f"tracking overflow must be grow or clip, got {self.overflow!r}")
         if self.region not in ("roi", "full"):
             raise ValueError(f"tracking region must be roi or full, got {self.region!r}")
         if not 0 <= self.margin <= 1:
@@ -699,11 +703,13 @@ def _record(
     ious: torch.Tensor,
     memory,
     window: Window | None,
+    grow: bool = True,
 ) -> None:
-    """Record a tracked step, its masks put back on the whole frame; a mask at the window's border ends the run."""
+    """Record a tracked step, its masks put back on the whole frame; a mask at the window's border ends the run
+    (``grow``; else the mask stays cut at the border)."""
     if window is not None:
         live = [i for i, p in enumerate(batch) if step <= p.length]
-        if live and bool(window.touches_border(masks[live]).any()):
+        if grow and live and bool(window.touches_border(masks[live]).any()):
             raise _CropOverflow()
         masks = window.paste(masks)
     tracks.record(step, batch, masks, scores, ious, memory)
@@ -720,6 +726,7 @@ def _run_group(
     borrowed: ExitStack,
     window: Window | None = None,
     max_key_slices: int = 0,
+    grow: bool = True,
 ) -> None:
     """Advance passes whose key slices sit at the same steps as one batch, step by step, to their ends (on the
     window's features when there is one)."""
@@ -750,7 +757,8 @@ def _run_group(
                 count.first_static_done = time.perf_counter()
             count.steps += 1
             count.static += 1
-            _record(tracks, step, [group[a] for a in members], masks, scores, ious, tracker.last_memory, window)
+            batch = [group[a] for a in members]
+            _record(tracks, step, batch, masks, scores, ious, tracker.last_memory, window, grow)
             continue
         active = _drop_finished(od, group, active, step)
         if step in cond_steps:  # the key slice's own (whole-frame) output
@@ -761,7 +769,7 @@ def _run_group(
         count.steps += 1
         memory = (out["maskmem_features"], out["obj_ptr"])
         batch = [group[a] for a in active]
-        _record(tracks, step, batch, out["pred_masks"], out["object_score_logits"], out["iou"], memory, window)
+        _record(tracks, step, batch, out["pred_masks"], out["object_score_logits"], out["iou"], memory, window, grow)
     if stop_rule is not None:
         tracks.apply_stop_rule(group)
 
@@ -814,6 +822,7 @@ def _track_group(
                     borrowed,
                     window,
                     tracking.max_key_slices,
+                    tracking.overflow == "grow",
                 )
         except _CropOverflow:
             count.regrown += 1
@@ -828,7 +837,8 @@ def _run_groups(
 ) -> _StepCount:
     """Every group tracked, on ``workers`` threads of one core each when there are several groups."""
     total = _StepCount()
-    if workers <= 1 or len(groups) < 2:
+    # SAM2's own attention modules rewrite their rotary frequencies per call: two threads only on the CPU modules
+    if workers <= 1 or len(groups) < 2 or not uses_cpu_inference_modules(session.model):
         for group in groups:
             total.add(run(group))
         return total

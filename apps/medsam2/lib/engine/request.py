@@ -255,7 +255,7 @@ def _changed_since(value: Any) -> str | None:
         return None
     if not isinstance(value, str) or len(value) > MAX_ANSWER_ID or not value.isprintable():
         raise PromptError(
-            f"changed_since must be the answer_id of an earlier answer in this session, or \"{EMPTY_STATE}\" "
+            f'changed_since must be the answer_id of an earlier answer in this session, or "{EMPTY_STATE}" '
             f"(a client that holds an all-zero label), got {str(value)[:80]!r}."
         )
     return value
