@@ -6,7 +6,7 @@ Servers run one after the other in the same process, on copies of the demo lung 
 model shape with random weights, saved and loaded as a checkpoint), all with encode-ahead, warm-up, the CPU
 tracking modules and the OpenVINO encoder:
 - ``today``: full-frame tracking, every correction re-propagates the whole label, every key slice attended;
-- ``new``: region-of-interest tracking, local corrections, at most 4 key slices attended (the defaults);
+- ``new``: region-of-interest tracking, local corrections, at most 4 key slices attended, one worker;
 - ``roi_recompute``: region-of-interest tracking with every correction recomputed in full (the reference the local
   corrections are compared with, slice by slice over the whole volume);
 - ``new_2workers`` (not by default): ``new`` with the two directions on two single-thread workers
@@ -59,6 +59,7 @@ BASE = {"encode_ahead": "on", "warm_up": "on", "cpu_tracking": "fast", "cpu_enco
 ROI = {"tracking_region": "roi", "tracking_overflow": "clip", "max_key_slices": "4"}
 VARIANTS = {  # every setting named: the test helper that starts the server has defaults of its own
     "today": {**BASE, "tracking_region": "full", "local_corrections": "off", "max_key_slices": "0"},
+    # one worker, as in the committed run (tracking_workers 2 became the default after it: variant new_2workers)
     "new": {**BASE, **ROI, "local_corrections": "on", "tracking_workers": "1"},
     "roi_recompute": {**BASE, **ROI, "local_corrections": "off", "tracking_workers": "1"},
     "new_2workers": {**BASE, **ROI, "local_corrections": "on", "tracking_workers": "2"},

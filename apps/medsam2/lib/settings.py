@@ -464,8 +464,9 @@ SETTINGS: tuple[Setting, ...] = (
         "tracking_workers",
         MODEL,
         Number(int, 1, 2),
-        "1",
-        "on a CPU, 2 tracks the two directions (and the labels) on two threads of one core each",
+        "2",
+        "on a CPU (with `cpu_tracking fast`), 2 tracks the two directions (and the labels) on two threads of one "
+        "core each: 1.7× faster for one label on 2 cores (bench/interactive_latency.py); 1: one after the other",
     ),
     Setting(
         "slices_to_check",
