@@ -42,6 +42,7 @@ CUSTOM_BAD: dict[str, list[str]] = {
     "labels": ['{"lesion":0}', "{}", "[1,2]", '{"a":1,"b":1}', '{"a":1.5}', '{"a":true}', '{"a":256}', "lesion=1"],
     "device": ["gpu", "cuda:x", "cdua"],
     "stop_rule": ["sometimes", "0,0", "0,3,1", "x,3"],
+    "local_corrections": ["sometimes", "0,0.9", "3,1.5", "3,0.9,1", "x,0.9"],
     "replica_name": ["replica one", "a/b", "x" * 65, "node;rm"],
     "adapter": ["../site", "a b", "x" * 65, "site.pt"],
     "adapter_name": ["", "../site", "a/b", "x" * 65],

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from lib.engine.adapters import ADAPTER_NAME
 from lib.engine.checkpoints import DEFAULT_CHECKPOINT, CheckpointError, resolve_checkpoint
 from lib.engine.preprocessing import CT_WINDOWS, IntensityWindow, parse_window
-from lib.engine.propagation import StopRule
+from lib.engine.propagation import CorrectionRule, StopRule
 from lib.training.settings import TrainOption, TrainSettings, train_options
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
@@ -247,6 +247,13 @@ def _stop_rule(text: str) -> StopRule | None:
         raise NotAllowed() from None
 
 
+def _correction_rule(text: str) -> CorrectionRule | None:
+    try:
+        return CorrectionRule.from_text(text)
+    except ValueError:
+        raise NotAllowed() from None
+
+
 def _replica_name(text: str) -> str:
     if text and not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", text):
         raise NotAllowed("1 to 64 letters, digits, '.', '_', ':' or '-'")
@@ -412,6 +419,56 @@ SETTINGS: tuple[Setting, ...] = (
         "stop a propagation where the object ends (`on`: object score < 0 for 3 slices); see docs/engine.md#stop-rule",
     ),
     Setting(
+        "tracking_region",
+        MODEL,
+        Choice(("roi", "full")),
+        ByDevice(gpu="full", cpu="roi"),
+        "`roi` tracks each label on a square of the cached image features around its key-slice mask plus "
+        "`tracking_margin` (no re-encoding; grown, then the whole frame, when a mask reaches its border); `full` "
+        "tracks the whole frame, the reference; see docs/engine.md#region-of-interest-tracking",
+    ),
+    Setting(
+        "tracking_margin",
+        MODEL,
+        Number(float, 0, 1),
+        "0.125",
+        "the region of interest's margin around the key-slice masks, a fraction of the frame's side (at least one "
+        "feature cell: 16 pixels of the model's input)",
+    ),
+    Setting(
+        "tracking_overflow",
+        MODEL,
+        Choice(("grow", "clip")),
+        "grow",
+        "what region-of-interest tracking does when a mask reaches the region's border: `grow` tracks the label "
+        "again on a region grown by twice the margin, then on the whole frame; `clip` keeps the region and cuts "
+        "the mask at its border (for benches with random weights, whose masks fill the frame)",
+    ),
+    Setting(
+        "max_key_slices",
+        MODEL,
+        Number(int, 0, note="0: all"),
+        "4",
+        "key slices a tracked slice attends to (the nearest), so that the tenth correction costs what the first does",
+    ),
+    Setting(
+        "local_corrections",
+        MODEL,
+        Custom(_correction_rule, "off, on, or <slices ≥ 1>,<min Dice in (0, 1]> such as 3,0.9"),
+        "on",
+        "a correction re-tracks outward from the corrected slice only and stops where its masks agree with the "
+        "previous answer (`on`: Dice ≥ 0.9 over 3 consecutive slices); `off`: every correction recomputes the "
+        "whole label; see docs/engine.md#local-corrections",
+    ),
+    Setting(
+        "tracking_workers",
+        MODEL,
+        Number(int, 1, 2),
+        "2",
+        "on a CPU (with `cpu_tracking fast`), 2 tracks the two directions (and the labels) on two threads of one "
+        "core each: 1.7× faster for one label on 2 cores (bench/interactive_latency.py); 1: one after the other",
+    ),
+    Setting(
         "slices_to_check",
         MODEL,
         Number(int, 0),
@@ -548,6 +605,12 @@ class AppSettings:
     warm_up: str
     encode_ahead: str
     stop_rule: StopRule | None
+    tracking_region: str
+    tracking_margin: float
+    tracking_overflow: str
+    max_key_slices: int
+    local_corrections: CorrectionRule | None
+    tracking_workers: int
     slices_to_check: int
     scribble_mode: str
     undo_levels: int

@@ -16,6 +16,7 @@ from lib.engine.checkpoints import ResolvedCheckpoint, ensure_checkpoint_file, r
 from lib.engine.model_provider import ModelProvider
 from lib.engine.precision import compute_dtype_for, pick_device
 from lib.engine.prompts import LabelMap
+from lib.engine.propagation import TrackingOptions
 from lib.engine.segmenter import MedSAM2Segmenter, SegmenterSettings
 from lib.engine.volume_session import SessionCache
 from lib.infers.medsam2 import MedSAM2Infer
@@ -66,6 +67,15 @@ class MedSAM2(ModelConfig):
             slices_to_check=s.slices_to_check,
             scribble_mode=s.scribble_mode,
             undo_levels=s.undo_levels,
+            tracking=TrackingOptions(
+                region=s.tracking_region,
+                margin=s.tracking_margin,
+                overflow=s.tracking_overflow,
+                max_key_slices=s.max_key_slices,
+                workers=s.tracking_workers,
+                keep_memory=s.local_corrections is not None,
+            ),
+            local_corrections=s.local_corrections,
         )
         # the background encoder runs inside the server only (not in a training process or a script)
         encode_ahead = s.encode_ahead == "on" and in_server()

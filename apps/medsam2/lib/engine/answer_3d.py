@@ -1,7 +1,8 @@
 """3D answers: key-slice prompts propagated through the volume, all labels of the annotator's session at once; a
 correction adds to a label's prompts; a refine of a base label changes only the slices :mod:`lib.engine.refine`
 allows; labels a follow-up does not name keep their last answer. :meth:`VolumeAnswers.track` is the one place that
-runs the propagation (:func:`lib.engine.propagation.propagate_volume`)."""
+runs the propagation (:func:`lib.engine.propagation.propagate_volume`); a correction of one label on one slice is
+re-tracked locally where it can be (:func:`lib.engine.local_correction.correct_locally`)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import torch
 
 from lib.engine.confidence import check_hint, slice_confidence, slices_to_check
 from lib.engine.image_sessions import EMPTY_STATE, ImageSession, ImageSessions, LastPropagation
+from lib.engine.local_correction import correct_locally
 from lib.engine.prompts import AXIS_NAMES, KeySlicePrompt, ParsedRequest
-from lib.engine.propagation import PropagationResult, StopRule, propagate_volume
+from lib.engine.propagation import PropagationResult, StopRule, TrackingOptions, propagate_volume
 from lib.engine.refine import BaseLabel, LabelFile, boundary_prompts, compose_with_base, painted_axis, refine_range
 from lib.engine.request import SegmentRequest
 from lib.engine.request_inputs import (
@@ -49,9 +51,19 @@ class VolumeAnswers:
         span: tuple[int, int] | None = None,
         stop_rule: StopRule | None = None,
         mask_inputs: dict[tuple[str, int], torch.Tensor] | None = None,
+        tracking: TrackingOptions | None = None,
     ) -> PropagationResult:
         """Segment the key slices and propagate them through ``span`` (the one call of the propagation)."""
-        return propagate_volume(volume, prompts, span, stop_rule=stop_rule, mask_inputs=mask_inputs)
+        tracking = tracking or self.settings.tracking
+        return propagate_volume(volume, prompts, span, stop_rule=stop_rule, mask_inputs=mask_inputs, tracking=tracking)
+
+    def tracking_for(self, request: SegmentRequest) -> TrackingOptions:
+        """The server's tracking options with the request's ``tracking_region`` (a request asking for ``roi`` gets
+        a 422 where no region can be formed, instead of the whole frame)."""
+        region = request.tracking_region
+        if region is None:
+            return self.settings.tracking
+        return dataclasses.replace(self.settings.tracking, region=region, strict=region == "roi")
 
     def warm_up(self) -> None:
         """Run the model once on a small synthetic volume (one label, both directions): see
@@ -125,18 +137,24 @@ class VolumeAnswers:
         mode = request.scribble_mode or self.settings.scribble_mode
         prompts = _session_prompts(session, mode)
         span = _union_range(session.label_ranges)
-        signature = (span, stop_rule, mode)
+        tracking = self.tracking_for(request)
+        signature = (span, stop_rule, mode, tracking.region, tracking.max_key_slices)
         kept = _unchanged_labels(session, signature, {p.label for p in parsed.prompts}, refining)
         ready = _ready_at_request(session.volume, session.label_ranges, prompts)
-        result = self.track(
-            session.volume,
-            [p for p in prompts if p.label not in kept],
-            span,
-            stop_rule=stop_rule,
-            mask_inputs=session.prompt_masks,
-        )
-        if kept:
-            result = result.with_labels_from(session.last_run.result, kept)
+        result = self._local_correction(session, parsed, prompts, signature, refining, correction, tracking, span)
+        if result is not None:  # the other labels keep their answers
+            kept = sorted(set(result.logits) - {p.label for p in parsed.prompts})
+        else:
+            result = self.track(
+                session.volume,
+                [p for p in prompts if p.label not in kept],
+                span,
+                stop_rule=stop_rule,
+                mask_inputs=session.prompt_masks,
+                tracking=tracking,
+            )
+            if kept:
+                result = result.with_labels_from(session.last_run.result, kept)
         session.last_run = LastPropagation(signature, result)
         session.last_logits = result.logits
         t1 = time.perf_counter()
@@ -148,6 +166,32 @@ class VolumeAnswers:
         out["session"]["ready_at_request"] = ready
         out["session"]["labels_recomputed"] = sorted(set(result.logits) - set(kept))
         return label, out, result, t1
+
+    def _local_correction(
+        self,
+        session: ImageSession,
+        parsed: ParsedRequest,
+        prompts: list[KeySlicePrompt],
+        signature: tuple,
+        refining: bool,
+        correction: bool,
+        tracking: TrackingOptions,
+        span: tuple[int, int] | None,
+    ) -> PropagationResult | None:
+        """A correction of one label on one slice, re-tracked from that slice only (None: recompute in full)."""
+        rule = self.settings.local_corrections
+        last = session.last_run
+        names = {p.label for p in parsed.prompts}
+        slices = {p.slice_index for p in parsed.prompts}
+        if rule is None or not correction or refining or session.base is not None or signature[1] is not None:
+            return None
+        if last is None or last.signature != signature or len(names) != 1 or len(slices) != 1:
+            return None
+        (name,), (corrected,) = names, slices
+        mine = [p for p in prompts if p.label == name]
+        return correct_locally(
+            session.volume, last.result, mine, corrected, rule, tracking, span, mask_inputs=session.prompt_masks
+        )
 
     def _axis(self, request: SegmentRequest, label_file: LabelFile | None) -> int:
         """The request's axis; for scribbles painted into an uploaded label with no axis named, the axis they
@@ -190,6 +234,7 @@ class VolumeAnswers:
         out["prompts_in_session"] = [p.as_json(axis) for p in session.prompts.values()]
         out["axis"] = AXIS_NAMES[axis]
         out["coverage"] = result.coverage()
+        out["tracking"] = result.tracking
         out["correction"] = request.correction
         out["stop_rule"] = None if stop_rule is None else dataclasses.asdict(stop_rule)
         out["confidence"] = _per_slice_json(confidence)

@@ -37,15 +37,12 @@ class ExplicitRoPEAttention(RoPEAttention):
             return super().forward(q, k, v, num_k_exclude_rope)
         q = self.q_proj(q)[:, None]  # (B, 1 head, Lq, C)
         k = self.k_proj(k)[:, None]
-        side = math.sqrt(q.shape[-2])
-        self.freqs_cis = self.freqs_cis.to(q.device)
-        if self.freqs_cis.shape[0] != q.shape[-2]:
-            self.freqs_cis = self.compute_cis(end_x=side, end_y=side).to(q.device)
+        freqs_cis = self._freqs_for(q.shape[-2], q.device)
         if q.shape[-2] != k.shape[-2]:
             assert self.rope_k_repeat
         num_k_rope = k.size(-2) - num_k_exclude_rope
         q, k[:, :, :num_k_rope] = apply_rotary_enc(
-            q, k[:, :, :num_k_rope], freqs_cis=self.freqs_cis, repeat_freqs_k=self.rope_k_repeat
+            q, k[:, :, :num_k_rope], freqs_cis=freqs_cis, repeat_freqs_k=self.rope_k_repeat
         )
         q = q[:, 0] * (1.0 / math.sqrt(q.shape[-1]))
         weights = torch.softmax(torch.bmm(q, k[:, 0].transpose(1, 2)), dim=-1)
@@ -54,6 +51,16 @@ class ExplicitRoPEAttention(RoPEAttention):
         else:
             out = torch.bmm(weights, self.v_proj(v).to(weights.dtype))
         return self.out_proj(out)
+
+    def _freqs_for(self, tokens: int, device: torch.device) -> torch.Tensor:
+        """The rotary frequencies of a square grid of ``tokens`` tokens, cached per size and never written to the
+        module's shared ``freqs_cis`` (region-of-interest tracking runs several sizes, on two threads at once)."""
+        cache = self.__dict__.setdefault("_freqs_by_tokens", {})
+        key = (tokens, str(device))
+        if key not in cache:
+            side = math.sqrt(tokens)
+            cache[key] = self.compute_cis(end_x=side, end_y=side).to(device)
+        return cache[key]
 
 
 class ContiguousCXBlock(CXBlock):

@@ -55,6 +55,14 @@ class LastPropagation:
     result: PropagationResult
 
 
+def _without_memory(run: LastPropagation | None) -> LastPropagation | None:
+    """The answer without its tracking memory: undo snapshots keep answers, not what local corrections reuse (an
+    undone state's next correction recomputes the label in full)."""
+    if run is None or run.result.memory is None:
+        return run
+    return dataclasses.replace(run, result=dataclasses.replace(run.result, memory=None))
+
+
 @dataclass
 class ImageSession:
     """A cached image: its encoded volume, geometry, window, and one annotator's state on it (prompts, the label
@@ -85,7 +93,8 @@ class ImageSession:
         extra = (self.base.frames.nbytes if self.base is not None else 0) + (
             self.history.nbytes() if self.history else 0
         )
-        return tensor_bytes(masks) + extra
+        memory = self.last_run.result.memory if self.last_run is not None else None
+        return tensor_bytes(masks) + extra + (memory.nbytes() if memory is not None else 0)
 
     def state(self) -> dict[str, Any]:
         """What undo restores (the dicts are copied; the tensors and arrays in them are never changed in place)."""
@@ -95,7 +104,7 @@ class ImageSession:
             "last_logits": self.last_logits,
             "prompt_masks": dict(self.prompt_masks),
             "base": self.base,
-            "last_run": self.last_run,
+            "last_run": _without_memory(self.last_run),
         }
 
     def restore(self, state: dict[str, Any]) -> None:

@@ -16,8 +16,10 @@ Overlaps between labels: a voxel goes to the label with the highest mask logit a
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -26,11 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from lib.engine import sam2_api
+from lib.engine.cpu_inference import uses_cpu_inference_modules
 from lib.engine.mask_prompts import apply_edits
 from lib.engine.precision import autocast_for
 from lib.engine.prompts import KeySlicePrompt
+from lib.engine.roi import Window, crop_output, margin_cells, model_view, window_around
 from lib.engine.static_tracking import StaticTracker, borrowed_tracker, static_tracking_supported
 from lib.engine.volume_session import VolumeSession
+from lib.errors import CropUnavailable
 
 
 def _empty_output_dict() -> dict:
@@ -249,6 +254,90 @@ class StopRule:
             raise ValueError(f"stop_rule must be off, on or '<min object score>,<patience>', got {text!r}") from None
 
 
+@dataclass(frozen=True)
+class TrackingOptions:
+    """How tracking runs (``--conf``: tracking_region, tracking_margin, max_key_slices, tracking_workers).
+
+    ``region``: ``roi`` tracks each label on a window of the cached features around its key-slice masks plus
+    ``margin`` (a fraction of the frame's side, at least one feature cell), grown by twice the margin, then the
+    whole frame, whenever a mask reaches the window's border (see :mod:`lib.engine.roi`); ``full`` tracks the whole
+    frame (the reference). ``strict``: the request itself asked for ``roi``, so a key slice with an empty mask is
+    refused (:class:`lib.errors.CropUnavailable`) instead of tracked on the whole frame. ``max_key_slices``: key
+    slices a tracked slice attends to, the nearest ones (0: all). ``workers``: 2 runs passes (the two directions,
+    the labels) on two threads of one core each. ``keep_memory``: keep each tracked slice's memory in the result
+    for :func:`correct_locally`."""
+
+    region: str = "full"
+    margin: float = 0.125
+    max_key_slices: int = 0
+    workers: int = 1
+    keep_memory: bool = False
+    strict: bool = False
+    overflow: str = "grow"  # "clip": keep the window, masks cut at its border (benches with random weights)
+
+    def __post_init__(self):
+        if self.overflow not in ("grow", "clip"):
+            raise ValueError(f"tracking overflow must be grow or clip, got {self.overflow!r}")
+        if self.region not in ("roi", "full"):
+            raise ValueError(f"tracking region must be roi or full, got {self.region!r}")
+        if not 0 <= self.margin <= 1:
+            raise ValueError(f"the tracking margin is a fraction of the frame's side (0 to 1), got {self.margin}")
+
+
+@dataclass(frozen=True)
+class CorrectionRule:
+    """A local correction re-tracks outward from the corrected slice and stops, in each direction, once its masks
+    agree with the previous answer (Dice >= ``min_dice`` on the low-res masks, both empty counting as agreeing)
+    over ``slices`` consecutive slices; beyond, the previous answer is kept."""
+
+    slices: int = 3
+    min_dice: float = 0.9
+
+    def __post_init__(self):
+        if self.slices < 1 or not 0 < self.min_dice <= 1:
+            raise ValueError("a correction rule needs at least 1 slice and a Dice in (0, 1]")
+
+    @classmethod
+    def from_text(cls, text: str) -> CorrectionRule | None:
+        """``off``, ``on`` (the defaults above) or ``<slices>,<min Dice>`` such as ``3,0.9``."""
+        value = text.strip().lower()
+        if value in ("off", "false", "0", "no", ""):
+            return None
+        if value in ("on", "true", "1", "yes"):
+            return cls()
+        try:
+            slices, dice = value.split(",")
+            return cls(int(slices), float(dice))
+        except ValueError:
+            raise ValueError(f"local_corrections must be off, on or '<slices>,<min Dice>', got {text!r}") from None
+
+
+@dataclass
+class TrackMemory:
+    """What a local correction reuses from an answer: per label its key slices' outputs (whole frame), and per
+    (label, direction) the window tracked (None: the whole frame) and each tracked slice's memory and object
+    pointer (in that window)."""
+
+    key_outputs: dict[str, dict[int, dict]] = field(default_factory=dict)
+    windows: dict[tuple[str, int], Window | None] = field(default_factory=dict)
+    slices: dict[tuple[str, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(
+            m.numel() * m.element_size() + p.numel() * p.element_size()
+            for per in self.slices.values()
+            for m, p in per.values()
+        )
+
+    def for_labels(self, names: Sequence[str]) -> TrackMemory:
+        keep = set(names)
+        return TrackMemory(
+            {k: v for k, v in self.key_outputs.items() if k in keep},
+            {k: v for k, v in self.windows.items() if k[0] in keep},
+            {k: v for k, v in self.slices.items() if k[0] in keep},
+        )
+
+
 def _prev_mask(mask_inputs: dict | None, prompt: KeySlicePrompt, device) -> torch.Tensor | None:
     if not mask_inputs or (prompt.label, prompt.slice_index) not in mask_inputs:
         return None
@@ -272,6 +361,8 @@ class PropagationResult:
     latencies: dict[str, float] = field(default_factory=dict)
     steps: int = 0
     static_steps: int = 0
+    memory: TrackMemory | None = None  # kept for local corrections (TrackingOptions.keep_memory)
+    tracking: dict = field(default_factory=dict)  # how it was tracked: region, windows, regrown, local
 
     def with_labels_from(self, other: PropagationResult, names: Sequence[str]) -> PropagationResult:
         """This result plus ``other``'s answer for the labels ``names`` (labels this run did not propagate)."""
@@ -279,8 +370,17 @@ class PropagationResult:
         def merged(mine: dict, theirs: dict) -> dict:
             return {**mine, **{n: theirs[n] for n in names if n in theirs}}
 
+        memory = None
+        if self.memory is not None and other.memory is not None:
+            theirs = other.memory.for_labels(names)
+            memory = TrackMemory(
+                {**self.memory.key_outputs, **theirs.key_outputs},
+                {**self.memory.windows, **theirs.windows},
+                {**self.memory.slices, **theirs.slices},
+            )
         return dataclasses.replace(
             self,
+            memory=memory,
             logits=merged(self.logits, other.logits),
             object_scores=merged(self.object_scores, other.object_scores),
             predicted_iou=merged(self.predicted_iou, other.predicted_iou),
@@ -347,13 +447,30 @@ class _Tracks:
     scores: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
     ious: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
     stopped: dict[str, dict[str, int]] = field(default_factory=dict)
+    keep_memory: bool = False
+    memories: dict[tuple[str, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    windows: dict[tuple[str, int], Window | None] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         for per in (self.logits, self.scores, self.ious, self.stopped):
             per.update({name: {} for name in self.labels})
 
-    def record(self, step: int, batch: list[_Pass], masks: torch.Tensor, scores: torch.Tensor, ious: torch.Tensor):
-        """Keep each pass's logits for its slice at ``step`` (the key slice: the max of both passes)."""
+    def fresh(self, labels: Sequence[str]) -> _Tracks:
+        """An empty record for some labels, with the same range and rules (one group's run)."""
+        return _Tracks(self.lo, self.hi, self.stop_rule, list(labels), keep_memory=self.keep_memory)
+
+    def record(
+        self,
+        step: int,
+        batch: list[_Pass],
+        masks: torch.Tensor,
+        scores: torch.Tensor,
+        ious: torch.Tensor,
+        memory: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        """Keep each pass's logits for its slice at ``step`` (the key slice: the max of both passes), and with
+        ``keep_memory`` the step's memory and object pointer."""
         masks = masks.to(torch.float16)  # a copy: graph outputs are overwritten by the next replay
         scores = scores.float().clone()
         ious = ious.float().clone()
@@ -365,8 +482,26 @@ class _Tracks:
             self.logits[p.label][frame] = masks[pos, 0] if prev is None else torch.maximum(prev, masks[pos, 0])
             self.scores[p.label][frame] = scores[pos, 0]
             self.ious[p.label][frame] = ious[pos]
+            if self.keep_memory and memory is not None:
+                mem, ptr = memory
+                per = self.memories.setdefault((p.label, p.sign), {})
+                per[frame] = (mem[pos : pos + 1].to(torch.bfloat16).clone(), ptr[pos : pos + 1].float().clone())
             if self.stop_rule is not None and step > max(p.cond):
                 p.unchecked.append((step, scores[pos, 0]))
+
+    def merge(self, other: _Tracks, windows: dict[tuple[str, int], Window | None]) -> None:
+        """Add one group's record (thread-safe: groups may run on two threads)."""
+        with self.lock:
+            for name, per in other.logits.items():
+                mine = self.logits.setdefault(name, {})
+                for frame, logits in per.items():
+                    prev = mine.get(frame)
+                    mine[frame] = logits if prev is None else torch.maximum(prev, logits)
+            for attr in ("scores", "ious", "stopped"):
+                for name, per in getattr(other, attr).items():
+                    getattr(self, attr).setdefault(name, {}).update(per)
+            self.memories.update(other.memories)
+            self.windows.update(windows)
 
     def apply_stop_rule(self, batch: list[_Pass]) -> None:
         """End passes whose object score stayed low for ``patience`` slices; empty their slices from there on."""
@@ -395,11 +530,23 @@ class _Tracks:
 
 @dataclass
 class _StepCount:
-    """Tracking steps run (all, and on static buffers), and when the first static step ended."""
+    """Tracking steps run (all, and on static buffers), when the first static step ended, windows regrown."""
 
     steps: int = 0
     static: int = 0
     first_static_done: float | None = None
+    regrown: int = 0
+
+    def add(self, other: _StepCount) -> None:
+        self.steps += other.steps
+        self.static += other.static
+        self.regrown += other.regrown
+        if other.first_static_done is not None:
+            self.first_static_done = min(self.first_static_done or other.first_static_done, other.first_static_done)
+
+
+class _CropOverflow(Exception):
+    """A tracked mask reached the border of its window: the group is tracked again on a larger one."""
 
 
 def _group_prompts(prompts: Sequence[KeySlicePrompt]) -> tuple[dict[str, list[KeySlicePrompt]], dict[str, int]]:
@@ -417,10 +564,11 @@ def _conditioned_passes(
     lo: int,
     hi: int,
     mask_inputs: dict[tuple[str, int], torch.Tensor] | None,
-) -> list[_Pass]:
+) -> tuple[list[_Pass], dict[str, dict[int, dict]]]:
     """Each label's key slices segmented, and its forward and backward pass seeded with them (per label: each
-    prompt has its own number of points)."""
+    prompt has its own number of points). Returns the passes and each label's key-slice outputs by slice."""
     passes: list[_Pass] = []
+    keys: dict[str, dict[int, dict]] = {}
     for label, items in by_label.items():
         cond = {
             p.slice_index: segment_key_slice(
@@ -428,18 +576,54 @@ def _conditioned_passes(
             )
             for p in items
         }
+        keys[label] = cond
         first, last = min(cond), max(cond)
         passes.append(_Pass(label, +1, first, max(hi, last) - first, {s - first: o for s, o in cond.items()}))
         passes.append(_Pass(label, -1, last, last - min(lo, first), {last - s: o for s, o in cond.items()}))
-    return passes
+    return passes, keys
 
 
-def _stock_step(session: VolumeSession, od: dict, group: list[_Pass], active: list[int], step: int, horizon: int):
-    """One step of the passes ``active`` on SAM2's own ``track_step`` (memory read from ``od``)."""
+def _label_windows(
+    session: VolumeSession, keys: dict[str, dict[int, dict]], tracking: TrackingOptions
+) -> dict[str, Window | None]:
+    """Each label's tracking window (None: the whole frame) around its key-slice masks."""
+    if tracking.region != "roi":
+        return {label: None for label in keys}
+    grid = session.feat_sizes()[-1][0]
+    margin = margin_cells(tracking.margin, grid)
+    windows = {}
+    for label, cond in keys.items():
+        masks = [o["pred_masks"] for o in cond.values()]
+        if tracking.strict and not any(bool((m > 0).any()) for m in masks):
+            raise CropUnavailable(
+                f"The mask of {label!r} on its key slice(s) {sorted(cond)} is empty, so no region of interest can "
+                'be formed around it: draw a box around the object, or send "tracking_region": "full".'
+            )
+        windows[label] = window_around(masks, grid, margin)
+    return windows
+
+
+def _stock_step(
+    session: VolumeSession,
+    od: dict,
+    group: list[_Pass],
+    active: list[int],
+    step: int,
+    horizon: int,
+    view=None,
+    window: Window | None = None,
+):
+    """One step of the passes ``active`` on SAM2's own ``track_step`` (memory read from ``od``), on the model or
+    a view of it (:func:`lib.engine.roi.model_view`) with the features cut to its window."""
     frames = [group[a].frame(step) for a in active]
-    feats = session.features(frames)
+    return _track_frames(session, od, frames, step, horizon, view, window)
+
+
+def _track_frames(session: VolumeSession, od: dict, frames: list[int], step: int, horizon: int, view, window):
+    feats = session.features(frames, window=window)
+    model = view if view is not None else session.model
     raw = sam2_api.track_step_with_iou(
-        session.model,
+        model,
         frame_idx=step,
         is_init_cond_frame=False,
         current_vision_feats=feats.vision_feats,
@@ -453,22 +637,24 @@ def _stock_step(session: VolumeSession, od: dict, group: list[_Pass], active: li
         run_mem_encoder=True,
         prev_sam_mask_logits=None,
     )
-    out = _compact(session.model, raw)
+    out = _compact(model, raw)
     od["non_cond_frame_outputs"][step] = out
     od["non_cond_frame_outputs"].pop(step - horizon, None)
     return out
 
 
-def _open_static_tracker(session: VolumeSession, od: dict, group: list[_Pass], members: list[int], borrowed):
+def _open_static_tracker(
+    session: VolumeSession, od: dict, group: list[_Pass], members: list[int], borrowed, window: Window | None
+):
     """Static buffers (and CUDA graphs on a GPU) for passes from one key slice, seeded with its output."""
     frames = [group[a].frame(1) for a in members]
-    feats = session.features(frames)
+    feats = session.features(frames, window=window)
     return borrowed.enter_context(
         borrowed_tracker(
-            session.model,
+            model_view(session.model, window),
             session.frames.shape[0],
             od["cond_frame_outputs"][0],
-            session.stacked(frames),
+            session.stacked(frames, window),
             feats.vision_pos_embeds,
             feats.feat_sizes,
             session.device,
@@ -478,7 +664,14 @@ def _open_static_tracker(session: VolumeSession, od: dict, group: list[_Pass], m
     )
 
 
-def _static_step(session: VolumeSession, tracker: StaticTracker, group: list[_Pass], members: list[int], step: int):
+def _static_step(
+    session: VolumeSession,
+    tracker: StaticTracker,
+    group: list[_Pass],
+    members: list[int],
+    step: int,
+    window: Window | None = None,
+):
     """One step on the static tracker; returns the members still in its batch and the step's outputs."""
     if session.device.type != "cuda" and any(group[a].length < step for a in members):
         # on the CPU finished passes leave the batch; a GPU keeps shapes static for its graphs
@@ -487,7 +680,7 @@ def _static_step(session: VolumeSession, tracker: StaticTracker, group: list[_Pa
         members = [members[i] for i in kept]
     # finished passes (GPU) keep computing on their last slice; their output is dropped
     frames = [group[a].frame(min(step, group[a].length)) for a in members]
-    session.gather(frames, tracker.levels)
+    session.gather(frames, tracker.levels, window)
     return members, tracker.step(step)
 
 
@@ -501,6 +694,27 @@ def _drop_finished(od: dict, group: list[_Pass], active: list[int], step: int) -
     return still
 
 
+def _record(
+    tracks: _Tracks,
+    step: int,
+    batch: list[_Pass],
+    masks: torch.Tensor,
+    scores: torch.Tensor,
+    ious: torch.Tensor,
+    memory,
+    window: Window | None,
+    grow: bool = True,
+) -> None:
+    """Record a tracked step, its masks put back on the whole frame; a mask at the window's border ends the run
+    (``grow``; else the mask stays cut at the border)."""
+    if window is not None:
+        live = [i for i, p in enumerate(batch) if step <= p.length]
+        if grow and live and bool(window.touches_border(masks[live]).any()):
+            raise _CropOverflow()
+        masks = window.paste(masks)
+    tracks.record(step, batch, masks, scores, ious, memory)
+
+
 def _run_group(
     session: VolumeSession,
     group: list[_Pass],
@@ -510,17 +724,23 @@ def _run_group(
     horizon: int,
     steady: bool,
     borrowed: ExitStack,
+    window: Window | None = None,
+    max_key_slices: int = 0,
+    grow: bool = True,
 ) -> None:
-    """Advance passes whose key slices sit at the same steps as one batch, step by step, to their ends."""
+    """Advance passes whose key slices sit at the same steps as one batch, step by step, to their ends (on the
+    window's features when there is one)."""
     stop_rule = tracks.stop_rule
     # object scores are read on the host every few steps, not every step (a GPU would stall on each read)
     check_every = 1 if session.device.type != "cuda" or stop_rule is None else stop_rule.patience
     active = list(range(len(group)))
+    full_cond = {s: _cat([p.cond[s] for p in group]) for s in sorted(cond_steps)}
     od = {
-        "cond_frame_outputs": {s: _cat([p.cond[s] for p in group]) for s in sorted(cond_steps)},
+        "cond_frame_outputs": {s: crop_output(o, window) if window else o for s, o in full_cond.items()},
         "non_cond_frame_outputs": {},
     }
     static = steady and cond_steps == frozenset({0}) and static_tracking_supported(session.model)
+    view = model_view(session.model, window, max_key_slices)
     tracker: StaticTracker | None = None
     members = list(active)
     for step in range(0, max(p.length for p in group) + 1):
@@ -530,24 +750,110 @@ def _run_group(
             break  # every pass has ended (the stop rule can end them early)
         if static and step >= 1:
             if tracker is None:
-                tracker = _open_static_tracker(session, od, group, members, borrowed)
-            members, (masks, scores, ious) = _static_step(session, tracker, group, members, step)
+                tracker = _open_static_tracker(session, od, group, members, borrowed, window)
+            members, (masks, scores, ious) = _static_step(session, tracker, group, members, step, window)
             if count.static == 0:
                 _sync(session.device)
                 count.first_static_done = time.perf_counter()
             count.steps += 1
             count.static += 1
-            tracks.record(step, [group[a] for a in members], masks, scores, ious)
+            batch = [group[a] for a in members]
+            _record(tracks, step, batch, masks, scores, ious, tracker.last_memory, window, grow)
             continue
         active = _drop_finished(od, group, active, step)
-        if step in cond_steps:
-            out = od["cond_frame_outputs"][step]
-        else:
-            out = _stock_step(session, od, group, active, step, horizon)
-            count.steps += 1
-        tracks.record(step, [group[a] for a in active], out["pred_masks"], out["object_score_logits"], out["iou"])
+        if step in cond_steps:  # the key slice's own (whole-frame) output
+            out = _select(full_cond[step], torch.tensor(active, dtype=torch.long))
+            tracks.record(step, [group[a] for a in active], out["pred_masks"], out["object_score_logits"], out["iou"])
+            continue
+        out = _stock_step(session, od, group, active, step, horizon, view, window)
+        count.steps += 1
+        memory = (out["maskmem_features"], out["obj_ptr"])
+        batch = [group[a] for a in active]
+        _record(tracks, step, batch, out["pred_masks"], out["object_score_logits"], out["iou"], memory, window, grow)
     if stop_rule is not None:
         tracks.apply_stop_rule(group)
+
+
+@dataclass
+class _Group:
+    """Passes tracked as one batch: the same key-slice steps, the same window."""
+
+    passes: list[_Pass]
+    cond_steps: frozenset
+    window: Window | None
+
+
+def _groups(passes: list[_Pass], windows: dict[str, Window | None], tracking: TrackingOptions) -> list[_Group]:
+    """Passes whose key slices sit at the same steps and that track the same window share one batch; with two
+    workers, the two directions are kept apart so that they can run at once."""
+    groups: dict[tuple, _Group] = {}
+    for p in passes:
+        key = (frozenset(p.cond), windows.get(p.label), p.sign if tracking.workers > 1 else 0)
+        groups.setdefault(key, _Group([], key[0], key[1])).passes.append(p)
+    return list(groups.values())
+
+
+def _track_group(
+    session: VolumeSession,
+    group: _Group,
+    tracks: _Tracks,
+    horizon: int,
+    steady: bool,
+    tracking: TrackingOptions,
+) -> _StepCount:
+    """Track one group to its end; where a mask reaches its window's border, again on a window grown by twice the
+    margin, then on the whole frame. Its record is added to ``tracks`` once done."""
+    count = _StepCount()
+    window = group.window
+    grow = 2 * margin_cells(tracking.margin, window.grid) if window is not None else 0
+    while True:
+        local = tracks.fresh({p.label for p in group.passes})
+        attempt = [dataclasses.replace(p, unchecked=[], low_run=0) for p in group.passes]
+        try:
+            with ExitStack() as borrowed:
+                _run_group(
+                    session,
+                    attempt,
+                    group.cond_steps,
+                    local,
+                    count,
+                    horizon,
+                    steady,
+                    borrowed,
+                    window,
+                    tracking.max_key_slices,
+                    tracking.overflow == "grow",
+                )
+        except _CropOverflow:
+            count.regrown += 1
+            window = window.grown(grow) if window is not None else None
+            continue
+        tracks.merge(local, {(p.label, p.sign): window for p in group.passes})
+        return count
+
+
+def _run_groups(
+    session: VolumeSession, groups: list[_Group], run: Callable[[_Group], _StepCount], workers: int
+) -> _StepCount:
+    """Every group tracked, on ``workers`` threads of one core each when there are several groups."""
+    total = _StepCount()
+    # SAM2's own attention modules rewrite their rotary frequencies per call: two threads only on the CPU modules
+    if workers <= 1 or len(groups) < 2 or not uses_cpu_inference_modules(session.model):
+        for group in groups:
+            total.add(run(group))
+        return total
+
+    def one_thread(group: _Group) -> _StepCount:
+        torch.set_num_threads(1)  # this thread's own OpenMP pool: the two workers share the two cores
+        with torch.inference_mode(), autocast_for(session.device, session.compute_dtype):
+            return run(group)
+
+    # the longest first, so that the two threads end about together
+    ordered = sorted(groups, key=lambda g: -max(p.length for p in g.passes))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medsam2-track") as pool:
+        for count in pool.map(one_thread, ordered):
+            total.add(count)
+    return total
 
 
 @torch.inference_mode()
@@ -559,6 +865,7 @@ def propagate_volume(
     steady: bool = True,
     stop_rule: StopRule | None = None,
     mask_inputs: dict[tuple[str, int], torch.Tensor] | None = None,
+    tracking: TrackingOptions | None = None,
 ) -> PropagationResult:
     """Segment every label's key slices and propagate them through ``slice_range`` (inclusive; default all).
 
@@ -567,9 +874,12 @@ def propagate_volume(
     on a GPU; ``steady=False`` keeps every step on the stock ``track_step`` path.
     ``stop_rule`` ends a pass where the object has ended (see :class:`StopRule`); ``mask_inputs`` gives a
     prompt's previous mask logits (h, w) by (label, slice), refined by its clicks as SAM2's demo does.
+    ``tracking``: region of interest, key slices attended, workers (see :class:`TrackingOptions`; default: the
+    whole frame, all key slices, one worker).
     """
     if not prompts:
         raise ValueError("no prompts")
+    tracking = tracking or TrackingOptions()
     model = session.model
     n, rows, cols = session.frames.shape
     lo, hi = slice_range if slice_range is not None else (0, n - 1)
@@ -580,21 +890,20 @@ def propagate_volume(
     session.encode(range(min(lo, min(key_slices)), max(hi, max(key_slices)) + 1))  # before tracking starts
     _sync(session.device)
     t_encode = time.perf_counter()
-    passes = _conditioned_passes(session, by_label, lo, hi, mask_inputs)
+    passes, keys = _conditioned_passes(session, by_label, lo, hi, mask_inputs)
+    windows = _label_windows(session, keys, tracking)
     t_cond = time.perf_counter()
 
-    tracks = _Tracks(lo, hi, stop_rule, list(by_label))
-    count = _StepCount()
+    tracks = _Tracks(lo, hi, stop_rule, list(by_label), keep_memory=tracking.keep_memory)
     horizon = memory_horizon or max(model.num_maskmem, model.max_obj_ptrs_in_encoder) + 1
-    # Passes whose key slices sit at the same steps share a memory layout and run as one batch.
-    groups: dict[frozenset, list[_Pass]] = {}
-    for p in passes:
-        groups.setdefault(frozenset(p.cond), []).append(p)
-    with autocast_for(session.device, session.compute_dtype), ExitStack() as borrowed:
-        for cond_steps, group in groups.items():
-            _run_group(session, group, cond_steps, tracks, count, horizon, steady, borrowed)
+    groups = _groups(passes, windows, tracking)
+    with autocast_for(session.device, session.compute_dtype):
+        count = _run_groups(
+            session, groups, lambda g: _track_group(session, g, tracks, horizon, steady, tracking), tracking.workers
+        )
     _sync(session.device)
     t_track = time.perf_counter()
+    memory = TrackMemory(keys, dict(tracks.windows), tracks.memories) if tracking.keep_memory else None
     return PropagationResult(
         logits=tracks.logits,
         object_scores=_to_host(tracks.scores),
@@ -608,7 +917,20 @@ def propagate_volume(
         latencies=_latencies(t0, t_encode, t_cond, t_track, count.first_static_done),
         steps=count.steps,
         static_steps=count.static,
+        memory=memory,
+        tracking=_tracking_json(tracking, tracks.windows, count.regrown),
     )
+
+
+def _tracking_json(tracking: TrackingOptions, windows: dict, regrown: int) -> dict:
+    """How the answer was tracked, for the answer JSON: the region and, per label and direction, the window."""
+    out = {"region": tracking.region, "workers": tracking.workers, "regrown": regrown}
+    if tracking.region == "roi":
+        out["windows"] = {
+            f"{label}:{'forward' if sign > 0 else 'backward'}": (w.as_json() if w is not None else "full")
+            for (label, sign), w in sorted(windows.items())
+        }
+    return out
 
 
 def _latencies(t0: float, t_encode: float, t_cond: float, t_track: float, first_static: float | None) -> dict:

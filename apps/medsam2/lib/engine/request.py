@@ -60,6 +60,7 @@ class SegmentRequest:
     stop: StopOptions = field(default_factory=StopOptions)
     correction: bool = False
     reset_state: bool = False
+    tracking_region: str | None = None  # 3D: "roi" or "full"; None: the server's setting (tracking_region)
 
     @property
     def propagation_axis(self) -> int:
@@ -96,6 +97,7 @@ def parse_segment_request(request: Any, dimension: int, labels: LabelMap) -> Seg
             "stop": parse_stop_options(request),
             "correction": bool(parse_flag(request.get("correction"), "correction")),
             "reset_state": bool(parse_flag(request.get("reset_state"), "reset_state")),
+            "tracking_region": _tracking_region(request.get("tracking_region")),
         }
     return SegmentRequest(
         dimension=dimension,
@@ -220,6 +222,16 @@ def _native_prompts(raw: Any) -> tuple[dict[str, Any], ...]:
     return tuple(raw)
 
 
+def _tracking_region(value: Any) -> str | None:
+    """``tracking_region``: "roi" (refused with 422 where no region can be formed) or "full"; None: not sent."""
+    if value in (None, ""):
+        return None
+    text = str(value).strip().lower()
+    if text not in ("roi", "full"):
+        raise PromptError(f"tracking_region must be roi or full, got {value!r}.")
+    return text
+
+
 def _slice_range(value: Any) -> tuple[int, int] | None:
     """The native ``slice_range`` [first, last] (inclusive, sorted); checked against the image later."""
     if value is None or value == "" or value == []:
@@ -243,7 +255,7 @@ def _changed_since(value: Any) -> str | None:
         return None
     if not isinstance(value, str) or len(value) > MAX_ANSWER_ID or not value.isprintable():
         raise PromptError(
-            f"changed_since must be the answer_id of an earlier answer in this session, or \"{EMPTY_STATE}\" "
+            f'changed_since must be the answer_id of an earlier answer in this session, or "{EMPTY_STATE}" '
             f"(a client that holds an all-zero label), got {str(value)[:80]!r}."
         )
     return value

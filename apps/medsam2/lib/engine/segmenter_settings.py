@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lib.engine.preprocessing import IntensityWindow
 from lib.engine.prompts import LabelMap
-from lib.engine.propagation import StopRule
+from lib.engine.propagation import CorrectionRule, StopRule, TrackingOptions
 
 
 @dataclass
@@ -24,3 +24,5 @@ class SegmenterSettings:
     slices_to_check: int = 5
     scribble_mode: str = "points"  # how scribbles reach SAM2: sampled clicks or a mask (bench/scribble_prompts.py)
     undo_levels: int = 16
+    tracking: TrackingOptions = field(default_factory=TrackingOptions)  # region of interest, key slices, workers
+    local_corrections: CorrectionRule | None = None  # None: a correction recomputes the whole label

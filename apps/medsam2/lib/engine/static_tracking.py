@@ -71,6 +71,7 @@ class StaticTracker:
         # temporal positions of the pointers: the key slice's (= the step) first, then 1, 2, ... steps back
         self.ptr_pos = torch.zeros(self.num_ptrs, dtype=torch.float32, device=device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self.last_memory: tuple[torch.Tensor, torch.Tensor] | None = None
         self.in_use = threading.Lock()
         self.reset(key_out, pos_embeds)
 
@@ -171,6 +172,7 @@ class StaticTracker:
         self.prev_mem.copy_(torch.cat([self.prev_mem[1:], new_mem[None]]))
         if self.num_ptrs > 1:
             self.ptrs[1:].copy_(torch.cat([obj_ptr[None].float(), self.ptrs[1:-1]]))
+        self.last_memory = (new_mem, obj_ptr)  # the step's memory and object pointer (valid until the next step)
         return masks, scores, ious
 
     def keep(self, positions: list[int]) -> None:

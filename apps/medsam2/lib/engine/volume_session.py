@@ -126,26 +126,40 @@ class VolumeSession:
                 self._features[index] = [lvl[b].to(self.feature_dtype) for lvl in levels]
             self.slices_encoded += len(chunk)
 
-    def features(self, indices: Sequence[int], dtype: torch.dtype = torch.float32) -> SliceFeatures:
-        """Features of the given slices stacked as one batch (encoding any missing ones first)."""
+    def features(self, indices: Sequence[int], dtype: torch.dtype = torch.float32, window=None) -> SliceFeatures:
+        """Features of the given slices stacked as one batch (encoding any missing ones first); with a
+        :class:`lib.engine.roi.Window`, every level and its positional encoding cut to that window."""
         self.encode(indices)
         assert self._pos_enc is not None and self._feat_sizes is not None
         batch = len(indices)
         feats = []
         for level in range(len(self._pos_enc)):
-            stacked = torch.stack([self._features[int(i)][level] for i in indices]).to(dtype)
+            stacked = torch.stack([_cut(self._features[int(i)][level], window) for i in indices]).to(dtype)
             feats.append(stacked.flatten(2).permute(2, 0, 1))
-        pos = [p.to(dtype).expand(batch, -1, -1, -1).flatten(2).permute(2, 0, 1) for p in self._pos_enc]
-        return SliceFeatures(feats, pos, list(self._feat_sizes))
+        pos = [_cut(p, window).to(dtype).expand(batch, -1, -1, -1).flatten(2).permute(2, 0, 1) for p in self._pos_enc]
+        return SliceFeatures(feats, pos, self.feat_sizes(window))
 
-    def gather(self, indices: Sequence[int], out: list[torch.Tensor]) -> None:
+    def feat_sizes(self, window=None) -> list[tuple[int, int]]:
+        """(H, W) of each feature level, of the whole frame or of a window."""
+        assert self._feat_sizes is not None
+        if window is None:
+            return list(self._feat_sizes)
+        grid = self._feat_sizes[-1][0]
+        return [(h * window.side // grid, w * window.side // grid) for h, w in self._feat_sizes]
+
+    def gather(self, indices: Sequence[int], out: list[torch.Tensor], window=None) -> None:
         """Stack the cached (B, C, H, W) features of already-encoded slices into preallocated buffers."""
         for level, buf in enumerate(out):
-            torch.stack([self._features[int(i)][level] for i in indices], out=buf)
+            torch.stack([_cut(self._features[int(i)][level], window) for i in indices], out=buf)
 
-    def stacked(self, indices: Sequence[int]) -> list[torch.Tensor]:
+    def stacked(self, indices: Sequence[int], window=None) -> list[torch.Tensor]:
         """The cached features of encoded slices as new (B, C, H, W) tensors, one per level."""
-        return [torch.stack([self._features[int(i)][lv] for i in indices]) for lv in range(len(self._pos_enc or []))]
+        levels = range(len(self._pos_enc or []))
+        return [torch.stack([_cut(self._features[int(i)][lv], window) for i in indices]) for lv in levels]
+
+
+def _cut(x: torch.Tensor, window) -> torch.Tensor:
+    return x if window is None else window.crop(x)
 
 
 @dataclass
