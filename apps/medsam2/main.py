@@ -19,6 +19,7 @@ from monailabel.tasks.activelearning.random import Random
 
 import lib.configs
 from lib.server import app_requests
+from lib.server.access_control import AuthOptions
 from lib.server.admission import AdmissionGate, AdmissionSettings
 from lib.server.app_status import AppStatus
 from lib.server.auto_train import AutoTrain
@@ -69,6 +70,7 @@ class MedSAM2App(MONAILabelApp):
             operations=OperationsSource(self.replica, self.status.operations, self.status.not_ready_reasons),
             on_image_opened=self.image_opened,
             allow_untested_monailabel=self.settings.allow_untested_monailabel,
+            auth=AuthOptions(self.settings.auth_audience, self.settings.auth_issuer, self.settings.api_keys_file),
         )
 
     def init_datastore(self) -> Datastore:

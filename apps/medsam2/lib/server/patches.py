@@ -65,6 +65,8 @@ class PatchContext:
     operations: Any = None  # lib.server.operations.OperationsSource
     on_image_opened: Callable[[str, str], None] | None = None  # (image id, source): lib.server.image_opened
     allow_untested_monailabel: bool = False  # --conf allow_untested_monailabel
+    auth: Any = None  # lib.server.access_control.AuthOptions (--conf auth_audience, auth_issuer, api_keys_file)
+    sessions: Any = None  # lib.server.session_routes.SessionSource: the heartbeat route
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,7 @@ def _apply_access_control(ctx: PatchContext) -> bool:
     from lib.server import access_control
 
     require(looks_up(auth.get_current_user, "from_token", auth), "monailabel.endpoints.user.auth.get_current_user")
-    require(access_control.install(ctx.settings), "monailabel.app middleware")
+    require(access_control.install(ctx.settings, ctx.auth), "monailabel.app middleware")
     require(access_control.is_installed(), "the token validator or the middleware is not in place")
     return True
 
