@@ -570,6 +570,10 @@ def test_api_keys_serve_scripts_and_are_revoked_without_a_restart(auth_server, t
             timeout=60,
         )
     assert saved.status_code == 200, saved.text
+    beat = requests.post(auth_server.url + "/medsam2/heartbeat", json={"image": "ct_blob"}, headers=headers, timeout=30)
+    assert beat.status_code == 204, beat.text  # CONTRACTS C6
+    bad_beat = requests.post(auth_server.url + "/medsam2/heartbeat", json={"img": 1}, headers=headers, timeout=30)
+    assert bad_beat.status_code == 422 and "image" in bad_beat.json()["detail"]
     script = [sys.executable, "scripts/api_keys.py", "--file", str(auth_server.keys_file)]
     listed = subprocess.run([*script, "list"], capture_output=True, text=True, check=True, timeout=60)
     assert entry.id in listed.stdout and key not in listed.stdout and key not in auth_server.keys_file.read_text()

@@ -39,7 +39,9 @@ settings.MONAI_LABEL_AUTH_REALM_URI = "http://127.0.0.1:9/realms/none"  # unreac
 settings.MONAI_LABEL_AUTH_TIMEOUT = 1
 operations = OperationsSource("test", dict, list)
 opened = lambda image, source: None  # noqa: E731
-report = install_all(PatchContext(settings, lambda model, body: None, 4, 5.0, operations, opened{context}))
+report = install_all(
+    PatchContext(settings, lambda model, body: None, 4, 5.0, operations, opened, sessions=lambda i, s: 0{context})
+)
 print("REPORT " + json.dumps(report.as_dict()))
 """
 

@@ -71,6 +71,7 @@ class MedSAM2App(MONAILabelApp):
             on_image_opened=self.image_opened,
             allow_untested_monailabel=self.settings.allow_untested_monailabel,
             auth=AuthOptions(self.settings.auth_audience, self.settings.auth_issuer, self.settings.api_keys_file),
+            sessions=self.heartbeat,
         )
 
     def init_datastore(self) -> Datastore:
@@ -96,6 +97,9 @@ class MedSAM2App(MONAILabelApp):
     def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
         run = super().next_sample
         return app_requests.next_sample(request, self._strategies, self.admission, run, self.image_opened)
+
+    def heartbeat(self, image_id: str, session_name: str | None) -> int:
+        return self.models.heartbeat(image_id, session_name)
 
     def image_opened(self, image_id: str, source: str) -> None:
         app_requests.image_opened(image_id, source, self.datastore(), self.models)

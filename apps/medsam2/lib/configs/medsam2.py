@@ -17,6 +17,7 @@ from lib.engine.model_provider import ModelProvider
 from lib.engine.precision import compute_dtype_for, pick_device
 from lib.engine.prompts import LabelMap
 from lib.engine.segmenter import MedSAM2Segmenter, SegmenterSettings
+from lib.engine.session_limits import SessionLimits
 from lib.engine.volume_session import SessionCache
 from lib.infers.medsam2 import MedSAM2Infer
 from lib.server.served_models import ModelConfig
@@ -69,7 +70,10 @@ class MedSAM2(ModelConfig):
         )
         # the background encoder runs inside the server only (not in a training process or a script)
         encode_ahead = s.encode_ahead == "on" and in_server()
-        self.segmenter = MedSAM2Segmenter(self.provider, segmenter_settings, cache, encode_ahead=encode_ahead)
+        limits = SessionLimits(s.max_live_sessions, s.session_idle_timeout_s, reap_in_background=in_server())
+        self.segmenter = MedSAM2Segmenter(
+            self.provider, segmenter_settings, cache, encode_ahead=encode_ahead, limits=limits
+        )
 
     def infer(self) -> dict[str, InferTask]:
         info = {

@@ -66,7 +66,7 @@ class PatchContext:
     on_image_opened: Callable[[str, str], None] | None = None  # (image id, source): lib.server.image_opened
     allow_untested_monailabel: bool = False  # --conf allow_untested_monailabel
     auth: Any = None  # lib.server.access_control.AuthOptions (--conf auth_audience, auth_issuer, api_keys_file)
-    sessions: Any = None  # lib.server.session_routes.SessionSource: the heartbeat route
+    sessions: Callable[[str, str | None], int] | None = None  # the heartbeat: (image id, session) -> sessions kept
 
 
 @dataclass(frozen=True)
@@ -234,6 +234,14 @@ def _apply_ohif_viewer(ctx: PatchContext) -> bool:
     return ohif_viewer.install()
 
 
+def _apply_sessions(ctx: PatchContext) -> bool:
+    from lib.server import session_routes
+
+    require(ctx.sessions is not None, "the app's heartbeat")
+    require(session_routes.install(ctx.sessions), "monailabel.app routes")
+    return True
+
+
 def _check_internals(ctx: PatchContext) -> bool:
     missing = [
         f"{owner}.{name}" for owner, names in MONAILABEL_INTERNALS.items() for name in names if not _has(owner, name)
@@ -344,6 +352,14 @@ PATCHES: tuple[Patch, ...] = (
         "panel (boxes, scribbles, lasso, undo, per-slice confidence); not applied when it is not installed",
         security=False,
         apply=_apply_ohif_viewer,
+    ),
+    Patch(
+        "sessions",
+        "monailabel.app: POST /medsam2/heartbeat",
+        "MONAI Label has no way for a viewer to say a study is still open; the app's idle timeout "
+        "(--conf session_idle_timeout_s) would drop the sessions of an annotator who looks without clicking",
+        security=False,
+        apply=_apply_sessions,
     ),
     Patch(
         "monailabel_internals",
