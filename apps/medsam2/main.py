@@ -72,13 +72,15 @@ class MedSAM2App(MONAILabelApp):
             allow_untested_monailabel=self.settings.allow_untested_monailabel,
             auth=AuthOptions(self.settings.auth_audience, self.settings.auth_issuer, self.settings.api_keys_file),
             sessions=self.heartbeat,
+            pacs_token_file=self.settings.pacs_token_file,
         )
 
     def init_datastore(self) -> Datastore:
         s = self.settings
         resend_every_s = s.pacs_resend_every_s if in_server() else 0  # a training process reads labels and leaves
         names = self.models.label_names()
-        return make_datastore(self.studies, names, s.dicomweb_timeout_s, resend_every_s, super().init_datastore)
+        own = super().init_datastore
+        return make_datastore(self.studies, names, s.dicomweb_timeout_s, resend_every_s, own, s.pacs_token_file)
 
     def init_infers(self) -> dict[str, InferTask]:
         return {name: task for config in self.models.models.values() for name, task in config.infer().items()}

@@ -66,6 +66,7 @@ class PatchContext:
     on_image_opened: Callable[[str, str], None] | None = None  # (image id, source): lib.server.image_opened
     allow_untested_monailabel: bool = False  # --conf allow_untested_monailabel
     auth: Any = None  # lib.server.access_control.AuthOptions (--conf auth_audience, auth_issuer, api_keys_file)
+    pacs_token_file: str = ""  # --conf pacs_token_file
     sessions: Callable[[str, str | None], int] | None = None  # the heartbeat: (image id, session) -> sessions kept
 
 
@@ -194,7 +195,10 @@ def _apply_pacs_proxy(ctx: PatchContext) -> bool:
 
     for handler in ("proxy_wado", "proxy_qido", "proxy_stow", "proxy"):
         require(looks_up(getattr(proxy, handler, None), "proxy_dicom", proxy), f"monailabel.endpoints.proxy.{handler}")
-    require(pacs_proxy.install_pacs_proxy(ctx.dicomweb_timeout_s), "monailabel.endpoints.proxy.proxy_dicom")
+    require(
+        pacs_proxy.install_pacs_proxy(ctx.dicomweb_timeout_s, ctx.pacs_token_file),
+        "monailabel.endpoints.proxy.proxy_dicom",
+    )
     return True
 
 
