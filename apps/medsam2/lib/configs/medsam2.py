@@ -48,7 +48,7 @@ class MedSAM2(ModelConfig):
             s.checkpoint, model_dir=_path(model_dir), config=s.model_config
         )
         # Downloads once (cheap afterwards); an offline host fails here with the file to place by hand.
-        ensure_checkpoint_file(self.checkpoint)
+        ensure_checkpoint_file(self.checkpoint, expected_sha256=s.checkpoint_sha256)
         self.path = str(self.checkpoint.path) if self.checkpoint.path else None
         device = pick_device(s.device)
         dtype = compute_dtype_for(device, s.precision)
