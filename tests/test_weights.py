@@ -6,7 +6,7 @@ line and exit code 2, as the server stops at start (lib/server/startup.py)."""
 from __future__ import annotations
 
 import hashlib
-import os
+import random
 import subprocess
 import sys
 import threading
@@ -19,7 +19,10 @@ from conftest import free_port
 from lib.engine.checkpoints import CheckpointError, pinned_hashes, resolve_checkpoint, verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-WEIGHTS = os.urandom(300_000)
+sys.path.insert(0, str(REPO / "scripts"))
+import download_weights  # noqa: E402
+
+WEIGHTS = random.Random(0).randbytes(300_000)
 SHA = hashlib.sha256(WEIGHTS).hexdigest()
 URL = "https://huggingface.co/lab/model/resolve/main/weights.pt"
 
@@ -65,44 +68,63 @@ def hub():
     httpd.server_close()
 
 
-def download(model_dir: Path, endpoint: str, sha: str = SHA, offline: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(model_dir / "hf_home")}
-    env.pop("HF_HUB_OFFLINE", None)
+def download(model_dir: Path, endpoint: str, sha: str = SHA, offline: bool = False, monkeypatch=None, capsys=None):
+    """scripts/download_weights.py in this process (its environment set): (exit code, its stderr)."""
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_HOME", str(model_dir / "hf_home"))
     if offline:
-        env["HF_HUB_OFFLINE"] = "1"
-    cmd = [sys.executable, "scripts/download_weights.py", URL, "--model-dir", str(model_dir), "--sha256", sha]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    capsys.readouterr()
+    code = download_weights.main([URL, "--model-dir", str(model_dir), "--sha256", sha])
+    return code, capsys.readouterr().err
 
 
-def one_line(done: subprocess.CompletedProcess) -> str:
-    lines = [line for line in done.stderr.splitlines() if line.startswith("download_weights:")]
-    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+def one_line(done: tuple[int, str]) -> str:
+    code, err = done
+    lines = [line for line in err.splitlines() if line.startswith("download_weights:")]
+    assert code == 2 and len(lines) == 1, err[-2000:]
     return lines[0]
 
 
-def test_download_through_the_hub_library_then_offline(hub, tmp_path):
+def test_download_through_the_hub_library_then_offline(hub, tmp_path, monkeypatch, capsys):
     endpoint, asked = hub
-    done = download(tmp_path, endpoint)
-    assert done.returncode == 0, done.stderr[-2000:]
+    code, err = download(tmp_path, endpoint, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err[-2000:]
     assert (tmp_path / "weights.pt").read_bytes() == WEIGHTS
     assert any(a.startswith("GET /lab/model/resolve/main/weights.pt") for a in asked)
     asked.clear()
-    offline = download(tmp_path, "http://127.0.0.1:9", offline=True)  # no network: the file is there and checked
-    assert offline.returncode == 0, offline.stderr[-2000:] and not asked
+    # no network: the file is there and checked
+    code, err = download(tmp_path, "http://127.0.0.1:9", offline=True, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and not asked, err[-2000:]
 
 
-def test_a_wrong_hash_a_truncated_file_and_an_unreachable_hub_each_stop_with_one_line(hub, tmp_path):
+def test_a_wrong_hash_a_truncated_file_and_an_unreachable_hub_each_stop_with_one_line(
+    hub, tmp_path, monkeypatch, capsys
+):
     endpoint, _ = hub
-    wrong = one_line(download(tmp_path / "a", endpoint, sha="0" * 64))
+    kw = {"monkeypatch": monkeypatch, "capsys": capsys}
+    wrong = one_line(download(tmp_path / "a", endpoint, sha="0" * 64, **kw))
     assert f"has SHA-256 {SHA}, not the pinned {'0' * 64}" in wrong and "delete it" in wrong
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "weights.pt").write_bytes(WEIGHTS[:1000])  # an interrupted copy
-    truncated = one_line(download(tmp_path / "b", endpoint, offline=True))
+    truncated = one_line(download(tmp_path / "b", endpoint, offline=True, **kw))
     assert "not the pinned" in truncated
-    unreachable = one_line(download(tmp_path / "c", f"http://127.0.0.1:{free_port()}"))
+    unreachable = one_line(download(tmp_path / "c", f"http://127.0.0.1:{free_port()}", **kw))
     assert "Could not download checkpoint 'weights.pt'" in unreachable and "HF_ENDPOINT" in unreachable
-    offline_missing = one_line(download(tmp_path / "d", endpoint, offline=True))
+    offline_missing = one_line(download(tmp_path / "d", endpoint, offline=True, **kw))
     assert "HF_HUB_OFFLINE is set" in offline_missing
+
+
+def test_the_script_exits_2_with_one_line(tmp_path):
+    """The same as a process: exit code 2, one line on stderr."""
+    (tmp_path / "weights.pt").write_bytes(WEIGHTS[:10])
+    cmd = [sys.executable, "scripts/download_weights.py", URL, "--model-dir", str(tmp_path), "--sha256", SHA]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert [line for line in done.stderr.splitlines() if line.strip()][-1].startswith("download_weights:")
+    assert sum(line.startswith("download_weights:") for line in done.stderr.splitlines()) == 1
 
 
 def test_the_pinned_table_names_the_reference_checkpoint():

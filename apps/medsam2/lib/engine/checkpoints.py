@@ -214,7 +214,15 @@ def _hub_download(repo: str, revision: str, filename: str, dest: Path, timeout: 
     from huggingface_hub import hf_hub_download
 
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(timeout)))
-    path = hf_hub_download(repo_id=repo, filename=filename, revision=revision, local_dir=dest.parent)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    path = hf_hub_download(
+        repo_id=repo,
+        filename=filename,
+        revision=revision,
+        local_dir=dest.parent,
+        endpoint=os.environ.get("HF_ENDPOINT") or None,  # read now: a mirror set for this start
+        local_files_only=offline,
+    )
     if Path(path).resolve() != dest.resolve():
         os.replace(path, dest)
 
