@@ -582,7 +582,7 @@ SETTINGS: tuple[Setting, ...] = (
         "max_live_sessions",
         ACCESS,
         Number(int, 0, note="0: no cap"),
-        "8",
+        "16",
         "annotation sessions (one per viewer and image) the server keeps at once; one more is refused with 429, "
         "`Retry-After` and what to do",
     ),
