@@ -332,13 +332,14 @@ class AccessControlMiddleware:
         self.api_prefix = api_prefix
         self.api_keys = api_keys
 
-    def _user(self, scope: dict) -> dict[str, Any]:
-        """The caller, from the bearer token (first) or the API key; :class:`Refused` 401/503."""
+    def _user(self, scope: dict) -> tuple[dict[str, Any], bool]:
+        """(the caller, whether by an API key), from the bearer token (first) or the API key; :class:`Refused`
+        401/503."""
         token, key = bearer_token(scope["headers"]), api_key_header(scope["headers"])
         if token is not None:
-            return user_fields(self.validator.claims(token), self.claim_names)
+            return user_fields(self.validator.claims(token), self.claim_names), False
         if key is not None and self.api_keys is not None:
-            return api_key_user(self.api_keys.check(key), self.roles)
+            return api_key_user(self.api_keys.check(key), self.roles), True
         if key is not None:
             raise Refused(401, "This server takes no API keys (--conf api_keys_file is not set): log in instead.")
         raise Refused(401, NOT_AUTHENTICATED)
@@ -364,7 +365,7 @@ class AccessControlMiddleware:
             )
         elif not is_public(path, self.api_prefix, method):
             try:
-                user = await run_in_threadpool(self._user, scope)
+                user, by_api_key = await run_in_threadpool(self._user, scope)
             except Refused as e:
                 logger.info("%d %s %s: %s", e.status, method, path, e.detail)
                 challenge = b'Bearer error="invalid_token"' if e.detail != NOT_AUTHENTICATED else b"Bearer"
@@ -377,7 +378,7 @@ class AccessControlMiddleware:
                 wanted = " or ".join(f'"{r}"' for r in needed)
                 await _send_json(send, 403, f"Role {wanted} is required to perform this action.")
                 return
-            if user["username"].startswith("api-key:"):
+            if by_api_key:
                 self._checked_as(scope, user)
         if method == "POST" and _api_path(path, self.api_prefix) == "/auth/token":
             await self._login(scope, receive, send)
