@@ -1,5 +1,5 @@
 """Bytes on the wire per answer: the whole label as the OHIF panel asked for it before (an uncompressed NRRD of
-the volume, ``result_compress: false``) against the changed-region answer (CONTRACTS C1: the box that changed
+the volume, ``result_compress: false``) against the changed-region answer (docs/api.md: the box that changed
 since the client's last answer, gzip NRRD), on the real server and the demo lung CT (pyradiomics lung2,
 512 x 512 x 61), the MedSAM2 model shape with random weights, the app's default settings.
 

@@ -191,7 +191,9 @@ def start_server(
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
     # never serve (or overwrite) a fine-tuned checkpoint lying in the app's model folder; the OpenVINO encoder's
     # compilation and the warm-up cost CPU at every start: on only where a test asks (test_server_encode_ahead.py)
-    defaults = {"cpu_encoder": "torch", "warm_up": "off"}
+    # no cap on live sessions: servers shared by many tests open more sessions than any one annotator would
+    # (tests/test_sessions.py and bench/session_limits.py set it)
+    defaults = {"cpu_encoder": "torch", "warm_up": "off", "max_live_sessions": "0"}
     conf = {"finetuned_checkpoint": str(log.parent / "finetuned.pt"), **defaults, **conf}
     for k, v in conf.items():
         cmd += ["--conf", k, v]

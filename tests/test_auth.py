@@ -34,23 +34,27 @@ from route_listing import ROUTE_LISTER
 from conftest import free_port, start_server, stop_server, write_image
 from lib.errors import Refused
 from lib.server.access_control import (
+    KEYS_COOLDOWN_S,
     ClaimNames,
-    RealmPublicKey,
+    IdentityProvider,
     Roles,
     is_public,
     required_roles,
     user_fields,
 )
+from lib.server.api_keys import ROLE_ORDER, ApiKeyStore, add_key, revoke_key
 from sam2_testing import blob_volume
 
 ADMIN, REVIEWER, ANNOTATOR, USER = "monailabel-admin", "monailabel-reviewer", "monailabel-annotator", "monailabel-user"
 ALL_ROLES = (ADMIN, REVIEWER, ANNOTATOR, USER)
 CLIENT_ID = "medsam2-test-client"
+KID = "realm-key-1"
 PASSWORDS = {"alice": "correct horse"}
 
 # Open without a token, on purpose (see lib/server/access_control.py): API description, static viewer files, login.
 PUBLIC = {("GET", "/"), ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/favicon.ico")}
 PUBLIC |= {("GET", "/auth/"), ("POST", "/auth/token")}
+PUBLIC |= {("GET", "/ohif/{path:path}")}  # the viewer's files: OHIF must load before it can log its user in
 # Admin-only, though MONAI Label checks nothing (/reload) or only the annotator role (model weights).
 TIGHTENED = {("POST", "/reload"): ADMIN, ("PUT", "/model/{model}"): ADMIN, ("DELETE", "/model/{model}"): ADMIN}
 PATH_VALUES = {"model": "medsam2_2d", "strategy": "random", "path": "index.html"}
@@ -62,6 +66,8 @@ class LocalIdentityProvider:
     def __init__(self) -> None:
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.kid = KID
+        self.retired: list = []  # (key, kid) still published after a rotation
         self.port = free_port()
         self.realm_uri = f"http://127.0.0.1:{self.port}/realms/medsam2"
         self.issued: list[str] = []
@@ -75,11 +81,23 @@ class LocalIdentityProvider:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
 
-    def token(self, roles=ALL_ROLES, username="alice", expires_in=3600, key=None, **claims) -> str:
-        """An access token shaped like Keycloak's, signed RS256 by the realm key (or ``key``)."""
+    def jwks(self) -> dict:
+        """The provider's published keys (JWKS): the realm key only."""
+        published = [(self.key, self.kid), *self.retired]
+        jwks = [json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())) for key, _ in published]
+        return {
+            "keys": [
+                {**jwk, "kid": kid, "use": "sig", "alg": "RS256"}
+                for jwk, (_, kid) in zip(jwks, published, strict=False)
+            ]
+        }
+
+    def token(self, roles=ALL_ROLES, username="alice", expires_in=3600, key=None, kid="", **claims) -> str:
+        """An access token shaped like Keycloak's, signed RS256 by the realm key (or ``key``) with key id ``kid``."""
         now = int(time.time())
         payload = {
             "iss": self.realm_uri,
+            "aud": [CLIENT_ID, "account"],
             "sub": str(uuid.uuid4()),
             "azp": CLIENT_ID,
             "typ": "Bearer",
@@ -92,7 +110,9 @@ class LocalIdentityProvider:
         }
         payload.update(claims)
         payload = {k: v for k, v in payload.items() if v is not None}
-        token = jwt.encode(payload, key or self.key, algorithm="RS256")
+        token = jwt.encode(
+            payload, key or self.key, algorithm="RS256", headers={"kid": kid or self.kid} if kid is not None else None
+        )
         self.issued.append(token)
         return token
 
@@ -120,7 +140,10 @@ class LocalIdentityProvider:
                     self._json(200, {"realm": "medsam2", "public_key": base64.b64encode(der).decode()})
                 elif self.path == path + "/.well-known/openid-configuration":
                     token_endpoint = idp.realm_uri + "/protocol/openid-connect/token"
-                    self._json(200, {"issuer": idp.realm_uri, "token_endpoint": token_endpoint})
+                    jwks_uri = idp.realm_uri + "/protocol/openid-connect/certs"
+                    self._json(200, {"issuer": idp.realm_uri, "token_endpoint": token_endpoint, "jwks_uri": jwks_uri})
+                elif self.path == path + "/protocol/openid-connect/certs":
+                    self._json(200, idp.jwks())
                 else:
                     self._json(404, {"error": "not found"})
 
@@ -178,9 +201,14 @@ def auth_server(idp, auth_env, random_checkpoint, tmp_path_factory):
         direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
     )
     log = tmp_path_factory.mktemp("auth_logs") / "server.log"
-    conf = {"checkpoint": str(random_checkpoint), "window": "abdomen"}
+    keys_file = tmp_path_factory.mktemp("auth_keys") / "api_keys.json"
+    keys = {role: add_key(keys_file, f"test-{role}", role)[1] for role in ROLE_ORDER}
+    revoked_id, revoked = add_key(keys_file, "test-revoked", "admin")
+    revoke_key(keys_file, revoked_id.id)
+    conf = {"checkpoint": str(random_checkpoint), "window": "abdomen", "api_keys_file": str(keys_file)}
     server = start_server(studies, conf, log, env=auth_env, ready_headers=bearer(idp.token(roles=(USER,))))
     server.studies = studies
+    server.keys_file, server.keys, server.revoked_key = keys_file, keys, revoked
     yield server
     stop_server(server)
 
@@ -283,6 +311,12 @@ def test_every_route_refuses_missing_and_bad_tokens(auth_server, routes, idp):
         "HS256 with the public key": bearer(hmac_forged),
         "no exp": bearer(idp.token(exp=None)),
         "Basic scheme": {"Authorization": "Basic YWxpY2U6Y29ycmVjdCBob3JzZQ=="},
+        "wrong issuer": bearer(idp.token(iss="http://127.0.0.1:1/realms/other")),
+        "wrong audience": bearer(idp.token(aud="another-app")),
+        "no audience": bearer(idp.token(aud=None)),
+        "no key id": bearer(idp.token(kid=None)),
+        "unknown API key": {"X-API-Key": "msk_000000000000_" + "x" * 43},
+        "revoked API key": {"X-API-Key": auth_server.revoked_key},
     }
     failures, tried = [], 0
     for route in protected(routes):
@@ -325,6 +359,13 @@ def test_every_route_needs_its_role(auth_server, routes, idp):
             tried += 1
             if r.status_code != 403 or (route["method"] != "HEAD" and role not in r.text):  # HEAD: no body
                 failures.append((route["method"], route["path"], f"all but {role}", r.status_code, r.text[:200]))
+        short = role.removeprefix("monailabel-") if role else "user"
+        if short != "user":  # the API key one role below it (key roles nest: user < annotator < reviewer < admin)
+            below = ROLE_ORDER[ROLE_ORDER.index(short) - 1]
+            r = call(auth_server, route["method"], route["path"], {"X-API-Key": auth_server.keys[below]})
+            tried += 1
+            if r.status_code != 403 or (route["method"] != "HEAD" and role not in r.text):
+                failures.append((route["method"], route["path"], f"{below} API key", r.status_code, r.text[:200]))
     assert not failures, failures
     print(f"{tried} role checks on {len(protected(routes))} routes")
 
@@ -422,6 +463,8 @@ def test_reload_needs_an_admin_and_the_app_stays_guarded(auth_server, idp):
 
 def test_public_paths_and_roles_follow_the_api_prefix():
     roles = Roles()
+    assert is_public("/ohif/index.html") and is_public("/ohif/medsam2", method="HEAD")
+    assert not is_public("/ohif/index.html", method="POST") and not is_public("/ohif/../info/")
     assert is_public("/api/auth/token", "/api") and not is_public("/auth/token", "/api")
     assert is_public("/static/ohif/index.html") and not is_public("/static/../info/")
     assert not is_public("/auth/token/valid") and not is_public("/reload")
@@ -468,7 +511,7 @@ def test_user_fields_from_claims():
 def test_an_unreachable_identity_provider_is_named_in_a_503():
     realm = f"http://127.0.0.1:{free_port()}/realms/nowhere"  # nothing listens there
     with pytest.raises(Refused, match="MONAI_LABEL_AUTH_REALM_URI") as refused:
-        RealmPublicKey(realm, timeout_s=2).get()
+        IdentityProvider(realm, timeout_s=2).document()
     assert refused.value.status == 503 and realm in refused.value.detail
 
 
@@ -481,3 +524,89 @@ def test_health_is_open_and_metrics_need_a_token(auth_server, idp):
     r = call(auth_server, "GET", "/metrics", bearer(idp.token(roles=["monailabel-user"])))
     assert r.status_code == 200 and "medsam2_requests_total" in r.text
     assert 'status="401"' in r.text  # refusals are counted too
+
+
+def test_refusals_say_what_is_wrong(auth_server, idp):
+    """Wrong issuer, wrong audience, expired, unknown key id, missing header, revoked or unknown API key: 401 with
+    a detail that says which (the OHIF panel shows it as is, docs/api.md)."""
+    cases = {
+        "not issued by": bearer(idp.token(iss="https://login.other.example/realms/x")),
+        f"audience ('aud') must include '{CLIENT_ID}'": bearer(idp.token(aud="another-app")),
+        "has expired": bearer(idp.token(expires_in=-120)),
+        "not signed by a key of the identity provider": bearer(idp.token(kid="unknown-key")),
+        "Not authenticated": {},
+        "was revoked": {"X-API-Key": auth_server.revoked_key},
+        "not known to this server": {"X-API-Key": "msk_nope"},
+    }
+    for expected, headers in cases.items():
+        r = call(auth_server, "GET", "/info/", headers)
+        assert r.status_code == 401 and expected in r.json()["detail"], (expected, r.status_code, r.text)
+    key_without_role = call(auth_server, "POST", "/reload", {"X-API-Key": auth_server.keys["annotator"]})
+    assert key_without_role.status_code == 403 and ADMIN in key_without_role.json()["detail"]
+
+
+def test_api_keys_serve_scripts_and_are_revoked_without_a_restart(auth_server, tmp_path):
+    """An annotator key reads, infers and saves; revoked with scripts/api_keys.py, the next request is refused."""
+    entry, key = add_key(auth_server.keys_file, "slicer-ws3", "annotator")
+    headers = {"X-API-Key": key}
+    assert call(auth_server, "GET", "/info/", headers).status_code == 200
+    valid = call(auth_server, "GET", "/auth/token/valid", headers).json()
+    assert valid["username"] == "api-key:slicer-ws3" and set(valid["roles"]) == {USER, ANNOTATOR}
+    params = {"label": "lesion", "roi": [26, 46, 22, 42, 6, 6], "slice": 6, "client_id": "script-1"}
+    r = requests.post(
+        auth_server.url + "/infer/medsam2_2d?image=ct_blob&output=image",
+        data={"params": json.dumps(params)},
+        headers=headers,
+        timeout=300,
+    )
+    assert r.status_code == 200, r.text[:300]
+    answer = tmp_path / "answer.nii.gz"
+    answer.write_bytes(r.content)
+    with open(answer, "rb") as f:
+        saved = requests.put(
+            auth_server.url + "/datastore/label?image=ct_blob&tag=apikey",
+            files={"label": ("label.nii.gz", f)},
+            headers=headers,
+            timeout=60,
+        )
+    assert saved.status_code == 200, saved.text
+    beat = requests.post(auth_server.url + "/medsam2/heartbeat", json={"image": "ct_blob"}, headers=headers, timeout=30)
+    assert beat.status_code == 204, beat.text  # docs/api.md
+    bad_beat = requests.post(auth_server.url + "/medsam2/heartbeat", json={"img": 1}, headers=headers, timeout=30)
+    assert bad_beat.status_code == 422 and "image" in bad_beat.json()["detail"]
+    script = [sys.executable, "scripts/api_keys.py", "--file", str(auth_server.keys_file)]
+    listed = subprocess.run([*script, "list"], capture_output=True, text=True, check=True, timeout=60)
+    assert entry.id in listed.stdout and key not in listed.stdout and key not in auth_server.keys_file.read_text()
+    subprocess.run([*script, "revoke", entry.id], capture_output=True, text=True, check=True, timeout=60)
+    refused = call(auth_server, "GET", "/info/", headers)
+    assert refused.status_code == 401 and "revoked" in refused.json()["detail"]
+    assert key not in auth_server.log.read_text()
+
+
+def test_a_rotated_signing_key_is_picked_up_without_a_restart(auth_server, idp):
+    old_key = idp.key
+    try:
+        idp.retired = [(old_key, KID)]  # providers keep publishing the old key for a while
+        idp.key, idp.kid = rsa.generate_private_key(public_exponent=65537, key_size=2048), "realm-key-2"
+        fresh = bearer(idp.token(roles=(USER,)))
+        deadline = time.monotonic() + KEYS_COOLDOWN_S + 5  # the server fetches keys at most once per cooldown
+        while (status := call(auth_server, "GET", "/info/", fresh).status_code) != 200 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert status == 200
+    finally:
+        idp.key, idp.kid, idp.retired = old_key, KID, []
+
+
+def test_the_key_file_is_reread_and_a_broken_one_refuses_every_key(tmp_path):
+    path = tmp_path / "keys.json"
+    store = ApiKeyStore(path)
+    entry, key = add_key(path, "cli", "user")
+    assert store.check(key).id == entry.id
+    path.write_text("{not json")
+    with pytest.raises(Refused, match="key file is broken") as broken:
+        store.check(key)
+    assert broken.value.status == 503
+    path.write_text(json.dumps({"keys": []}))
+    with pytest.raises(Refused, match="not known") as unknown:
+        store.check(key)
+    assert unknown.value.status == 401

@@ -1,4 +1,4 @@
-"""Changed-region answers (CONTRACTS C1) on the engine: the box, its NRRD file and its geometry, answer ids, and a
+"""Changed-region answers (docs/api.md) on the engine: the box, its NRRD file and its geometry, answer ids, and a
 client that applies every changed region ending with the whole label, voxel for voxel, through 3D, 2D, a correction,
 undo and redo."""
 

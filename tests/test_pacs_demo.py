@@ -3,7 +3,7 @@ DICOM in a local Orthanc started by the script, the app serving them; OHIF's stu
 them and a box gives a 3D answer. Stopping the demo stops Orthanc with the server.
 
 One demo serves the module (its start converts and uploads the five demo studies): the saved-label tests on
-Orthanc (CONTRACTS C4) run on it too, in file order. Ports and the demo folder come from the script's environment
+Orthanc (docs/api.md) run on it too, in file order. Ports and the demo folder come from the script's environment
 variables; the model is the reference model (no download), passed as the README's offline form passes its
 ``--conf`` arguments.
 """
@@ -134,7 +134,7 @@ def put_final_label(demo: Demo, image_id: str, image: sitk.Image, value: int, pa
 @pytest.mark.server
 @pytest.mark.pacs
 def test_saved_labels_on_orthanc_each_save_a_new_seg_series_and_any_one_refined(demo, tmp_path):
-    """CONTRACTS C4 next to a PACS: a name added to an image, two saves as two SEG series, the older refined."""
+    """docs/api.md next to a PACS: a name added to an image, two saves as two SEG series, the older refined."""
     brain1, brain2 = demo.series_uid("brain1"), demo.series_uid("brain2")
     added = demo.post(f"/medsam2/labels/{brain2}/names", json={"name": "oedema (left)"})
     assert added.status_code == 200, added.text

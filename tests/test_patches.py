@@ -40,7 +40,9 @@ settings.MONAI_LABEL_AUTH_TIMEOUT = 1
 operations = OperationsSource("test", dict, list)
 opened = lambda image, source: None  # noqa: E731
 check_train = lambda model, body: None  # noqa: E731
-report = install_all(PatchContext(settings, check_train, 4, 5.0, operations, opened, datastore=dict{context}))
+report = install_all(
+    PatchContext(settings, check_train, 4, 5.0, operations, opened, datastore=dict, sessions=lambda i, s: 0{context})
+)
 print("REPORT " + json.dumps(report.as_dict()))
 """
 

@@ -85,7 +85,7 @@ def test_changed_since_empty_is_a_state_name():
 
 
 def test_the_segmenter_resolves_labels_in_the_map_a_request_brings(tmp_path):
-    """CONTRACTS C3: the entry points take the label map to use; the settings' map is the default."""
+    """docs/api.md: the entry points take the label map to use; the settings' map is the default."""
     path = tmp_path / "vol.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(blob_volume(SHAPE, radius=8.0, seed=5)), str(path))
     settings = SegmenterSettings(window=parse_window("abdomen"), labels=LABELS)

@@ -1,4 +1,4 @@
-"""Saved labels and label names per image (CONTRACTS C4): names kept on disk per image, checked against what a DICOM
+"""Saved labels and label names per image (docs/api.md): names kept on disk per image, checked against what a DICOM
 SEG and a PACS take; every save of a label keeps the earlier version; ``GET /medsam2/labels/{image}`` lists them
 with the ``refine_from`` value that refines each, and a refinement from a label on another grid is a 422 naming
 both grids. The local datastore here; the same on Orthanc: tests/test_pacs_demo.py."""

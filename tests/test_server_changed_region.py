@@ -1,4 +1,4 @@
-"""Changed-region answers through the real server (CONTRACTS C1): a client that applies each box to the label it
+"""Changed-region answers through the real server (docs/api.md): a client that applies each box to the label it
 holds ends with the whole label a second client receives, voxel for voxel, through 3D, 2D, a correction, undo and
 redo, and saves it exactly; a state the session does not hold is a 409; Slicer's clients get whole labels."""
 
@@ -17,7 +17,7 @@ from test_server_2d import infer, split_multipart
 from lib.engine.changed_region import ChangedRegion, apply_region
 
 SHAPE = (16, 80, 96)  # ct_blob, (k, j, i)
-# what the OHIF panel sends with every request (CONTRACTS C1): an uncompressed NRRD when the whole label comes back
+# what the OHIF panel sends with every request (docs/api.md): an uncompressed NRRD when the whole label comes back
 PANEL = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False}
 SEQUENCE = [
     ("medsam2_3d", {"prompts": [{"label": "lesion", "slice": 8, "box": [30, 20, 70, 60]}], "slice_range": [4, 12]}),

@@ -47,6 +47,11 @@ CUSTOM_BAD: dict[str, list[str]] = {
     "adapter": ["../site", "a b", "x" * 65, "site.pt"],
     "adapter_name": ["", "../site", "a/b", "x" * 65],
     "allow_untested_monailabel": ["yes", "1", "", "True!"],
+    "checkpoint_sha256": ["abc", "g" * 64, "0" * 65],
+    "auth_audience": ["a b", "a\tb"],
+    "auth_issuer": ["ftp://idp", "idp.example", "https://"],
+    "api_keys_file": ["/", "/tmp"],
+    "pacs_token_file": ["/", "/tmp"],
 }
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, free_port
-from sam2_testing import APP_DIR
+from sam2_testing import APP_DIR, REFERENCE_CHECKPOINT
 
 pytestmark = pytest.mark.server  # starts `monailabel start_server` (which must fail) as a subprocess
 
@@ -23,12 +23,16 @@ pytestmark = pytest.mark.server  # starts `monailabel start_server` (which must 
         (["dicomweb_timeout_s", "-1"], "--conf dicomweb_timeout_s must be seconds"),
         (["max_session_gb", "6GB"], "--conf max_session_gb must be a number of GiB, more than 0, got '6GB'"),
         (["max_sesions", "8"], "Unknown --conf key 'max_sesions' (did you mean max_sessions?)"),
+        # a checkpoint file that is not the one pinned (a truncated or altered download): issue 32 item 6
+        (["checkpoint", str(REFERENCE_CHECKPOINT), "checkpoint_sha256", "0" * 64], f"not the pinned {'0' * 64}"),
     ],
 )
 def test_bad_settings_stop_the_server_with_one_clear_line(tmp_path: Path, conf: list[str], expected: str) -> None:
     env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     cmd = ["monailabel", "start_server", "--app", str(APP_DIR), "--studies", str(tmp_path), "--port", str(free_port())]
-    cmd += ["--conf", *conf, "--conf", "finetuned_checkpoint", str(tmp_path / "finetuned.pt")]
+    for key, value in zip(conf[::2], conf[1::2], strict=True):
+        cmd += ["--conf", key, value]
+    cmd += ["--conf", "finetuned_checkpoint", str(tmp_path / "finetuned.pt")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=str(REPO))
     output = done.stdout + done.stderr
     assert done.returncode == 2, output[-3000:]

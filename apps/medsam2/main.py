@@ -19,6 +19,7 @@ from monailabel.tasks.activelearning.random import Random
 
 import lib.configs
 from lib.server import app_requests
+from lib.server.access_control import AuthOptions
 from lib.server.admission import AdmissionGate, AdmissionSettings
 from lib.server.app_status import AppStatus
 from lib.server.auto_train import AutoTrain
@@ -70,13 +71,17 @@ class MedSAM2App(MONAILabelApp):
             on_image_opened=self.image_opened,
             allow_untested_monailabel=self.settings.allow_untested_monailabel,
             datastore=self.datastore,
+            auth=AuthOptions(self.settings.auth_audience, self.settings.auth_issuer, self.settings.api_keys_file),
+            sessions=self.heartbeat,
+            pacs_token_file=self.settings.pacs_token_file,
         )
 
     def init_datastore(self) -> Datastore:
         s = self.settings
         resend_every_s = s.pacs_resend_every_s if in_server() else 0  # a training process reads labels and leaves
         names = self.models.label_names()
-        return make_datastore(self.studies, names, s.dicomweb_timeout_s, resend_every_s, super().init_datastore)
+        own = super().init_datastore
+        return make_datastore(self.studies, names, s.dicomweb_timeout_s, resend_every_s, own, s.pacs_token_file)
 
     def init_infers(self) -> dict[str, InferTask]:
         return {name: task for config in self.models.models.values() for name, task in config.infer().items()}
@@ -95,6 +100,9 @@ class MedSAM2App(MONAILabelApp):
     def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
         run = super().next_sample
         return app_requests.next_sample(request, self._strategies, self.admission, run, self.image_opened)
+
+    def heartbeat(self, image_id: str, session_name: str | None) -> int:
+        return self.models.heartbeat(image_id, session_name)
 
     def image_opened(self, image_id: str, source: str) -> None:
         app_requests.image_opened(image_id, source, self.datastore(), self.models)

@@ -48,7 +48,7 @@ class Conflict(AppError):
 
 
 class StateNotHeld(Conflict):
-    """``changed_since`` names an answer this annotator's session does not hold (CONTRACTS C1)."""
+    """``changed_since`` names an answer this annotator's session does not hold (docs/api.md)."""
 
     def __init__(self, answer_id: str):
         super().__init__(
@@ -111,3 +111,13 @@ class ModelUnavailable(AppError):
     def __init__(self, message: str):
         super().__init__(message)
         self.detail = f"The model could not be loaded: {message}"
+
+
+class TooManySessions(AppError):
+    """The server holds its cap of live annotation sessions (429, with ``Retry-After``)."""
+
+    status = 429
+
+    def __init__(self, detail: str, retry_after_s: int):
+        super().__init__(detail, headers={"Retry-After": str(retry_after_s)})
+        self.retry_after_s = retry_after_s

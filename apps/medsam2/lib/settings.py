@@ -260,6 +260,32 @@ def _replica_name(text: str) -> str:
     return text
 
 
+def _sha256(text: str) -> str:
+    digest = text.strip().lower()
+    if digest and not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise NotAllowed()
+    return digest
+
+
+def _file_path(text: str) -> str:
+    path = os.path.abspath(os.path.expanduser(text.strip())) if text.strip() else ""
+    if path and os.path.isdir(path):
+        raise NotAllowed()
+    return path
+
+
+def _audience(text: str) -> str:
+    if not re.fullmatch(r"\S{0,256}", text.strip()):
+        raise NotAllowed()
+    return text.strip()
+
+
+def _url_or_empty(text: str) -> str:
+    if text.strip() and not re.fullmatch(r"https?://\S+", text.strip()):
+        raise NotAllowed()
+    return text.strip().rstrip("/")
+
+
 def _boolean(text: str) -> bool:
     word = text.strip().lower()
     if word not in ("true", "false"):
@@ -304,6 +330,7 @@ def training_settings(options: tuple[TrainOption, ...]) -> tuple[Setting, ...]:
 SECONDS_TO_HOUR = Number(float, 0, 3600, low_excluded=True, unit="seconds")
 MODEL, MEMORY, PACS, TRAINING = "Model and images", "Memory and load", "PACS (DICOMweb)", "Training defaults"
 OPERATIONS = "Operations"
+ACCESS = "Login and sessions"
 DEFAULT_LABELS = '{"lesion":1,"organ":2,"vessel":3,"other":4}'
 _WINDOWS = ", ".join(CT_WINDOWS)
 
@@ -575,6 +602,65 @@ SETTINGS: tuple[Setting, ...] = (
         "stops the start",
     ),
     Setting(
+        "checkpoint_sha256",
+        MODEL,
+        Custom(_sha256, "empty or 64 hex digits"),
+        "",
+        "the SHA-256 the checkpoint file must have before its first load (a file or URL checkpoint; known names "
+        "carry their own pinned hash); a mismatch stops the start with one line, exit code 2",
+        shown_default="the known checkpoint's pinned hash",
+    ),
+    Setting(
+        "auth_audience",
+        ACCESS,
+        Custom(_audience, "empty or up to 256 characters without spaces"),
+        "",
+        "with `MONAI_LABEL_AUTH_ENABLE=true`: the audience (`aud` claim) an access token must name",
+        shown_default="`MONAI_LABEL_AUTH_CLIENT_ID`",
+    ),
+    Setting(
+        "auth_issuer",
+        ACCESS,
+        Custom(_url_or_empty, "empty or an http(s):// URL"),
+        "",
+        "the issuer (`iss` claim) an access token must name",
+        shown_default="the `issuer` of the provider's discovery document",
+    ),
+    Setting(
+        "api_keys_file",
+        ACCESS,
+        Custom(_file_path, "a file path (not a folder)"),
+        "",
+        "with login on: the API key file (`scripts/api_keys.py` adds, lists and revokes keys; re-read when it "
+        "changes); empty: no API keys",
+        shown_default="none",
+    ),
+    Setting(
+        "max_live_sessions",
+        ACCESS,
+        Number(int, 0, note="0: no cap"),
+        "16",
+        "annotation sessions (one per viewer and image) the server keeps at once; one more is refused with 429, "
+        "`Retry-After` and what to do",
+    ),
+    Setting(
+        "session_idle_timeout_s",
+        ACCESS,
+        Number(float, 0, unit="seconds", note="0: never"),
+        "900",
+        "a session without a request or heartbeat (`POST /medsam2/heartbeat`) for this long is dropped, and an "
+        "image no session uses any more is freed",
+    ),
+    Setting(
+        "pacs_token_file",
+        PACS,
+        Custom(_file_path, "a file path (not a folder)"),
+        "",
+        "a file holding a bearer token for the PACS (sent as `Authorization: Bearer`; re-read when it changes, so "
+        "a job can renew it); see docs/pacs.md",
+        shown_default="none",
+    ),
+    Setting(
         "auto_train_after",
         TRAINING,
         Number(int, 0, note="0: off"),
@@ -625,6 +711,13 @@ class AppSettings:
     pacs_resend_every_s: float
     replica_name: str  # '' : <host name>:<port>
     allow_untested_monailabel: bool
+    checkpoint_sha256: str  # '': the known checkpoint's pinned hash, if any
+    auth_audience: str  # '': MONAI_LABEL_AUTH_CLIENT_ID
+    auth_issuer: str  # '': the discovery document's
+    api_keys_file: str  # '': no API keys
+    max_live_sessions: int  # 0: no cap
+    session_idle_timeout_s: float  # 0: never
+    pacs_token_file: str  # '': no bearer token
     auto_train_after: int
     train: TrainSettings  # the training defaults (a request can override each)
 

@@ -18,6 +18,7 @@ from lib.engine.precision import compute_dtype_for, pick_device
 from lib.engine.prompts import LabelMap
 from lib.engine.propagation import TrackingOptions
 from lib.engine.segmenter import MedSAM2Segmenter, SegmenterSettings
+from lib.engine.session_limits import SessionLimits
 from lib.engine.volume_session import SessionCache
 from lib.infers.medsam2 import MedSAM2Infer
 from lib.server.served_models import ModelConfig
@@ -48,7 +49,7 @@ class MedSAM2(ModelConfig):
             s.checkpoint, model_dir=_path(model_dir), config=s.model_config
         )
         # Downloads once (cheap afterwards); an offline host fails here with the file to place by hand.
-        ensure_checkpoint_file(self.checkpoint)
+        ensure_checkpoint_file(self.checkpoint, expected_sha256=s.checkpoint_sha256)
         self.path = str(self.checkpoint.path) if self.checkpoint.path else None
         device = pick_device(s.device)
         dtype = compute_dtype_for(device, s.precision)
@@ -79,7 +80,10 @@ class MedSAM2(ModelConfig):
         )
         # the background encoder runs inside the server only (not in a training process or a script)
         encode_ahead = s.encode_ahead == "on" and in_server()
-        self.segmenter = MedSAM2Segmenter(self.provider, segmenter_settings, cache, encode_ahead=encode_ahead)
+        limits = SessionLimits(s.max_live_sessions, s.session_idle_timeout_s, reap_in_background=in_server())
+        self.segmenter = MedSAM2Segmenter(
+            self.provider, segmenter_settings, cache, encode_ahead=encode_ahead, limits=limits
+        )
 
     def infer(self) -> dict[str, InferTask]:
         info = {

@@ -1,4 +1,4 @@
-"""Changed-region answers (CONTRACTS C1): the smallest box holding every voxel where a new label differs from the
+"""Changed-region answers (docs/api.md): the smallest box holding every voxel where a new label differs from the
 label a client holds, so an answer carries that box instead of the whole volume. Writing the box over the client's
 copy reproduces the new label voxel for voxel."""
 

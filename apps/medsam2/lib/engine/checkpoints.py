@@ -5,8 +5,10 @@ No MONAI Label imports: this module is used by the app, the trainer, the tests a
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -26,7 +28,13 @@ APP_MODEL_DIR = Path(__file__).resolve().parents[2] / "model"
 MEDSAM2_CONFIG = APP_MODEL_DIR / "configs" / "sam2.1_hiera_t512.yaml"
 _SAM2_CONFIGS = Path(sam2.__file__).resolve().parent / "configs" / "sam2.1"
 
-_MEDSAM2_HUB = "https://huggingface.co/wanglab/MedSAM2/resolve/main/"
+MEDSAM2_REPO = "wanglab/MedSAM2"  # on the Hugging Face Hub, downloaded with huggingface_hub
+_MEDSAM2_HUB = f"https://huggingface.co/{MEDSAM2_REPO}/resolve/main/"
+_HUB_URL = re.compile(
+    r"https://huggingface\.co/(?P<repo>[\w.-]+/[\w.-]+)/resolve/(?P<revision>[\w.-]+)/(?P<file>[\w./-]+)"
+)
+# "<sha256>  <file name>" lines (sha256sum's format): the hash each known checkpoint must have before its first load
+PINNED_HASHES_FILE = APP_MODEL_DIR / "checkpoints.sha256"
 _SAM21_HUB = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
 
 RANDOM = "random"
@@ -148,21 +156,112 @@ def download_file(url: str, dest: Path, timeout: float = 30.0) -> None:
                     bar.update(len(chunk))
 
 
-def ensure_checkpoint_file(resolved: ResolvedCheckpoint, timeout: float = 30.0) -> None:
-    """Download a named/URL checkpoint once; raise :class:`CheckpointError` naming the file to place by hand."""
-    if resolved.path is None or resolved.path.exists():
-        return
-    if not resolved.url:
-        raise CheckpointError(f"Checkpoint file {resolved.path} does not exist.")
-    logger.info("Downloading checkpoint %s from %s", resolved.name, resolved.url)
+_VERIFIED: set[tuple] = set()  # (path, size, mtime) of the files checked in this process
+
+
+def pinned_hashes(path: Path = PINNED_HASHES_FILE) -> dict[str, str]:
+    """{file name: SHA-256} from ``path`` (sha256sum's format, ``#`` comments); {} when it does not exist."""
     try:
-        download_file(resolved.url, resolved.path, timeout=timeout)
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    found = (re.fullmatch(r"([0-9a-f]{64})\s+\*?(\S+)", line.strip()) for line in lines if not line.startswith("#"))
+    return {m.group(2): m.group(1) for m in found if m}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(resolved: ResolvedCheckpoint, expected: str = "") -> str | None:
+    """Check the file against ``expected`` (``--conf checkpoint_sha256``), else the pinned hash of its name;
+    :class:`CheckpointError` (one line: the file, both hashes, what to do) on a mismatch. Returns the hash it
+    checked against (None: nothing pinned, a warning names the file's hash to pin)."""
+    if resolved.path is None:
+        return None
+    expected = expected or pinned_hashes().get(resolved.path.name, "")
+    st = resolved.path.stat()
+    stamp = (str(resolved.path.resolve()), st.st_size, st.st_mtime_ns)
+    if stamp in _VERIFIED:  # checked in this process already (the config, then the model loader)
+        return expected or None
+    actual = file_sha256(resolved.path)
+    if not expected:
+        logger.warning(
+            "No SHA-256 is pinned for checkpoint %s; its SHA-256 is %s (pin it: --conf checkpoint_sha256 %s)",
+            resolved.path,
+            actual,
+            actual,
+        )
+        _VERIFIED.add(stamp)
+        return None
+    if actual != expected:
         raise CheckpointError(
-            f"Could not download checkpoint '{resolved.name}' ({e}). If this machine is offline, download "
-            f"{resolved.url} elsewhere and place it at {resolved.path} , then start the server again "
-            f"(or pass --conf checkpoint /path/to/file.pt)."
-        ) from e
+            f"Checkpoint {resolved.path} has SHA-256 {actual}, not the pinned {expected} (a truncated or altered "
+            "download, or another file under that name): delete it and start again to download it anew, or place "
+            "the right file there."
+        )
+    _VERIFIED.add(stamp)
+    return expected
+
+
+def _hub_download(repo: str, revision: str, filename: str, dest: Path, timeout: float) -> None:
+    """One file of a Hugging Face Hub repository into ``dest``'s folder, through ``huggingface_hub`` (resumes an
+    interrupted download; ``HF_ENDPOINT`` names a mirror, ``HF_HUB_OFFLINE=1`` forbids the network)."""
+    from huggingface_hub import hf_hub_download
+
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(timeout)))
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    path = hf_hub_download(
+        repo_id=repo,
+        filename=filename,
+        revision=revision,
+        local_dir=dest.parent,
+        endpoint=os.environ.get("HF_ENDPOINT") or None,  # read now: a mirror set for this start
+        local_files_only=offline,
+    )
+    if Path(path).resolve() != dest.resolve():
+        os.replace(path, dest)
+
+
+def _hub_source(resolved: ResolvedCheckpoint) -> tuple[str, str, str] | None:
+    """(repository, revision, file) when the checkpoint's URL is on the Hugging Face Hub."""
+    match = _HUB_URL.fullmatch(resolved.url or "")
+    return (match["repo"], match["revision"], match["file"]) if match else None
+
+
+def _why(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:240]}"
+
+
+def ensure_checkpoint_file(resolved: ResolvedCheckpoint, timeout: float = 30.0, expected_sha256: str = "") -> None:
+    """Download a named/URL checkpoint once (Hugging Face Hub files through ``huggingface_hub``), then check its
+    SHA-256 before it is loaded; raise :class:`CheckpointError` (one line: what failed and what to do)."""
+    if resolved.path is None:
+        return
+    if not resolved.path.exists():
+        if not resolved.url:
+            raise CheckpointError(f"Checkpoint file {resolved.path} does not exist.")
+        hub = _hub_source(resolved)
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co") if hub else resolved.url
+        logger.info("Downloading checkpoint %s from %s", resolved.name, endpoint)
+        try:
+            if hub:
+                _hub_download(*hub, resolved.path, timeout)
+            else:
+                download_file(resolved.url, resolved.path, timeout=timeout)
+        except Exception as e:  # the hub library's errors, network errors, a full disk: one line either way
+            offline = " (HF_HUB_OFFLINE is set)" if hub and os.environ.get("HF_HUB_OFFLINE") else ""
+            raise CheckpointError(
+                f"Could not download checkpoint '{resolved.name}' from {endpoint}{offline} ({_why(e)}). If this "
+                f"machine is offline, download {resolved.url} elsewhere and place it at {resolved.path} , or set "
+                "HF_ENDPOINT to a mirror, then start the server again (or pass --conf checkpoint /path/to/file.pt)."
+            ) from e
+    verify_checkpoint(resolved, expected_sha256)
 
 
 def image_size_overrides(image_size: int) -> list[str]:

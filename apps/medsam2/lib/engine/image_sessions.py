@@ -4,7 +4,9 @@ and the annotators' sessions on them (prompts, answers, undo history), with the 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -25,9 +27,20 @@ from lib.engine.propagation import PropagationResult
 from lib.engine.refine import BaseLabel
 from lib.engine.segmenter_settings import SegmenterSettings
 from lib.engine.session_history import Snapshot, UndoHistory
+from lib.engine.session_limits import Reaper, SessionLimits, release_memory
 from lib.engine.volume_session import SessionCache, VolumeSession, frames_along_axis, tensor_bytes
 from lib.errors import PromptError
 from lib.imaging.volume_io import LoadedImage, load_image
+
+logger = logging.getLogger(__name__)
+IMAGE_SUFFIX = re.compile(r"[A-Za-z0-9]{1,6}(\.gz)?")  # what follows "<image id>." in a datastore's image file
+
+
+def is_image_of(path: str, image_id: str) -> bool:
+    """``path`` is the datastore file of ``image_id`` (``<id>.nii.gz``, ``<id>.nrrd``, ...: both datastores name
+    image files so)."""
+    name = os.path.basename(path)
+    return name.startswith(image_id + ".") and IMAGE_SUFFIX.fullmatch(name[len(image_id) + 1 :]) is not None
 
 
 @dataclass
@@ -171,12 +184,20 @@ class ImageSessions:
         cache: SessionCache,
         encode_ahead: bool = False,
         memory_reserve_bytes: int = 1 << 30,
+        limits: SessionLimits | None = None,
     ):
         self.provider = provider
         self.settings = settings
         self.cache = cache
         cache.on_evict = self._image_evicted
-        self.sessions = SessionCache(max_sessions=8 * cache.max_sessions, max_bytes=cache.max_bytes)
+        self.limits = limits or SessionLimits()
+        room = max(8 * cache.max_sessions, self.limits.max_live)
+        self.sessions = SessionCache(max_sessions=room, max_bytes=cache.max_bytes)
+        self._admit_lock = threading.Lock()
+        self._opening = 0  # sessions being created now (admitted, not yet in the cache)
+        every_s = self.limits.reap_every_s
+        reap = self.limits.idle_s > 0 and self.limits.reap_in_background
+        self.reaper = Reaper(self.reap_idle, every_s) if reap else None
         self.memory_reserve_bytes = memory_reserve_bytes
         # a request waits for the chunk in flight at most: one slice at a time on a CPU (where a batch saves nothing)
         chunk = settings.encode_batch if provider.device.type == "cuda" else 1
@@ -266,10 +287,70 @@ class ImageSessions:
         timings["model"] = round(time.perf_counter() - t0, 4)
         prepared, _, image_key = self.prepared(image_path, axis, model, version, timings)
         key = (image_key, session_name)
-        session, created = self.sessions.get_or_create(
-            key, lambda: ImageSession(prepared.volume, prepared.image, prepared.window)
-        )
+        admitted = key not in self.sessions and self._admit()
+        try:
+            session, created = self.sessions.get_or_create(
+                key, lambda: ImageSession(prepared.volume, prepared.image, prepared.window)
+            )
+        finally:
+            if admitted:
+                with self._admit_lock:
+                    self._opening -= 1
         return session, not created, timings, key
+
+    def _full(self) -> bool:
+        cap = self.limits.max_live
+        return cap > 0 and len(self.sessions) + self._opening >= cap
+
+    def _admit(self) -> bool:
+        """Room for one more session (idle ones dropped first if needed), else :class:`TooManySessions` (429)."""
+        if self.limits.max_live <= 0:
+            return False
+        with self._admit_lock:
+            if self._full():
+                self.reap_idle()
+            if self._full():
+                idle = self.sessions.idle_for()
+                raise self.limits.refusal(max(idle.values()) if idle else None)
+            self._opening += 1
+        return True
+
+    def heartbeat(self, image_id: str, session_name: str | None = None) -> int:
+        """A viewer still has ``image_id`` open: its sessions (all, or the one named) and their images count as
+        used now. Returns how many sessions it kept; with none and the cap reached, :class:`TooManySessions`."""
+
+        def named(key: tuple, _: Any) -> bool:
+            return is_image_of(key[0][0], image_id) and (session_name is None or key[1] == session_name)
+
+        kept = self.sessions.touch(named)
+        images = {key[0] for key in kept}
+        self.cache.touch(lambda key, _: key in images or is_image_of(key[0], image_id))
+        if not kept and self.limits.max_live > 0:
+            with self._admit_lock:
+                if self._full():
+                    self.reap_idle()
+                if self._full():
+                    idle = self.sessions.idle_for()
+                    raise self.limits.refusal(max(idle.values()) if idle else None)
+        return len(kept)
+
+    def reap_idle(self) -> int:
+        """Drop the sessions idle for ``limits.idle_s`` and the images no session uses that are idle as long, then
+        give the memory back; how many were dropped."""
+        if self.limits.idle_s <= 0:
+            return 0
+        sessions = self.sessions.drop_idle(self.limits.idle_s)
+        in_use = {key[0] for key in self.sessions.idle_for()}
+        images = self.cache.drop_idle(self.limits.idle_s, keep=lambda key: key in in_use)
+        if sessions or images:
+            release_memory()
+            logger.info(
+                "Dropped %d annotation sessions and %d images idle for %g s or more (--conf session_idle_timeout_s)",
+                len(sessions),
+                len(images),
+                self.limits.idle_s,
+            )
+        return len(sessions) + len(images)
 
     def update_sizes(self, key: tuple) -> None:
         """Re-measure a session and its image after a request (more slices encoded, a longer history)."""

@@ -22,6 +22,7 @@ from lib.engine.prompts import LabelMap
 from lib.engine.refine import LabelFile
 from lib.engine.request import SegmentRequest, parse_segment_request
 from lib.engine.segmenter_settings import SegmenterSettings as SegmenterSettings  # re-exported: its old home
+from lib.engine.session_limits import SessionLimits
 from lib.engine.volume_session import SessionCache
 
 Answer = tuple[np.ndarray, dict[str, Any], Any]  # (label volume (k, j, i) uint8, answer JSON, reference image)
@@ -42,10 +43,11 @@ class MedSAM2Segmenter:
         cache: SessionCache,
         encode_ahead: bool = False,
         memory_reserve_bytes: int = 1 << 30,
+        limits: SessionLimits | None = None,
     ):
         self.provider = provider
         self.settings = settings
-        self.images = ImageSessions(provider, settings, cache, encode_ahead, memory_reserve_bytes)
+        self.images = ImageSessions(provider, settings, cache, encode_ahead, memory_reserve_bytes, limits)
         self.slices = SliceAnswers(self.images, settings)
         self.volumes = VolumeAnswers(self.images, settings)
 
@@ -64,6 +66,10 @@ class MedSAM2Segmenter:
     def foreground(self):
         """Wrap any use of the model for a request: the background encoder pauses meanwhile."""
         return self.images.foreground()
+
+    def heartbeat(self, image_id: str, session_name: str | None = None) -> int:
+        """See :meth:`lib.engine.image_sessions.ImageSessions.heartbeat`."""
+        return self.images.heartbeat(image_id, session_name)
 
     def open_ahead(self, name: str, source: str, image_path: Callable[[], str]) -> bool:
         """See :meth:`lib.engine.image_sessions.ImageSessions.open_ahead`."""

@@ -16,7 +16,7 @@ class SegmenterSettings:
     """Per-app settings, from ``--conf``."""
 
     window: IntensityWindow
-    labels: LabelMap  # the default label map; a request may bring the image's own (CONTRACTS C3)
+    labels: LabelMap  # the default label map; a request may bring the image's own (docs/api.md)
     max_voxels: int | None = 512 * 512 * 1200
     encode_batch: int = 8
     feature_dtype: torch.dtype = torch.float32

@@ -21,7 +21,7 @@ class Snapshot:
     answer_shape: tuple[int, ...] = ()
     answer_json: dict[str, Any] = field(default_factory=dict)
     request: str = ""
-    answer_id: str = ""  # names this state to a client (CONTRACTS C1)
+    answer_id: str = ""  # names this state to a client (docs/api.md)
 
     @classmethod
     def of(

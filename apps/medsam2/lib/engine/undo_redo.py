@@ -1,7 +1,7 @@
 """Undo and redo of an annotator's session: each answer is recorded in the session's history
 (:mod:`lib.engine.session_history`) under its ``answer_id``, and an undo or redo request restores a recorded state
 and answers it again, with no encoding or decoding. A request with ``changed_since`` names the state its client
-holds; the answer then says which box changed since (:mod:`lib.engine.changed_region`, CONTRACTS C1)."""
+holds; the answer then says which box changed since (:mod:`lib.engine.changed_region`, docs/api.md)."""
 
 from __future__ import annotations
 

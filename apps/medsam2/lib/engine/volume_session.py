@@ -5,9 +5,10 @@ features, and an LRU cache of such sessions bounded in count and in bytes.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -166,6 +167,7 @@ def _cut(x: torch.Tensor, window) -> torch.Tensor:
 class _Entry:
     session: Any  # anything with nbytes()
     nbytes: int
+    last_used: float = field(default_factory=time.monotonic)  # the last request (or heartbeat) that used it
 
 
 class SessionCache:
@@ -192,6 +194,7 @@ class SessionCache:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
+                entry.last_used = time.monotonic()
                 return entry.session, False
             key_lock = self._key_locks.setdefault(key, threading.Lock())
         with key_lock:
@@ -199,6 +202,7 @@ class SessionCache:
                 entry = self._entries.get(key)
                 if entry is not None:
                     self._entries.move_to_end(key)
+                    entry.last_used = time.monotonic()
                     return entry.session, False
             session = factory()
             with self._lock:
@@ -215,8 +219,34 @@ class SessionCache:
             entry = self._entries.get(key)
             if entry is not None:
                 entry.nbytes = entry.session.nbytes()
+                entry.last_used = time.monotonic()  # the end of a request counts as a use
                 dropped = self._evict(keep=key)
         self._notify(dropped)
+
+    def touch(self, condition: Callable[[Hashable, Any], bool]) -> list[Hashable]:
+        """Mark the entries for which ``condition(key, session)`` holds as used now (a heartbeat); their keys."""
+        now = time.monotonic()
+        with self._lock:
+            keys = [k for k, e in self._entries.items() if condition(k, e.session)]
+            for key in keys:
+                self._entries[key].last_used = now
+        return keys
+
+    def idle_for(self) -> dict[Hashable, float]:
+        """Seconds since each entry was last used."""
+        now = time.monotonic()
+        with self._lock:
+            return {k: now - e.last_used for k, e in self._entries.items()}
+
+    def drop_idle(self, idle_s: float, keep: Callable[[Hashable], bool] = lambda key: False) -> list[tuple]:
+        """Drop the entries unused for ``idle_s`` seconds or more (except where ``keep(key)``); (key, session) of
+        each, after ``on_evict`` was told (not counted as evictions)."""
+        limit = time.monotonic() - idle_s
+        with self._lock:
+            keys = [k for k, e in self._entries.items() if e.last_used <= limit and not keep(k)]
+            dropped = [(k, self._entries.pop(k).session) for k in keys]
+        self._notify(dropped)
+        return dropped
 
     def drop_where(self, condition: Callable[[Hashable, Any], bool]) -> int:
         """Drop the entries for which ``condition(key, session)`` holds (not counted as evictions)."""
@@ -237,6 +267,9 @@ class SessionCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
 
     def stats(self) -> dict[str, int]:
         """Sessions and bytes held now, the caps, the peak held and the evictions so far (for ``/info``)."""

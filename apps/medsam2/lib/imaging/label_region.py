@@ -1,4 +1,4 @@
-"""A changed-region label file (CONTRACTS C1): the voxels of a box of the label volume as a gzip NRRD whose geometry
+"""A changed-region label file (docs/api.md): the voxels of a box of the label volume as a gzip NRRD whose geometry
 places the box in patient space where the whole label's voxels lie, with the box's offset and the whole label's size
 as key/value lines (``medsam2_offset_ijk:=i0 j0 k0``, ``medsam2_full_size_ijk:=I J K``)."""
 

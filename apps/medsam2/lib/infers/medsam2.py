@@ -60,7 +60,7 @@ class MedSAM2Infer(InferTask):
         return True
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        # read once; the segmenter takes it as it is. Names added to the image (CONTRACTS C4) join the task's labels
+        # read once; the segmenter takes it as it is. Names added to the image (docs/api.md) join the task's labels
         typed = self.segmenter.request(request, self.dimension, self._image_labels(request))
         run = self.segmenter.segment_2d if self.dimension == 2 else self.segmenter.segment_3d
         label_file = self._label_file(request, typed)
@@ -95,7 +95,7 @@ class MedSAM2Infer(InferTask):
 
 
 def _write_answer(label: np.ndarray, reference: Any, request: dict[str, Any], result: dict[str, Any]) -> str:
-    """The answer's label file: with ``changed_since``, the changed box as a gzip NRRD (CONTRACTS C1); else the
+    """The answer's label file: with ``changed_since``, the changed box as a gzip NRRD (docs/api.md); else the
     whole label in the file type the viewer parses (OHIF's panel raw NRRD, ``result_compress`` false; Slicer any)."""
     region = result.get("changed_region")
     suffix = REGION_SUFFIX if region else label_suffix(request.get("result_extension"))

@@ -50,7 +50,7 @@ class AppStatus:
         return meta
 
     def _added_label_names(self, meta: dict[str, Any]) -> None:
-        """Names annotators added to images (CONTRACTS C4): in every model's labels (one value per name, so
+        """Names annotators added to images (docs/api.md): in every model's labels (one value per name, so
         Slicer's label list shows them), and per image under ``label_names``."""
         store = getattr(self._get_datastore(), "names_store", None)
         if store is None:

@@ -1,4 +1,4 @@
-"""Saved labels and label names per image (CONTRACTS C4), as routes of MONAI Label's server:
+"""Saved labels and label names per image (docs/api.md), as routes of MONAI Label's server:
 
 - ``GET /medsam2/labels/{image_id}``: the image's label names and every label saved for it, newest first;
 - ``POST /medsam2/labels/{image_id}/names`` with ``{"name": "liver"}``: keep a name for the image (on disk, for

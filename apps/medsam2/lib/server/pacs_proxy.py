@@ -36,15 +36,21 @@ def _prefix(settings, op: str, path: str) -> str:
     return ""
 
 
-def install_pacs_proxy(timeout_s: float) -> bool:
+# never passed on to the PACS: the viewer's credentials for this server (docs/api.md), and what requests sets itself
+NOT_FORWARDED = ("host", "authorization", "x-api-key", "cookie", "content-length")
+
+
+def install_pacs_proxy(timeout_s: float, token_file: str = "") -> bool:
     """Replace the function MONAI Label's proxy routes call; False outside the server."""
     if not in_server():
         return False
     from monailabel.config import settings
     from monailabel.endpoints import proxy
 
+    auth = pacs_credentials(settings, token_file)
     if getattr(proxy.proxy_dicom, "_medsam2_timeout", None) is not None:
         proxy.proxy_dicom._medsam2_timeout = timeout_s
+        proxy.proxy_dicom._medsam2_auth = auth
         return True
     google_proxy = proxy.proxy_dicom
 
@@ -54,11 +60,10 @@ def install_pacs_proxy(timeout_s: float) -> bool:
             return await google_proxy(request, op, path)
         prefix = _prefix(settings, op, path)
         url = f"{server}/{prefix}/{path}" if prefix else f"{server}/{path}"
-        auth = pacs_credentials(settings)
         body = await request.body() if request.method == "POST" else None
         headers = dict(request.headers) if request.method == "POST" else {}
-        headers.pop("host", None)
-        limit = proxy_dicom._medsam2_timeout
+        headers = {k: v for k, v in headers.items() if k.lower() not in NOT_FORWARDED}
+        limit, auth = proxy_dicom._medsam2_timeout, proxy_dicom._medsam2_auth
 
         def forward() -> requests.Response:
             return requests.request(
@@ -85,5 +90,6 @@ def install_pacs_proxy(timeout_s: float) -> bool:
         return Response(content=answer.content, status_code=answer.status_code, headers=passed)
 
     proxy_dicom._medsam2_timeout = timeout_s  # type: ignore[attr-defined]
+    proxy_dicom._medsam2_auth = auth  # type: ignore[attr-defined]
     proxy.proxy_dicom = proxy_dicom
     return True

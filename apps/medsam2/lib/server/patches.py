@@ -66,6 +66,9 @@ class PatchContext:
     on_image_opened: Callable[[str, str], None] | None = None  # (image id, source): lib.server.image_opened
     allow_untested_monailabel: bool = False  # --conf allow_untested_monailabel
     datastore: Callable[[], Any] | None = None  # the app's datastore (MONAILabelApp.datastore): lib.server.label_routes
+    auth: Any = None  # lib.server.access_control.AuthOptions (--conf auth_audience, auth_issuer, api_keys_file)
+    pacs_token_file: str = ""  # --conf pacs_token_file
+    sessions: Callable[[str, str | None], int] | None = None  # the heartbeat: (image id, session) -> sessions kept
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,7 @@ def _apply_access_control(ctx: PatchContext) -> bool:
     from lib.server import access_control
 
     require(looks_up(auth.get_current_user, "from_token", auth), "monailabel.endpoints.user.auth.get_current_user")
-    require(access_control.install(ctx.settings), "monailabel.app middleware")
+    require(access_control.install(ctx.settings, ctx.auth), "monailabel.app middleware")
     require(access_control.is_installed(), "the token validator or the middleware is not in place")
     return True
 
@@ -193,7 +196,10 @@ def _apply_pacs_proxy(ctx: PatchContext) -> bool:
 
     for handler in ("proxy_wado", "proxy_qido", "proxy_stow", "proxy"):
         require(looks_up(getattr(proxy, handler, None), "proxy_dicom", proxy), f"monailabel.endpoints.proxy.{handler}")
-    require(pacs_proxy.install_pacs_proxy(ctx.dicomweb_timeout_s), "monailabel.endpoints.proxy.proxy_dicom")
+    require(
+        pacs_proxy.install_pacs_proxy(ctx.dicomweb_timeout_s, ctx.pacs_token_file),
+        "monailabel.endpoints.proxy.proxy_dicom",
+    )
     return True
 
 
@@ -239,6 +245,14 @@ def _apply_label_routes(ctx: PatchContext) -> bool:
     if ctx.datastore is None:
         return False
     require(label_routes.install(ctx.datastore), "monailabel.app routes")
+    return True
+
+
+def _apply_sessions(ctx: PatchContext) -> bool:
+    from lib.server import session_routes
+
+    require(ctx.sessions is not None, "the app's heartbeat")
+    require(session_routes.install(ctx.sessions), "monailabel.app routes")
     return True
 
 
@@ -358,9 +372,17 @@ PATCHES: tuple[Patch, ...] = (
         "monailabel.app: GET /medsam2/labels/{image_id} and POST /medsam2/labels/{image_id}/names",
         "MONAI Label keeps one label per tag (a save overwrites it) and a label list fixed at start; now the names "
         "added to an image are kept on disk for every client, and every saved version (local tags, DICOM SEG "
-        "series) is listed with the refine_from value that refines it (CONTRACTS C4)",
+        "series) is listed with the refine_from value that refines it (docs/api.md)",
         security=False,
         apply=_apply_label_routes,
+    ),
+    Patch(
+        "sessions",
+        "monailabel.app: POST /medsam2/heartbeat",
+        "MONAI Label has no way for a viewer to say a study is still open; the app's idle timeout "
+        "(--conf session_idle_timeout_s) would drop the sessions of an annotator who looks without clicking",
+        security=False,
+        apply=_apply_sessions,
     ),
     Patch(
         "monailabel_internals",

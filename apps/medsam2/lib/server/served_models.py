@@ -134,6 +134,10 @@ class ServedModels:
         for config in self.models.values():
             config.segmenter.open_ahead(image_id, source, image_path)
 
+    def heartbeat(self, image_id: str, session_name: str | None) -> int:
+        """A viewer still has this image open: every model keeps its sessions on it (429 at the session cap)."""
+        return sum(config.segmenter.heartbeat(image_id, session_name) for config in self.models.values())
+
     def checkpoints(self) -> dict[str, dict[str, Any]]:
         """``/info`` → ``checkpoints``: what each model serves."""
         return {

@@ -18,12 +18,13 @@ def make_datastore(
     timeout_s: float,
     resend_every_s: float,
     monailabels_own: Callable[[], Datastore],
+    token_file: str = "",
 ) -> Datastore:
     """The datastore of ``studies``; ``monailabels_own`` makes MONAI Label's (for Google's Healthcare API)."""
     if studies.startswith(("http://", "https://")):
         if "googleapis.com" in studies:
             return monailabels_own()
-        datastore = pacs_datastore(studies, label_names, timeout_s, resend_every_s)
+        datastore = pacs_datastore(studies, label_names, timeout_s, resend_every_s, token_file)
         datastore.keep_label_names(label_names)
         return datastore
     patterns = [*settings.MONAI_LABEL_DATASTORE_FILE_EXT]
@@ -38,14 +39,16 @@ def make_datastore(
     return local
 
 
-def pacs_datastore(url: str, label_names: dict[str, int], timeout_s: float, resend_every_s: float) -> PacsDatastore:
+def pacs_datastore(
+    url: str, label_names: dict[str, int], timeout_s: float, resend_every_s: float, token_file: str = ""
+) -> PacsDatastore:
     """DICOMweb with timeouts, 503s and SEG final labels (:mod:`lib.storage.pacs_datastore`); ``resend_every_s``
-    0: no resending (a training process reads labels and leaves)."""
+    0: no resending (a training process reads labels and leaves); ``token_file``: a bearer token for the PACS."""
     from monailabel.datastore.dicom import DICOMwebClientX
 
     client = DICOMwebClientX(
         url=url,
-        session=TimeoutSession(timeout_s, pacs_credentials(settings)),
+        session=TimeoutSession(timeout_s, pacs_credentials(settings, token_file)),
         qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
         wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
         stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,

@@ -1,4 +1,4 @@
-"""What ``GET /medsam2/labels/{image}`` answers (CONTRACTS C4): the image's label names and every label saved for
+"""What ``GET /medsam2/labels/{image}`` answers (docs/api.md): the image's label names and every label saved for
 it, newest first, each with the ``refine_from`` value that starts a refinement from it. Names and versions are
 kept by :mod:`lib.storage.label_catalog` and the datastores."""
 

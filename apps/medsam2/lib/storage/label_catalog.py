@@ -1,4 +1,4 @@
-"""Label names and saved labels per image (CONTRACTS C4): what ``GET /medsam2/labels/{image}`` answers.
+"""Label names and saved labels per image (docs/api.md): what ``GET /medsam2/labels/{image}`` answers.
 
 Names: the server's start labels (``--conf labels``) for every image, plus the names annotators add to an image.
 Added names are kept on disk in the datastore's folder (``medsam2_label_names.json``, written atomically under a

@@ -68,7 +68,7 @@ DEFAULT_TIMEOUT_S = 30.0
 class TimeoutSession(requests.Session):
     """A requests session whose every request has a (connect, read) timeout unless the caller gives one."""
 
-    def __init__(self, timeout_s: float, auth: tuple[str, str] | None = None):
+    def __init__(self, timeout_s: float, auth: requests.auth.AuthBase | tuple[str, str] | None = None):
         super().__init__()
         self.timeout_s = timeout_s
         if auth:
@@ -79,9 +79,51 @@ class TimeoutSession(requests.Session):
         return super().request(method, url, **kwargs)
 
 
-def pacs_credentials(settings) -> tuple[str, str] | None:
-    """Basic-auth user and password for the PACS from MONAI Label's settings (DATASTORE_*, else the older
-    DICOMWEB_* names), or None."""
+PACS_TOKEN_ENV = "MEDSAM2_PACS_TOKEN"  # a bearer token for the PACS, where a file is not practical
+
+
+class BearerToken(requests.auth.AuthBase):
+    """``Authorization: Bearer <token>`` on every PACS request, the token read from a file (re-read when the file
+    changes, so a job can renew a short-lived token without a restart) or given as text."""
+
+    def __init__(self, token: str = "", token_file: str = ""):
+        self.token_file = token_file
+        self._token = token.strip()
+        self._stamp: tuple | None = None
+        self._lock = threading.Lock()
+
+    def token(self) -> str:
+        if not self.token_file:
+            return self._token
+        with self._lock:
+            try:
+                st = os.stat(self.token_file)
+                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+                if stamp != self._stamp:
+                    with open(self.token_file, encoding="utf-8") as f:
+                        self._token, self._stamp = f.read().strip(), stamp
+            except OSError as e:
+                raise PacsUnavailable(
+                    f"The PACS token file {self.token_file} (--conf pacs_token_file) cannot be read: "
+                    f"{e.strerror or e}."
+                ) from None
+            if not self._token:
+                raise PacsUnavailable(f"The PACS token file {self.token_file} (--conf pacs_token_file) is empty.")
+            return self._token
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self.token()}"
+        return request
+
+
+def pacs_credentials(settings, token_file: str = "") -> requests.auth.AuthBase | tuple[str, str] | None:
+    """How requests to the PACS authenticate: a bearer token (``--conf pacs_token_file``, else the
+    ``MEDSAM2_PACS_TOKEN`` environment variable), else basic auth from MONAI Label's settings
+    (DATASTORE_USERNAME/PASSWORD, else the older DICOMWEB_* names), else None."""
+    if token_file:
+        return BearerToken(token_file=token_file)
+    if os.environ.get(PACS_TOKEN_ENV, "").strip():
+        return BearerToken(token=os.environ[PACS_TOKEN_ENV])
     user = settings.MONAI_LABEL_DATASTORE_USERNAME or settings.MONAI_LABEL_DICOMWEB_USERNAME
     password = settings.MONAI_LABEL_DATASTORE_PASSWORD or settings.MONAI_LABEL_DICOMWEB_PASSWORD
     return (user, password) if user and password else None
@@ -419,7 +461,7 @@ class PacsDatastore(DICOMWebDatastore, DurableLocalDatastore):
         added = self.names_store.added() if self.names_store is not None else {}
         return {**added, **self.label_names}
 
-    # ----- saved labels, every version (CONTRACTS C4) -------------------------------------------------------
+    # ----- saved labels, every version (docs/api.md) -------------------------------------------------------
     def segs_of(self, image_id: str) -> list[dict[str, Any]]:
         """Every SEG series in the PACS drawn on ``image_id``, as ``saved`` entries, newest first."""
         self.latest_segs()
