@@ -107,7 +107,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--window", default="", help="--conf window (default: 127.5,255 for generated volumes, auto)")
     ap.add_argument("--labels", default="", help='--conf labels, e.g. {"lesion":1} (default: object_<value>)')
     ap.add_argument("--clicks-as", default="correction", help=f"comma list of {sorted(CLICKS_AS)}")
-    ap.add_argument("--conf", nargs=2, action="append", default=[], help="more --conf settings for the server")
+    ap.add_argument("--conf", nargs=2, action="append", default=[], help="more server settings, as --conf KEY VALUE")
     ap.add_argument("--out", default="")
     return ap.parse_args()
 
