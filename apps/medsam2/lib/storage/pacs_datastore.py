@@ -76,7 +76,15 @@ class TimeoutSession(requests.Session):
 
     def request(self, method, url, **kwargs):  # type: ignore[override]
         kwargs.setdefault("timeout", (min(self.timeout_s, 10.0), self.timeout_s))
-        return super().request(method, url, **kwargs)
+        try:
+            return super().request(method, url, **kwargs)
+        except requests.ConnectionError as e:
+            # a read (GET, HEAD) that met a dropped keep-alive connection (Orthanc closes idle ones after 1 s) is
+            # sent once more on a new connection; never after a timeout, never a write
+            if isinstance(e, requests.Timeout) or str(method).upper() not in ("GET", "HEAD"):
+                raise
+            logger.info("PACS connection dropped (%s); %s sent again", type(e).__name__, method)
+            return super().request(method, url, **kwargs)
 
 
 PACS_TOKEN_ENV = "MEDSAM2_PACS_TOKEN"  # a bearer token for the PACS, where a file is not practical
