@@ -533,13 +533,22 @@ def test_ohifs_brush_paints_into_the_labelmap_the_panel_made(panel):
     jump_to_slice(s.driver, KEY_SLICE)
     s.driver.execute_script(
         """
+        const m = window.medsam2;
+        m.bridge.commands.runCommand('setToolActiveToolbar', {toolName: 'CircularBrush', toolGroupIds: ['default']});
+        """
+    )
+    # "organ" the active segment of the viewport, checked: OHIF may still be settling the segmentation the panel
+    # made (its representations on the MPR viewports), which makes the first segment active again
+    organ_active = """
         const m = window.medsam2, v = m.bridge.active(), id = m.bridge.segmentationId(v);
         const seg = window.services.segmentationService;
         seg.setActiveSegmentation(v.viewportId, id);
         seg.setActiveSegment(id, 2);
-        m.bridge.commands.runCommand('setToolActiveToolbar', {toolName: 'CircularBrush', toolGroupIds: ['default']});
+        return seg.getActiveSegment(v.viewportId)?.segmentIndex === 2;
         """
-    )
+    wait_for(lambda: s.driver.execute_script(organ_active), 10, "organ active")
+    time.sleep(0.5)
+    wait_for(lambda: s.driver.execute_script(organ_active), 10, "organ still active")
     before = labelmap(s)
     drag(s, [(40.0, 60.0), (60.0, 60.0), (80.0, 60.0)], KEY_SLICE)
     painted = wait_for(lambda: (m := labelmap(s)) is not None and (m != before).any() and m, 20, "the brush stroke")
