@@ -16,4 +16,4 @@ if [[ "${1:-}" == "--fast" ]]; then
 fi
 # the whole suite on two workers, a test file per worker at a time (its module fixtures are built once): on
 # 2 cores the servers, Chromium and Orthanc of one file wait on I/O while the other file computes
-exec .venv/bin/python -m pytest -q -n "${MEDSAM2_TEST_WORKERS:-2}" --dist loadfile tests "$@"
+exec .venv/bin/python -m pytest -q -n "${MEDSAM2_TEST_WORKERS:-2}" --dist loadfile --durations 40 tests "$@"

@@ -1,8 +1,10 @@
 """The production install (scripts/install_server.py) end to end on this machine: installed into a clean folder
 (``--prefix``, ``--no-start``: there is no systemd here), the service's own command line (the unit's ExecStart)
-started by the test, a real nginx with the installed site and a self-signed certificate (openssl) in front, then
-over HTTPS: HTTP redirected, the OHIF viewer and the MedSAM2 panel from the same origin, a too large request
-refused with a JSON 413, and MONAI Label's own client: info, infer and ``train_start(model, {"max_epochs": 1})``.
+started by the test, a real nginx with the installed site and a self-signed certificate (openssl) in front, login
+on (an OpenID Connect provider started here, tests/test_auth.py's, and an API key file), then over HTTPS: HTTP
+redirected, the OHIF viewer and the MedSAM2 panel from the same origin, nothing else without credentials, a too
+large request refused with a JSON 413, MONAI Label's own client logged in (info, infer and
+``train_start(model, {"max_epochs": 1})``) and the 3D Slicer plugin's requests with an API key.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from pathlib import Path
 import pytest
 import requests
 from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
 from pacs_testing import require
+from test_auth import ADMIN, ALL_ROLES, ANNOTATOR, CLIENT_ID, PASSWORDS, USER, LocalIdentityProvider
 from test_crash_safety import publishing_setup
 from test_replicas import BOX_3D, collect_lines, two_free_ports
 
@@ -31,6 +35,8 @@ from conftest import REPO, free_port
 sys.path.insert(0, str(REPO / "scripts"))
 from install_server import Layout, read_settings, service_command  # noqa: E402
 from replicas import nginx_binary  # noqa: E402
+
+from lib.server.api_keys import add_key  # noqa: E402
 
 pytestmark = pytest.mark.server  # the installed service starts `monailabel start_server`
 ME = pwd.getpwuid(os.getuid()).pw_name  # the service's user: under --prefix an existing one (no useradd)
@@ -44,6 +50,8 @@ class Installed:
     cert: Path
     layout: Layout
     output: list[str]
+    idp: LocalIdentityProvider
+    api_key: str  # an annotator's, as the 3D Slicer plugin sends it (X-API-Key)
 
 
 def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
@@ -70,22 +78,32 @@ def nginx_main_conf(folder: Path, layout: Layout) -> Path:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
+def idp():
+    provider = LocalIdentityProvider()
+    yield provider
+    provider.stop()
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory, idp):
     require([nginx_binary(), shutil.which("openssl") or "/usr/bin/openssl"], "nginx and openssl (Debian packages)")
     root = tmp_path_factory.mktemp("install")
     studies, conf, _ = publishing_setup(root, images=3, labelled=2)
     cert, key = self_signed_certificate(root)
+    keys_file = root / "api_keys.json"
+    _, api_key = add_key(keys_file, "slicer-ws3", "annotator")
     https_port, http_port, replica_port = free_port(), free_port(), two_free_ports()
     app_conf = {k: v for k, v in conf.items() if k not in ("checkpoint", "finetuned_checkpoint")}
-    app_conf |= {"cpu_encoder": "torch", "warm_up": "off"}
+    app_conf |= {"cpu_encoder": "torch", "warm_up": "off", "api_keys_file": str(keys_file)}
     conf_line = " ".join(f"--conf {k} {v}" for k, v in app_conf.items())
     cmd = ["/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable]  # the system's python
     cmd += [str(REPO / "scripts" / "install_server.py"), "--prefix", str(root / "server"), "--no-start"]
     cmd += ["--user", ME, "--venv", str(Path(sys.executable).parents[1]), "--server-name", "localhost"]
     cmd += ["--tls-cert", str(cert), "--tls-key", str(key), "--https-port", str(https_port)]
     cmd += ["--http-port", str(http_port), "--replica-port", str(replica_port), "--max-upload", "1m"]
-    cmd += ["--studies", str(studies), "--checkpoint", conf["checkpoint"], "--login", "off"]
-    cmd += ["--setting", f"MEDSAM2_CONF={conf_line}"]
+    cmd += ["--studies", str(studies), "--checkpoint", conf["checkpoint"], "--login", "on"]
+    cmd += ["--setting", f"MEDSAM2_CONF={conf_line}", "--setting", f"MONAI_LABEL_AUTH_REALM_URI={idp.realm_uri}"]
+    cmd += ["--setting", f"MONAI_LABEL_AUTH_CLIENT_ID={CLIENT_ID}"]
     installing = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert installing.returncode == 0, installing.stdout + installing.stderr
     layout = Layout(root / "server")
@@ -112,7 +130,8 @@ def installed(tmp_path_factory):
         while not any("1 replicas on ports" in line for line in output):
             assert service.poll() is None and time.time() < deadline, "".join(output)
             time.sleep(0.5)
-        yield Installed(f"https://localhost:{https_port}", f"http://localhost:{http_port}", cert, layout, output)
+        urls = f"https://localhost:{https_port}", f"http://localhost:{http_port}"
+        yield Installed(*urls, cert, layout, output, idp, api_key)
     finally:
         service.terminate()
         assert service.wait(timeout=90) == 0, "".join(output)
@@ -144,25 +163,89 @@ def test_a_request_over_the_size_limit_is_refused_with_a_json_413(installed):
     assert r.status_code == 413 and "smaller" in r.json()["detail"], r.text[:300]
 
 
-def test_monailabel_client_info_infer_and_train_over_https(installed, tmp_path):
+def test_nothing_but_the_viewer_and_login_is_served_without_credentials(installed):
+    for path in ("/info/", "/datastore/?output=all", "/medsam2/labels/case0"):
+        r = requests.get(installed.url + path, verify=str(installed.cert), timeout=60)
+        assert r.status_code == 401 and r.json()["detail"], (path, r.status_code, r.text[:300])
+    wrong_key = requests.get(
+        installed.url + "/info/", headers={"X-API-Key": "msk_nope"}, verify=str(installed.cert), timeout=60
+    )
+    assert wrong_key.status_code == 401 and "API key" in wrong_key.json()["detail"], wrong_key.text[:300]
+    about = requests.get(installed.url + "/auth/", verify=str(installed.cert), timeout=60).json()
+    assert about == {"enabled": True, "client_id": CLIENT_ID, "realm": installed.idp.realm_uri}
+
+
+def client_with(installed: Installed, token: dict, tmp_path: Path) -> MONAILabelClient:
+    """MONAI Label's client with a token. A new one per call: 0.8.5's client writes each POST's Content-Type and
+    Content-Length into the headers it keeps for the token, so its next GET would announce a body it never sends
+    (docs/security.md#clients)."""
     client = MONAILabelClient(installed.url, tmpdir=str(tmp_path), client_id="install-test")
-    info = client.info()
+    client.update_auth(token)
+    return client
+
+
+def roles_of_token(installed: Installed, token: dict) -> set[str]:
+    headers = {"Authorization": f"Bearer {token['access_token']}"}
+    valid = requests.get(installed.url + "/auth/token/valid", headers=headers, verify=str(installed.cert), timeout=60)
+    assert valid.status_code == 200, valid.text[:300]
+    return set(valid.json()["roles"])
+
+
+def test_monailabel_client_logs_in_infers_and_trains_over_https(installed, tmp_path):
+    anonymous = MONAILabelClient(installed.url, tmpdir=str(tmp_path), client_id="install-test")
+    assert anonymous.auth_enabled()
+    alice = anonymous.auth_token("alice", PASSWORDS["alice"])  # the password grant, through the server
+    assert roles_of_token(installed, alice) == {USER, ANNOTATOR}
+    info = client_with(installed, alice, tmp_path).info()
     assert "medsam2_3d" in info["models"] and info["replica"] == "replica-1"
-    label, result = client.infer("medsam2_3d", "case0", BOX_3D)
+    label, result = client_with(installed, alice, tmp_path).infer("medsam2_3d", "case0", BOX_3D)
     assert Path(label).is_file() and Path(label).stat().st_size > 0, result
+    with pytest.raises(MONAILabelClientException) as refused:  # training needs an admin
+        client_with(installed, alice, tmp_path).train_start("medsam2", {"max_epochs": 1, **TINY_RUN})
+    assert "Status: 403" in refused.value.msg, refused.value.msg
+    admin = {"token_type": "Bearer", "access_token": installed.idp.token(roles=ALL_ROLES)}
+    assert ADMIN in roles_of_token(installed, admin)
     # MONAI Label's documented option name (its clients send max_epochs), the rest only to keep it short
-    started = client.train_start("medsam2", {"max_epochs": 1, **TINY_RUN})
+    started = client_with(installed, admin, tmp_path).train_start("medsam2", {"max_epochs": 1, **TINY_RUN})
     assert started.get("status") in ("RUNNING", "SUBMITTED", None) or started, started
     deadline = time.time() + 300
-    while (status := client.train_status())["status"] not in ("DONE", "ERROR"):
+    while (status := client_with(installed, admin, tmp_path).train_status())["status"] not in ("DONE", "ERROR"):
         assert time.time() < deadline, status
         time.sleep(2)
     assert status["status"] == "DONE", json.dumps(status)[:2000]
 
 
+def test_the_slicer_plugins_requests_with_an_api_key(installed, tmp_path):
+    """What the plugin sends for a 3D answer and a save (its client's multipart forms), with the key's header."""
+    headers = {"X-API-Key": installed.api_key}
+    verify = str(installed.cert)
+    answer = requests.post(
+        installed.url + "/infer/medsam2_3d?image=case1&output=image",
+        data={"params": json.dumps({**BOX_3D, "client_id": "slicer-ws3"})},
+        headers=headers,
+        verify=verify,
+        timeout=300,
+    )
+    assert answer.status_code == 200 and answer.content, answer.text[:300]
+    label = tmp_path / "case1.nii.gz"
+    label.write_bytes(answer.content)
+    with open(label, "rb") as f:
+        saved = requests.put(
+            installed.url + "/datastore/label?image=case1&tag=final",
+            data={"params": json.dumps({"label_info": [{"name": "lesion", "idx": 1}]})},
+            files={"label": ("case1.nii.gz", f)},
+            headers=headers,
+            verify=verify,
+            timeout=120,
+        )
+    assert saved.status_code == 200, saved.text[:300]
+    listed = requests.get(installed.url + "/datastore/?output=all", headers=headers, verify=verify, timeout=60)
+    assert "final" in listed.json()["objects"]["case1"]["labels"], listed.text[:500]
+
+
 def test_the_install_writes_its_settings_in_one_file(installed):
     settings = read_settings(installed.layout.settings)
-    assert settings["MEDSAM2_TLS_CERT"] == str(installed.cert) and settings["MONAI_LABEL_AUTH_ENABLE"] == "false"
+    assert settings["MEDSAM2_TLS_CERT"] == str(installed.cert) and settings["MONAI_LABEL_AUTH_ENABLE"] == "true"
     assert settings["MEDSAM2_FRONT"] == "none" and settings["MEDSAM2_MAX_UPLOAD"] == "1m"
     assert (installed.layout.src / "apps" / "medsam2" / "main.py").is_file()
     unit = installed.layout.unit.read_text()

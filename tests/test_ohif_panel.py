@@ -9,7 +9,6 @@ the tests run in file order and each says what it starts from. Screenshots: ``te
 from __future__ import annotations
 
 import ast
-import base64
 import json
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from browser_testing import (
     drag_ijk,
     drag_voxels,
     jump_to_slice,
+    panel_labelmap,
     panel_state,
     shows_slice,
     wait_for,
@@ -39,22 +39,6 @@ LABELS = {"lesion": 1, "organ": 2}
 FIRST_SLICE = 10
 KEY_SLICE = 10  # demo slice 20
 NODULE_BOX = (157, 164, 204, 202)  # x0, y0, x1, y1 = i0, j0, i1, j1
-
-# the panel's labelmap on the active series, slice k (sorted like the server's k) as base64 uint8 (i fastest)
-LABELMAP = """
-const v = window.medsam2.bridge.active();
-const seg = window.services.segmentationService.getSegmentation(window.medsam2.bridge.segmentationId(v));
-if (!seg) return null;
-const lm = seg.representationData.Labelmap;
-const byRef = new Map(lm.referencedImageIds.map((r, n) => [r, lm.imageIds[n]]));
-return v.grid.imageIds.map(id => {
-  const d = window.cornerstone.cache.getImage(byRef.get(id)).voxelManager.getScalarData();
-  let s = '';
-  for (let n = 0; n < d.length; n += 8192) s += String.fromCharCode.apply(null, d.subarray(n, n + 8192));
-  return btoa(s);
-});
-"""
-
 
 PENDING = "return window.medsam2.imageState().pending.length"
 
@@ -119,11 +103,7 @@ def drag(s: PanelSession, voxels: list[tuple[float, float]], k: int) -> float:
 
 def labelmap(s: PanelSession) -> np.ndarray | None:
     """The panel's labelmap as (k, j, i) uint8, or None before the first answer."""
-    slices = s.driver.execute_script(LABELMAP)
-    if slices is None:
-        return None
-    size = s.ct.image.GetSize()
-    return np.stack([np.frombuffer(base64.b64decode(b), np.uint8).reshape(size[1], size[0]) for b in slices])
+    return panel_labelmap(s.driver, s.ct.image)
 
 
 def infer_requests(s: PanelSession, model: str | None = None) -> list[dict]:

@@ -154,3 +154,23 @@ def test_volume_over_the_size_limit_is_refused_before_loading(tmp_path):
         load_image(path, max_voxels=10_000)
     assert err.value.status == 413 and "max_voxels" in str(err.value)
     assert load_image(path, max_voxels=60_000).array.shape == (30, 40, 50)
+
+
+def test_label_frames_skips_empty_slices_without_changing_the_answer():
+    import torch
+
+    from lib.engine.propagation import PropagationResult, compose_labels, upsample_logits
+
+    gen = torch.Generator().manual_seed(0)
+    logits = {
+        name: {f: torch.randn(8, 8, generator=gen) - (0 if f in keep else 9) for f in range(6)}
+        for name, keep in (("lesion", {1, 2}), ("organ", {2, 4}))
+    }
+    result = PropagationResult(logits, {}, {}, {"lesion": 1, "organ": 2}, {}, {}, rows=20, cols=24, num_slices=7)
+    stacked = torch.stack([torch.stack([logits[n][f] for f in range(6)]) for n in ("lesion", "organ")], dim=1)
+    every_slice = compose_labels(stacked, [1, 2], 20, 24)
+    out = result.label_frames(chunk=2)
+    assert np.array_equal(out[:6], every_slice) and not out[6].any()
+    assert out[1].any() and out[4].any() and not out[0].any()
+    organ = upsample_logits(torch.stack([logits["organ"][f] for f in range(6)]).unsqueeze(1), 20, 24) > 0
+    assert np.array_equal(result.binary_mask("organ", chunk=2)[:6], organ.numpy())

