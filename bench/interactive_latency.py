@@ -295,7 +295,9 @@ def summaries(results: dict[str, list[dict]]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image", type=Path, default=REPO / "demo" / "studies" / "lung2.nii.gz")
+    parser.add_argument(
+        "--image", type=Path, default=REPO / "demo" / "studies" / "lung2.nii.gz", help="made by scripts/start_demo.sh"
+    )
     parser.add_argument("--think", type=float, default=20.0, help="seconds between opening and a 3D click")
     parser.add_argument("--think-2d", dest="think_2d", type=float, default=3.0, help="the same before a 2D box")
     parser.add_argument("--variants", default="today,new,roi_recompute")
@@ -303,7 +305,7 @@ def main() -> None:
     args = parser.parse_args()
     common = {"device": "cuda" if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}"}
     common.update(torch=torch.__version__, host=platform.node()[:20], image=args.image.name)
-    common["note"] = "2 CPU cores shared with other jobs: see load_average (1, 5, 15 min) on each line"
+    common["note"] = "load_average (1, 5, 15 min) on each line: what else ran on the cores"
 
     def emit(line: dict[str, Any]) -> None:
         text = json.dumps({"bench": "interactive_latency", **common, **line})

@@ -493,7 +493,8 @@ SETTINGS: tuple[Setting, ...] = (
         Number(int, 1, 2),
         "2",
         "on a CPU (with `cpu_tracking fast`), 2 tracks the two directions (and the labels) on two threads of one "
-        "core each: 1.7× faster for one label on 2 cores (bench/interactive_latency.py); 1: one after the other",
+        "core each: 1.3× faster for one or two labels on 2 idle cores, 1.7× on loaded ones "
+        "(bench/interactive_latency.py); 1: one after the other",
     ),
     Setting(
         "slices_to_check",
