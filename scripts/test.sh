@@ -15,5 +15,7 @@ if [[ "${1:-}" == "--fast" ]]; then
   exec .venv/bin/python -m pytest -q -m "not server and not pacs and not browser and not slow" tests "$@"
 fi
 # the whole suite on two workers, a test file per worker at a time (its module fixtures are built once): on
-# 2 cores the servers, Chromium and Orthanc of one file wait on I/O while the other file computes
-exec .venv/bin/python -m pytest -q -n "${MEDSAM2_TEST_WORKERS:-2}" --dist loadfile --durations 40 tests "$@"
+# 2 cores the servers, Chromium and Orthanc of one file wait on I/O while the other file computes; the files in
+# the order tests/conftest.py gives them (the longest first), not xdist's (the most tests first)
+exec .venv/bin/python -m pytest -q -n "${MEDSAM2_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder \
+  --durations 40 tests "$@"

@@ -61,8 +61,32 @@ def _names_called(func: types.FunctionType, seen: set[types.CodeType]) -> set[st
     return names
 
 
+# the longest files first (CI's --durations, 2 workers; scripts/test.sh keeps this order with
+# --no-loadscope-reorder): with --dist loadfile a worker takes the next file when it is done, and xdist's own order
+# (the most tests first) put test_training.py (2 tests, ~190 s) near the end, alone on one worker
+LONGEST_FIRST = (
+    "test_training.py",
+    "test_slicer_buttons.py",
+    "test_crash_safety.py",
+    "test_replicas.py",
+    "test_ohif_panel.py",
+    "test_ohif_login.py",
+    "test_pacs_demo.py",
+    "test_training_ddp.py",
+    "test_encode_ahead.py",
+    "test_active_learning_loop.py",
+)
+
+
+def _file_rank(item: pytest.Item) -> int:
+    name = item.path.name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark each test ``server``/``pacs``/``browser`` by what it starts; skip ``gpu`` tests without CUDA."""
+    """Mark each test ``server``/``pacs``/``browser`` by what it starts; skip ``gpu`` tests without CUDA; the
+    longest files first (a stable sort: each file's tests keep their order)."""
+    items.sort(key=_file_rank)
     cuda = torch.cuda.is_available()
     for item in items:
         funcs = [item.function] if isinstance(item, pytest.Function) else []

@@ -552,6 +552,9 @@ def test_api_keys_serve_scripts_and_are_revoked_without_a_restart(auth_server, t
     assert call(auth_server, "GET", "/info/", headers).status_code == 200
     valid = call(auth_server, "GET", "/auth/token/valid", headers).json()
     assert valid["username"] == "api-key:slicer-ws3" and set(valid["roles"]) == {USER, ANNOTATOR}
+    # the same key as the bearer token: what OHIF's DICOMweb client sends to the proxy (docs/security.md)
+    as_bearer = call(auth_server, "GET", "/auth/token/valid", bearer(key)).json()
+    assert as_bearer["username"] == "api-key:slicer-ws3"
     params = {"label": "lesion", "roi": [26, 46, 22, 42, 6, 6], "slice": 6, "client_id": "script-1"}
     r = requests.post(
         auth_server.url + "/infer/medsam2_2d?image=ct_blob&output=image",
@@ -579,6 +582,8 @@ def test_api_keys_serve_scripts_and_are_revoked_without_a_restart(auth_server, t
     assert entry.id in listed.stdout and key not in listed.stdout and key not in auth_server.keys_file.read_text()
     subprocess.run([*script, "revoke", entry.id], capture_output=True, text=True, check=True, timeout=60)
     refused = call(auth_server, "GET", "/info/", headers)
+    assert refused.status_code == 401 and "revoked" in refused.json()["detail"]
+    refused = call(auth_server, "GET", "/info/", bearer(key))
     assert refused.status_code == 401 and "revoked" in refused.json()["detail"]
     assert key not in auth_server.log.read_text()
 

@@ -417,7 +417,8 @@ def test_the_api_key_typed_in_the_panel_goes_with_every_request_and_the_heartbea
     assert beat["method"] == "POST" and json.loads(beat["body"]) == {"image": s.ct.series_uid}
     assert beat["headers"].get("X-API-Key") == "key-123"
     header = s.driver.execute_script("return window.services.userAuthenticationService.getAuthorizationHeader()")
-    assert header == {"X-API-Key": "key-123"}  # OHIF's DICOMweb requests carry it too
+    # OHIF's DICOMweb requests carry it too, as the one header OHIF's DICOMweb client keeps (docs/security.md)
+    assert header == {"Authorization": "Bearer key-123"}
     s.driver.execute_script("window.medsam2.setApiKey('')")
 
 

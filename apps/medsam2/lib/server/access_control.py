@@ -37,7 +37,7 @@ import requests
 from starlette.concurrency import run_in_threadpool
 
 from lib.errors import Refused
-from lib.server.api_keys import ApiKey, ApiKeyStore, roles_of
+from lib.server.api_keys import KEY_PREFIX, ApiKey, ApiKeyStore, roles_of
 from lib.server.server_process import in_server
 
 logger = logging.getLogger(__name__)
@@ -336,6 +336,10 @@ class AccessControlMiddleware:
         """(the caller, whether by an API key), from the bearer token (first) or the API key; :class:`Refused`
         401/503."""
         token, key = bearer_token(scope["headers"]), api_key_header(scope["headers"])
+        if token is not None and token.startswith(KEY_PREFIX):
+            # an API key as the bearer token: what OHIF sends to the DICOMweb proxy when the panel gave it a key
+            # (OHIF's DICOMweb client keeps only the Authorization header of its credentials)
+            token, key = None, token
         if token is not None:
             return user_fields(self.validator.claims(token), self.claim_names), False
         if key is not None and self.api_keys is not None:

@@ -17,6 +17,7 @@ const extension = {
   id: EXTENSION_ID,
   preRegistration({ servicesManager }) {
     servicesManager.registerService(MedSAM2Service.registration(PANEL_ID));
+    serviceOf(servicesManager).start();
   },
   getPanelModule({ servicesManager }) {
     const PanelHost = () =>

@@ -5,6 +5,7 @@ import React from 'react';
 import { createRoot } from 'react-dom/client';
 import Panel from './Panel.jsx';
 import { Annotator } from './annotator.js';
+import { addApiKeyHeader, needsApiKey, storeApiKey, storedApiKey, takeApiKeyFromAddress } from './api_key.js';
 import { ViewerBridge, cornerstoneLibraries } from './viewer.js';
 
 export const SERVICE_NAME = 'medsam2Service';
@@ -27,6 +28,8 @@ export class MedSAM2Service {
     this.host = null; // the panel's node while OHIF shows the panel
     this.root = null;
     this.teardown = [];
+    this.apiKey = ''; // C5, see api_key.js
+    this.ohifAuthorization = null; // OHIF's own getAuthorizationHeader, kept before ours replaces it
     this.onKey = this.onKey.bind(this);
     this.mount = this.mount.bind(this);
   }
@@ -37,6 +40,43 @@ export class MedSAM2Service {
       name: SERVICE_NAME,
       create: ({ servicesManager, commandsManager }) => new MedSAM2Service(servicesManager, commandsManager, panelId),
     };
+  }
+
+  /** At OHIF's start, before its study list asks the server: the tab's API key (from the address or kept),
+   * or, where the server needs a login and neither OHIF nor the tab has one, a prompt for it (then a reload, so
+   * that the study list asks again with it). */
+  start() {
+    const key = takeApiKeyFromAddress() || storedApiKey();
+    if (key) {
+      this.useApiKey(key);
+      return;
+    }
+    const ownLogin = Boolean(globalThis.config?.oidc?.length);
+    needsApiKey(ownLogin, key).then(needed => {
+      const typed = needed ? globalThis.prompt('This MedSAM2 server needs a login: paste your API key') : '';
+      if (!typed?.trim()) return;
+      this.useApiKey(typed.trim());
+      globalThis.location.reload();
+    });
+  }
+
+  /** OHIF's own credentials ({Authorization: 'Bearer …'} of its login), or null when it has none. */
+  ownAuthorizationHeader() {
+    const auth = this.servicesManager.services.userAuthenticationService;
+    const header = this.ohifAuthorization ? this.ohifAuthorization() : auth?.getAuthorizationHeader?.();
+    return header?.Authorization ? { Authorization: header.Authorization } : null;
+  }
+
+  /** The key on OHIF's requests where OHIF has no token of its own (api_key.js), and on the panel's; kept for
+   * the tab ('' removes it). */
+  useApiKey(key) {
+    const auth = this.servicesManager.services.userAuthenticationService;
+    this.apiKey = key;
+    storeApiKey(key);
+    if (!auth?.setServiceImplementation) return;
+    // OHIF's own implementation, kept once (calling the service's method from ours would call ours)
+    this.ohifAuthorization ??= auth.serviceImplementation?._getAuthorizationHeader ?? (() => undefined);
+    addApiKeyHeader(auth, this.ohifAuthorization, key);
   }
 
   render() {
@@ -73,6 +113,7 @@ export class MedSAM2Service {
     const { cs, cst } = cornerstoneLibraries();
     const annotator = new Annotator(new ViewerBridge(this.servicesManager, this.commandsManager, this.panelId));
     this.annotator = annotator;
+    annotator.update({ apiKey: this.apiKey });
     window.medsam2 = annotator; // for the console and the browser tests
     const completed = event => annotator.onAnnotationCompleted(event.detail?.annotation);
     cs.eventTarget.addEventListener(cst.Enums.Events.ANNOTATION_COMPLETED, completed);

@@ -198,24 +198,13 @@ export class ViewerBridge {
 
   /** OHIF's own credentials for its requests ({Authorization: 'Bearer …'}), or null when it has none. */
   authorizationHeader() {
-    const header = this.services.userAuthenticationService?.getAuthorizationHeader?.();
-    return header?.Authorization ? { Authorization: header.Authorization } : null;
+    return this.services.medsam2Service?.ownAuthorizationHeader() ?? null;
   }
 
   /** OHIF's DICOMweb requests (to the app's proxy) carry `X-API-Key: key` (C5), unless OHIF has a login of
-   * its own (its Bearer token then goes, as always). */
+   * its own (its Bearer token then goes, as always); kept for the tab (api_key.js). */
   useApiKey(key) {
-    const auth = this.services.userAuthenticationService;
-    if (!auth?.setServiceImplementation) return;
-    // OHIF's own implementation, kept once (calling the service's method from ours would call ours)
-    this.ohifAuthorization ??= auth.serviceImplementation?._getAuthorizationHeader ?? (() => undefined);
-    const own = this.ohifAuthorization;
-    auth.setServiceImplementation({
-      getAuthorizationHeader: () => {
-        const header = own();
-        return header?.Authorization || !key ? header : { ...(header ?? {}), 'X-API-Key': key };
-      },
-    });
+    this.services.medsam2Service?.useApiKey(key);
   }
 
   notify(type, title, message) {
