@@ -269,3 +269,17 @@ def test_a_refused_3d_request_leaves_the_session_as_it_was(model, volume_path):
         seg.segment_3d(str(volume_path), refused)
     label, _, _ = seg.segment_3d(str(volume_path), {**box, "correction": False})
     assert (label == 1).any() and not (label == 2).any()
+
+
+def test_background_only_for_a_label_the_refined_base_does_not_hold_is_refused(model, tmp_path, volume_path):
+    """The session keeps a refined base; a new request's background click alone for another label has nothing
+    to remove from and is refused (it used to pass as 'refining' because the session held some base)."""
+    seg = _segmenter(model)
+    base = np.zeros(SHAPE, np.uint8)
+    base[3:11, 12:28, 14:34] = 1
+    path = _label_file(tmp_path, volume_path, base)
+    fix = {"client_id": "b", "prompts": [{"label": "lesion", "slice": 7, "background": [[20, 15]]}]}
+    seg.segment_3d(str(volume_path), fix, LabelFile(path, "final"))
+    organ = {"client_id": "b", "prompts": [{"label": "organ", "slice": 3, "background_scribbles": [[[1, 1]]]}]}
+    with pytest.raises(PromptError, match="only background"):
+        seg.segment_3d(str(volume_path), organ)

@@ -184,6 +184,7 @@ BAD = [
 
 @pytest.mark.parametrize("what,params,status,words", BAD, ids=[b[0] for b in BAD])
 def test_bad_drawn_prompts_and_history_requests(server, what, params, status, words):
+    params = {"client_id": f"bad {what}", **params}  # a session of its own: other tests' sessions are not its input
     r = infer(server, "medsam2_3d", "ct_blob", params)
     assert r.status_code == status, (what, r.status_code, r.text)
     assert words.lower() in r.json()["detail"].lower()

@@ -246,7 +246,7 @@ def resolve_drawn(
         if not adds and not (mask is not None and mask.any()):
             raise PromptError(
                 f"Slice {prompt.slice_index} of {prompt.label} has only background prompts: add a box, a foreground "
-                "click, scribble or lasso there, or refine an existing label (refine_from)."
+                "click, scribble or lasso there, or refine an existing label that holds it (refine_from)."
             )
     if not decoded and edits is not None:  # nothing for SAM2 to decode: the edited mask is the mask prompt
         mask = apply_edits(mask if mask is not None else np.zeros((rows, cols), dtype=bool), edits)

@@ -92,14 +92,15 @@ def sam2_prompt(
     previous: torch.Tensor | None = None,
 ) -> KeySlicePrompt:
     """The prompt as SAM2 takes it, refining the base label's mask on its slice, or (a correction made of
-    strokes only) the mask the last answer had there (``previous``, low-res logits)."""
+    strokes only) the mask the last answer had there (``previous``, low-res logits). Background prompts alone
+    are taken only where there is something to remove: the base holds the label, or the last answer had it."""
     mask = None
     if base is not None:
         mask = base.slice_mask(prompt.label_value, prompt.slice_index)
         mask = mask if mask.any() else None
     if mask is None and previous is not None and not prompt.has_clicks_or_box():
         mask = (upsample_logits(previous[None, None], rows, cols)[0] > 0).cpu().numpy()
-    refining = base is not None or previous is not None
+    refining = (base is not None and base.holds(prompt.label_value)) or previous is not None
     return resolve_drawn(prompt, mask, scribble_mode, rows, cols, refining=refining)
 
 
