@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from lib.engine import sam2_api
 from lib.engine.cpu_inference import use_cpu_inference_modules
 from lib.engine.local_correction import correct_locally
 from lib.engine.prompts import KeySlicePrompt
@@ -40,7 +41,7 @@ def test_window_math():
     logits = torch.full((1, 1, 32, 32), -5.0)
     logits[..., 12:16, 20:24] = 3.0  # cells 3 and 5 on an 8-cell grid (4 low-res pixels a cell)
     w = window_around([logits], grid=8, margin=1)
-    assert w == Window(top=2, left=4, side=3, grid=8)
+    assert w == Window(top=2, left=4, height=3, width=3, grid=8)
     assert margin_cells(0.125, 8) == 1 and margin_cells(0.125, 32) == 4 and margin_cells(0.0, 8) == 1
     crop = w.crop(logits)
     assert crop.shape[-2:] == (12, 12) and torch.equal(w.paste(crop, -5.0), logits)
@@ -49,6 +50,30 @@ def test_window_math():
     assert bool(w.touches_border(crop).all())
     assert window_around([torch.full((1, 1, 32, 32), -1.0)], 8, 1) is None  # empty: no window
     assert w.grown(3) is None
+    wide = torch.full((1, 1, 32, 32), -5.0)
+    wide[..., 12:16, 4:24] = 3.0  # one cell tall, five wide
+    assert window_around([wide], 8, 1) == Window(top=2, left=0, height=3, width=7, grid=8)
+    assert window_around([wide], 8, 1, square=True) == Window(top=0, left=0, height=7, width=7, grid=8)
+    crop = window_around([wide], 8, 1).crop(wide)
+    assert crop.shape[-2:] == (12, 28) and torch.equal(window_around([wide], 8, 1).paste(crop, -5.0), wide)
+    assert window_around([wide], 8, 1).grown(1) == Window(top=1, left=0, height=5, width=8, grid=8)  # full width
+    assert window_around([wide], 8, 1).grown(3) is None
+
+
+def test_heads_on_a_window_match_sam2s_on_a_square_map(reference_model):
+    """The heads a rectangular window runs (sam2_api.tracked_slice_heads) give SAM2's own outputs on a square map."""
+    torch.manual_seed(0)
+    side = reference_model.sam_image_embedding_size
+    dim = reference_model.hidden_dim
+    pix = torch.randn(2, dim, side, side)
+    high = [torch.randn(2, dim // 8, 4 * side, 4 * side), torch.randn(2, dim // 4, 2 * side, 2 * side)]
+    for multimask in (False, True):
+        args = {"backbone_features": pix, "high_res_features": high, "multimask_output": multimask}
+        with torch.no_grad():
+            ours = sam2_api.tracked_slice_heads(reference_model, **args)
+            stock = sam2_api.forward_sam_heads(reference_model, point_inputs=None, mask_inputs=None, **args)
+        for a, b in zip(ours, stock, strict=True):
+            assert torch.allclose(a, b, atol=1e-5), multimask
 
 
 def test_roi_tracking_matches_full_frame_on_objects_inside_the_crop(reference_model, study):
@@ -59,7 +84,7 @@ def test_roi_tracking_matches_full_frame_on_objects_inside_the_crop(reference_mo
     full = propagate_volume(session, prompts)
     roi = propagate_volume(session, prompts, tracking=ROI)
     assert roi.tracking["regrown"] == 0
-    assert all(w != "full" and w["side"] < w["grid"] for w in roi.tracking["windows"].values())
+    assert all(w != "full" and w["height"] * w["width"] < w["grid"] ** 2 for w in roi.tracking["windows"].values())
     fast = copy.deepcopy(reference_model)  # two workers run on the CPU modules only
     use_cpu_inference_modules(fast)
     fast_session = VolumeSession(study.frames, fast)
@@ -68,6 +93,23 @@ def test_roi_tracking_matches_full_frame_on_objects_inside_the_crop(reference_mo
     for p in prompts:
         assert dice(full.binary_mask(p.label), roi.binary_mask(p.label)) >= 0.98
         assert dice(two.binary_mask(p.label), roi.binary_mask(p.label)) >= 0.99
+
+
+def test_rectangular_windows_match_full_frame_tracking(reference_model):
+    """On the CPU modules (rotary encodings told the window's shape) a window is the object's bounding rectangle
+    plus the margin, not a square: Dice >= 0.98 against full-frame tracking on objects that stay inside it."""
+    fast = copy.deepcopy(reference_model)
+    use_cpu_inference_modules(fast)
+    shapes = set()
+    for study in held_out_studies(1, start=2):  # its third object's window is 6 x 5 cells
+        prompts = key_slice_prompts(study.label)
+        full = propagate_volume(VolumeSession(study.frames, reference_model), prompts)
+        rect = propagate_volume(VolumeSession(study.frames, fast), prompts, tracking=TrackingOptions(region="roi"))
+        assert rect.tracking["regrown"] == 0
+        shapes |= {(w["height"], w["width"]) for w in rect.tracking["windows"].values()}
+        for p in prompts:
+            assert dice(full.binary_mask(p.label), rect.binary_mask(p.label)) >= 0.98, p.label
+    assert any(h != w for h, w in shapes), shapes
 
 
 def test_local_correction_matches_a_full_recompute_near_the_corrected_slice(reference_model, study):

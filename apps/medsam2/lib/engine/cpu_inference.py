@@ -22,6 +22,9 @@ this (the scores would be kept for the backward pass).
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from sam2.modeling.memory_encoder import CXBlock
@@ -53,14 +56,32 @@ class ExplicitRoPEAttention(RoPEAttention):
         return self.out_proj(out)
 
     def _freqs_for(self, tokens: int, device: torch.device) -> torch.Tensor:
-        """The rotary frequencies of a square grid of ``tokens`` tokens, cached per size and never written to the
-        module's shared ``freqs_cis`` (region-of-interest tracking runs several sizes, on two threads at once)."""
-        cache = self.__dict__.setdefault("_freqs_by_tokens", {})
-        key = (tokens, str(device))
+        """The rotary frequencies of the grid of ``tokens`` tokens: the one :func:`rope_grid` names in this thread,
+        else a square. Cached per shape and never written to the module's shared ``freqs_cis`` (region-of-interest
+        tracking runs several shapes, on two threads at once)."""
+        shape = getattr(_GRID, "shape", None)
+        if shape is None or shape[0] * shape[1] != tokens:
+            shape = (math.sqrt(tokens), math.sqrt(tokens))
+        cache = self.__dict__.setdefault("_freqs_by_shape", {})
+        key = (shape, str(device))
         if key not in cache:
-            side = math.sqrt(tokens)
-            cache[key] = self.compute_cis(end_x=side, end_y=side).to(device)
+            cache[key] = self.compute_cis(end_x=shape[1], end_y=shape[0]).to(device)
         return cache[key]
+
+
+_GRID = threading.local()
+
+
+@contextmanager
+def rope_grid(height: int, width: int) -> Iterator[None]:
+    """In this thread, the memory attention's tokens are a ``height`` x ``width`` grid (a rectangular window of
+    :mod:`lib.engine.roi`), rows first; SAM2's own rotary attention only knows square grids."""
+    previous = getattr(_GRID, "shape", None)
+    _GRID.shape = (height, width)
+    try:
+        yield
+    finally:
+        _GRID.shape = previous
 
 
 class ContiguousCXBlock(CXBlock):

@@ -32,7 +32,7 @@ from lib.engine.cpu_inference import uses_cpu_inference_modules
 from lib.engine.mask_prompts import apply_edits
 from lib.engine.precision import autocast_for
 from lib.engine.prompts import KeySlicePrompt
-from lib.engine.roi import Window, crop_output, margin_cells, model_view, window_around
+from lib.engine.roi import Window, crop_output, margin_cells, model_view, rectangles_supported, window_around
 from lib.engine.static_tracking import StaticTracker, borrowed_tracker, static_tracking_supported
 from lib.engine.volume_session import VolumeSession
 from lib.errors import CropUnavailable
@@ -611,7 +611,7 @@ def _label_windows(
                 f"The mask of {label!r} on its key slice(s) {sorted(cond)} is empty, so no region of interest can "
                 'be formed around it: draw a box around the object, or send "tracking_region": "full".'
             )
-        windows[label] = window_around(masks, grid, margin)
+        windows[label] = window_around(masks, grid, margin, square=not rectangles_supported(session.model))
     return windows
 
 

@@ -1,10 +1,12 @@
-"""Region-of-interest tracking: SAM2's tracking step on a square window of the cached image-encoder features.
+"""Region-of-interest tracking: SAM2's tracking step on a window of the cached image-encoder features.
 
 Every slice's features are cached for the whole frame (the image encoder runs once per slice). Tracking one object
 does not need all of them: the memory attention costs (query tokens) x (memory tokens), both proportional to the
-area tracked, and it is ~80 % of a tracking step. A :class:`Window` cuts the same square out of every feature level
-(and out of the positional encodings), so a step attends over ``side**2`` instead of ``grid**2`` tokens per slice.
-Nothing is re-encoded.
+area tracked, and it is ~80 % of a tracking step. A :class:`Window` cuts the same rectangle out of every feature
+level (and out of the positional encodings), so a step attends over ``height * width`` instead of ``grid**2`` tokens
+per slice. Nothing is re-encoded. Windows are rectangles where the memory attention knows the window's shape (the
+CPU modules of :mod:`lib.engine.cpu_inference`: SAM2's own rotary attention assumes a square grid of tokens), else
+squares of the longer side.
 
 What stays exact: the absolute positional encodings (image, memory and the mask decoder's) are cropped from the
 full frame's, and the memory attention's rotary encodings are relative, so a token sees the others at the same
@@ -24,28 +26,36 @@ from typing import Any
 
 import torch
 
+from lib.engine import sam2_api
+from lib.engine.cpu_inference import rope_grid, uses_cpu_inference_modules
+
 NO_OBJECT_LOGIT = -1024.0  # SAM2's NO_OBJ_SCORE: what a slice's logits are outside the window
 
 
 @dataclass(frozen=True)
 class Window:
-    """A square of ``side`` cells at (``top``, ``left``) on the lowest-resolution feature grid (``grid`` cells a
-    side; one cell = the backbone stride, 16 pixels of the model's input)."""
+    """A rectangle of ``height`` x ``width`` cells at (``top``, ``left``) on the lowest-resolution feature grid
+    (``grid`` cells a side; one cell = the backbone stride, 16 pixels of the model's input)."""
 
     top: int
     left: int
-    side: int
+    height: int
+    width: int
     grid: int
+
+    @property
+    def is_square(self) -> bool:
+        return self.height == self.width
 
     def crop(self, x: torch.Tensor) -> torch.Tensor:
         """The window of a (..., H, W) map whose side is a multiple of the grid (any feature level, a mask)."""
         scale = x.shape[-1] // self.grid
-        t, s, w = self.top * scale, self.side * scale, self.left * scale
-        return x[..., t : t + s, w : w + s]
+        t, left = self.top * scale, self.left * scale
+        return x[..., t : t + self.height * scale, left : left + self.width * scale]
 
     def paste(self, crop: torch.Tensor, fill: float = NO_OBJECT_LOGIT) -> torch.Tensor:
-        """A (..., side*k, side*k) map (e.g. low-res mask logits) back on the whole frame, ``fill`` elsewhere."""
-        scale = crop.shape[-1] // self.side
+        """A (..., height*k, width*k) map (e.g. low-res mask logits) back on the whole frame, ``fill`` elsewhere."""
+        scale = crop.shape[-1] // self.width
         full = crop.new_full((*crop.shape[:-2], self.grid * scale, self.grid * scale), fill)
         self.crop(full).copy_(crop)
         return full
@@ -53,16 +63,16 @@ class Window:
     def touches_border(self, crop_logits: torch.Tensor) -> torch.Tensor:
         """(B,) bool: whether a (B, 1, h, w) cropped mask reaches the outermost cell of a side of the window that
         is not the frame's own border (the object may continue outside the window there)."""
-        cell = crop_logits.shape[-1] // self.side
+        cell = crop_logits.shape[-1] // self.width
         positive = crop_logits[:, 0] > 0
         edges = []
         if self.top > 0:
             edges.append(positive[:, :cell, :])
-        if self.top + self.side < self.grid:
+        if self.top + self.height < self.grid:
             edges.append(positive[:, -cell:, :])
         if self.left > 0:
             edges.append(positive[:, :, :cell])
-        if self.left + self.side < self.grid:
+        if self.left + self.width < self.grid:
             edges.append(positive[:, :, -cell:])
         if not edges:
             return torch.zeros(crop_logits.shape[0], dtype=torch.bool, device=crop_logits.device)
@@ -70,10 +80,11 @@ class Window:
 
     def grown(self, cells: int) -> Window | None:
         """This window with ``cells`` more on every side (kept on the frame); None once it would cover it."""
-        return _placed(self.top + self.side / 2, self.left + self.side / 2, self.side + 2 * cells, self.grid)
+        center = (self.top + self.height / 2, self.left + self.width / 2)
+        return _placed(center, (self.height + 2 * cells, self.width + 2 * cells), self.grid)
 
     def as_json(self) -> dict[str, int]:
-        return {"top": self.top, "left": self.left, "side": self.side, "grid": self.grid}
+        return {"top": self.top, "left": self.left, "height": self.height, "width": self.width, "grid": self.grid}
 
 
 def margin_cells(margin: float, grid: int) -> int:
@@ -81,9 +92,10 @@ def margin_cells(margin: float, grid: int) -> int:
     return max(1, math.ceil(margin * grid))
 
 
-def window_around(masks: Iterable[torch.Tensor], grid: int, margin: int) -> Window | None:
-    """The square window around the union of low-res mask logits (each (..., 4*grid, 4*grid), > 0 inside) plus
-    ``margin`` cells on every side; None where the masks are all empty or the window would cover the frame."""
+def window_around(masks: Iterable[torch.Tensor], grid: int, margin: int, square: bool = False) -> Window | None:
+    """The window around the union of low-res mask logits (each (..., 4*grid, 4*grid), > 0 inside) plus ``margin``
+    cells on every side (a square of the longer side when ``square``); None where the masks are all empty or the
+    window would cover the frame."""
     union = None
     for m in masks:
         inside = (m > 0).reshape(-1, *m.shape[-2:]).any(dim=0)
@@ -95,16 +107,21 @@ def window_around(masks: Iterable[torch.Tensor], grid: int, margin: int) -> Wind
     cols = torch.nonzero(union.any(dim=0)).flatten()
     top, bottom = int(rows[0]) // scale, int(rows[-1]) // scale + 1  # cells [top, bottom)
     left, right = int(cols[0]) // scale, int(cols[-1]) // scale + 1
-    side = max(bottom - top, right - left) + 2 * margin
-    return _placed((top + bottom) / 2, (left + right) / 2, side, grid)
+    height, width = bottom - top + 2 * margin, right - left + 2 * margin
+    if square:
+        height = width = max(height, width)
+    return _placed(((top + bottom) / 2, (left + right) / 2), (height, width), grid)
 
 
-def _placed(center_row: float, center_col: float, side: int, grid: int) -> Window | None:
-    if side >= grid:
+def _placed(center: tuple[float, float], size: tuple[int, int], grid: int) -> Window | None:
+    """A window of ``size`` cells (each side at most the frame's) around ``center``, moved inside the frame; None
+    where it is the whole frame."""
+    height, width = min(size[0], grid), min(size[1], grid)
+    if height == grid and width == grid:
         return None
-    top = min(max(0, round(center_row - side / 2)), grid - side)
-    left = min(max(0, round(center_col - side / 2)), grid - side)
-    return Window(int(top), int(left), int(side), grid)
+    top = min(max(0, round(center[0] - height / 2)), grid - height)
+    left = min(max(0, round(center[1] - width / 2)), grid - width)
+    return Window(int(top), int(left), int(height), int(width), grid)
 
 
 def crop_output(out: dict, window: Window) -> dict:
@@ -170,6 +187,28 @@ def model_view(model: Any, window: Window | None = None, max_key_slices: int = 0
     if window is not None:
         view._modules["sam_prompt_encoder"] = _CroppedPromptEncoder(model.sam_prompt_encoder, window)
         view._modules["memory_encoder"] = _CroppedMemoryEncoder(model.memory_encoder, window)
-        view.__dict__["image_size"] = window.side * model.backbone_stride
-        view.__dict__["sam_image_embedding_size"] = window.side
+        if window.is_square:
+            view.__dict__["image_size"] = window.height * model.backbone_stride
+            view.__dict__["sam_image_embedding_size"] = window.height
+        else:
+            view._modules["memory_attention"] = _GridMemoryAttention(model.memory_attention, window)
+            sam2_api.heads_on_any_grid(view)
     return view
+
+
+def rectangles_supported(model: Any) -> bool:
+    """Whether this model's memory attention takes a rectangular grid of tokens (its CPU modules do)."""
+    return uses_cpu_inference_modules(model)
+
+
+class _GridMemoryAttention(torch.nn.Module):
+    """SAM2's memory attention on a rectangular window: its rotary encodings told the window's shape."""
+
+    def __init__(self, inner: torch.nn.Module, window: Window):
+        super().__init__()
+        self.inner = inner
+        self.window = window
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with rope_grid(self.window.height, self.window.width):
+            return self.inner(*args, **kwargs)

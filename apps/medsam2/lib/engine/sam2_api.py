@@ -10,9 +10,12 @@ check that what they compute is what SAM2's own predictor computes.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from sam2.modeling.sam2_base import NO_OBJ_SCORE
 
 try:  # SAM2's optional CUDA extension, which its small-hole filling needs
     from sam2 import _C  # noqa: F401
@@ -49,6 +52,70 @@ def encode_new_memory(model: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tens
 def forward_sam_heads(model: Any, **kwargs: Any) -> tuple:
     """``SAM2Base._forward_sam_heads``: prompt encoder + mask decoder on memory-conditioned features."""
     return model._forward_sam_heads(**kwargs)
+
+
+def heads_on_any_grid(view: Any) -> None:
+    """Make ``view`` (a :func:`lib.engine.roi.model_view`) run :func:`tracked_slice_heads` where SAM2's methods
+    call ``_forward_sam_heads``: a rectangular window's map is not the square SAM2's own method asserts."""
+    view.__dict__["_forward_sam_heads"] = functools.partial(_heads_without_prompts, view)
+
+
+def _heads_without_prompts(
+    model: Any, backbone_features, point_inputs, mask_inputs, high_res_features, multimask_output
+):
+    if point_inputs is not None or mask_inputs is not None:
+        raise ValueError("a window is only tracked on: key slices (prompts) are decoded on the whole frame")
+    return tracked_slice_heads(model, backbone_features, high_res_features, multimask_output)
+
+
+def tracked_slice_heads(
+    model: Any, backbone_features: torch.Tensor, high_res_features, multimask_output: bool
+) -> tuple:
+    """What ``SAM2Base._forward_sam_heads`` returns for a tracked slice (no point or mask prompt) on a (B, C, h, w)
+    map whose sides may differ: the same modules and steps, the high-res masks sized 16 x (h, w) instead of SAM2's
+    square ``image_size`` (``tests/test_roi_tracking.py`` checks it against SAM2's on a square map)."""
+    b, _, h, w = backbone_features.shape
+    device = backbone_features.device
+    no_point = (torch.zeros(b, 1, 2, device=device), -torch.ones(b, 1, dtype=torch.int32, device=device))
+    sparse, dense = model.sam_prompt_encoder(points=no_point, boxes=None, masks=None)
+    low_multi, ious, tokens, object_score_logits = model.sam_mask_decoder(
+        image_embeddings=backbone_features,
+        image_pe=model.sam_prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask_output,
+        repeat_image=False,
+        high_res_features=high_res_features,
+    )
+    if model.pred_obj_scores:
+        low_multi = torch.where(object_score_logits[:, None, None] > 0, low_multi, NO_OBJ_SCORE)
+    low_multi = low_multi.float()
+    size = (h * model.backbone_stride, w * model.backbone_stride)
+    high_multi = F.interpolate(low_multi, size=size, mode="bilinear", align_corners=False)
+    low, high, token = low_multi, high_multi, tokens[:, 0]
+    if multimask_output:
+        best, rows = torch.argmax(ious, dim=-1), torch.arange(b, device=device)
+        low, high = low_multi[rows, best].unsqueeze(1), high_multi[rows, best].unsqueeze(1)
+        token = tokens[rows, best] if tokens.size(1) > 1 else token
+    return (
+        low_multi,
+        high_multi,
+        ious,
+        low,
+        high,
+        _object_pointer(model, token, object_score_logits),
+        object_score_logits,
+    )
+
+
+def _object_pointer(model: Any, token: torch.Tensor, object_score_logits: torch.Tensor) -> torch.Tensor:
+    obj_ptr = model.obj_ptr_proj(token)
+    if model.pred_obj_scores:
+        present = object_score_logits.sigmoid() if model.soft_no_obj_ptr else (object_score_logits > 0).float()
+        if model.fixed_no_obj_ptr:
+            obj_ptr = present * obj_ptr
+        obj_ptr = obj_ptr + (1 - present) * model.no_obj_ptr
+    return obj_ptr
 
 
 def multimask_on_tracked_frames(model: Any) -> bool:

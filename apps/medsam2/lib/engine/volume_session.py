@@ -146,7 +146,7 @@ class VolumeSession:
         if window is None:
             return list(self._feat_sizes)
         grid = self._feat_sizes[-1][0]
-        return [(h * window.side // grid, w * window.side // grid) for h, w in self._feat_sizes]
+        return [(h * window.height // grid, w * window.width // grid) for h, w in self._feat_sizes]
 
     def gather(self, indices: Sequence[int], out: list[torch.Tensor], window=None) -> None:
         """Stack the cached (B, C, H, W) features of already-encoded slices into preallocated buffers."""
