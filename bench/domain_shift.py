@@ -215,8 +215,10 @@ def main() -> None:
                 model, run = fine_tune(model, args, device, dtype, emit)
                 emit({"kind": "fine_tune", **run})
             for domain, studies in test.items():
+                folder = Path(tmp) / domain  # the domains' studies share their names (the same seeds)
+                folder.mkdir(exist_ok=True)
                 for mode in modes:
-                    s = scores[(stage, domain, mode)] = protocol(model, studies, Path(tmp), mode, device, dtype)
+                    s = scores[(stage, domain, mode)] = protocol(model, studies, folder, mode, device, dtype)
                     emit({"kind": "protocol", "model": stage, "domain": domain, "clicks_as": mode, **s})
     for domain in test:
         for mode in modes:

@@ -7,7 +7,7 @@ import base64
 import io
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,11 +31,11 @@ HEADLESS_FLAGS = (
 
 
 @contextmanager
-def chromium(log_path: Path | None = None) -> Iterator[webdriver.Chrome]:
-    """A headless Chromium driven by chromedriver; always quit, also when the test fails."""
+def chromium(log_path: Path | None = None, flags: Sequence[str] = ()) -> Iterator[webdriver.Chrome]:
+    """A headless Chromium driven by chromedriver (with ``flags`` too); always quit, also when the test fails."""
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in HEADLESS_FLAGS:
+    for flag in (*HEADLESS_FLAGS, *flags):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     service = Service(CHROMEDRIVER, log_output=str(log_path) if log_path else None)

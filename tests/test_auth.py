@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import html
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import jwt
 import numpy as np
@@ -61,7 +62,9 @@ PATH_VALUES = {"model": "medsam2_2d", "strategy": "random", "path": "index.html"
 
 
 class LocalIdentityProvider:
-    """A Keycloak-shaped realm on 127.0.0.1: ``GET <realm>`` (public key), OpenID configuration, password grant."""
+    """A Keycloak-shaped realm on 127.0.0.1: ``GET <realm>`` (public key), OpenID configuration, the password
+    grant, and the authorization code grant with PKCE behind a login form (what OHIF's own login uses), its JSON
+    open to other origins (CORS) as a provider's is."""
 
     def __init__(self) -> None:
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -72,6 +75,7 @@ class LocalIdentityProvider:
         self.realm_uri = f"http://127.0.0.1:{self.port}/realms/medsam2"
         self.issued: list[str] = []
         self.grants: list[dict[str, str]] = []
+        self.codes: dict[str, dict[str, str]] = {}  # authorization code -> the login's request and user
         self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -116,9 +120,37 @@ class LocalIdentityProvider:
         self.issued.append(token)
         return token
 
+    def authorize(self, form: dict[str, str]) -> str | None:
+        """The login form's answer: where to send the browser (the client's redirect URI with a new code), or
+        None for wrong credentials or a request without PKCE."""
+        user = form.get("username", "")
+        if PASSWORDS.get(user) != form.get("password") or form.get("code_challenge_method") != "S256":
+            return None
+        code = uuid.uuid4().hex
+        self.codes[code] = {**{k: v for k, v in form.items() if k != "password"}, "user": user}
+        return f"{form['redirect_uri']}?{urlencode({'code': code, 'state': form.get('state', '')})}"
+
+    def exchange_code(self, form: dict[str, str]) -> dict | None:
+        """The token answer for an authorization code (once, for its client, redirect URI and PKCE verifier)."""
+        login = self.codes.pop(form.get("code", ""), None)
+        if login is None or any(form.get(k) != login[k] for k in ("client_id", "redirect_uri")):
+            return None
+        digest = hashlib.sha256(form.get("code_verifier", "").encode()).digest()
+        if base64.urlsafe_b64encode(digest).rstrip(b"=").decode() != login["code_challenge"]:
+            return None
+        user, client = login["user"], login["client_id"]
+        access = self.token(roles=(USER, ANNOTATOR), username=user, azp=client)
+        claims = {"iss": self.realm_uri, "aud": client, "sub": f"user-{user}", "iat": int(time.time())}
+        claims |= {"exp": int(time.time()) + 3600, "preferred_username": user, "name": user.title()}
+        if login.get("nonce"):
+            claims["nonce"] = login["nonce"]
+        id_token = jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": self.kid})
+        return {"access_token": access, "id_token": id_token, "token_type": "Bearer", "expires_in": 3600}
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         idp = self
         path = "/realms/medsam2"
+        login_path = path + "/protocol/openid-connect/auth"
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args) -> None:
@@ -129,33 +161,84 @@ class LocalIdentityProvider:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                self.send_header("Access-Control-Allow-Origin", "*")
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _form(self) -> dict[str, str]:
+                length = int(self.headers.get("Content-Length", 0))
+                return {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
+
+            def _login_page(self, query: dict[str, str], status: int = 200) -> None:
+                hidden = "".join(
+                    f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">' for k, v in query.items()
+                )
+                page = (
+                    f'<html><body><form method="post" action="{login_path}">{hidden}'
+                    '<input id="username" name="username"><input id="password" name="password" type="password">'
+                    '<button id="login" type="submit">Sign in</button></form></body></html>'
+                ).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            def do_OPTIONS(self) -> None:  # CORS preflight
+                self.send_response(204)
+                self.send_header("Access-Control-Allow-Origin", "*")
+                self.send_header("Access-Control-Allow-Methods", "GET, POST")
+                self.send_header("Access-Control-Allow-Headers", "Content-Type, Authorization")
+                self.end_headers()
+
             def do_GET(self) -> None:
-                if self.path == path:
+                if self.path.startswith(login_path + "?"):
+                    self._login_page({k: v[0] for k, v in parse_qs(urlsplit(self.path).query).items()})
+                elif self.path == path:
                     der = idp.key.public_key().public_bytes(
                         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
                     )
                     self._json(200, {"realm": "medsam2", "public_key": base64.b64encode(der).decode()})
                 elif self.path == path + "/.well-known/openid-configuration":
-                    token_endpoint = idp.realm_uri + "/protocol/openid-connect/token"
-                    jwks_uri = idp.realm_uri + "/protocol/openid-connect/certs"
-                    self._json(200, {"issuer": idp.realm_uri, "token_endpoint": token_endpoint, "jwks_uri": jwks_uri})
+                    endpoints = {
+                        "issuer": idp.realm_uri,
+                        "authorization_endpoint": idp.realm_uri + "/protocol/openid-connect/auth",
+                        "token_endpoint": idp.realm_uri + "/protocol/openid-connect/token",
+                        "jwks_uri": idp.realm_uri + "/protocol/openid-connect/certs",
+                        "response_types_supported": ["code"],
+                        "code_challenge_methods_supported": ["S256"],
+                    }
+                    self._json(200, endpoints)
                 elif self.path == path + "/protocol/openid-connect/certs":
                     self._json(200, idp.jwks())
                 else:
                     self._json(404, {"error": "not found"})
 
             def do_POST(self) -> None:
+                if self.path == login_path:
+                    form = self._form()
+                    target = idp.authorize(form)
+                    if target is None:
+                        self._login_page({k: v for k, v in form.items() if k not in ("username", "password")}, 401)
+                        return
+                    self.send_response(302)
+                    self.send_header("Location", target)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if self.path != path + "/protocol/openid-connect/token":
                     self._json(404, {"error": "not found"})
                     return
-                length = int(self.headers.get("Content-Length", 0))
-                form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
+                form = self._form()
                 idp.grants.append({k: v for k, v in form.items() if k != "password"})
                 user = form.get("username", "")
-                if form.get("grant_type") == "password" and PASSWORDS.get(user) == form.get("password"):
+                if form.get("grant_type") == "authorization_code":
+                    answer = idp.exchange_code(form)
+                    if answer is None:
+                        self._json(400, {"error": "invalid_grant", "error_description": "Invalid code or verifier"})
+                    else:
+                        self._json(200, answer)
+                elif form.get("grant_type") == "password" and PASSWORDS.get(user) == form.get("password"):
                     token = idp.token(roles=(USER, ANNOTATOR), username=user, expires_in=300)
                     self._json(200, {"access_token": token, "token_type": "Bearer", "expires_in": 300})
                 else:

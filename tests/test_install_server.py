@@ -18,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +72,9 @@ def nginx_main_conf(folder: Path, layout: Layout) -> Path:
         f"    {kind}_temp_path {folder}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
     conf.write_text(
-        f"worker_processes 1;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log warn;\n"
+        # workers as this user, as Debian's run as www-data (as root, nginx would run them as nobody, which cannot
+        # write the proxy's temp files under this test's folder: a large answer, OHIF's bundle, would be cut short)
+        f"user {ME};\nworker_processes 1;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log warn;\n"
         f"events {{ worker_connections 256; }}\nhttp {{\n{temp}\n"
         f"    include {layout.path('/etc/nginx/sites-enabled')}/*;\n}}\n"
     )
@@ -86,22 +90,34 @@ def idp():
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory, idp):
-    require([nginx_binary(), shutil.which("openssl") or "/usr/bin/openssl"], "nginx and openssl (Debian packages)")
     root = tmp_path_factory.mktemp("install")
     studies, conf, _ = publishing_setup(root, images=3, labelled=2)
+    app_conf = {k: v for k, v in conf.items() if k not in ("checkpoint", "finetuned_checkpoint")}
+    with running_install(root, idp, str(studies), conf["checkpoint"], app_conf) as installed:
+        yield installed
+
+
+@contextmanager
+def running_install(
+    root: Path, idp, studies: str, checkpoint: str, app_conf: dict[str, str], max_upload: str = "1m"
+) -> Iterator[Installed]:
+    """``scripts/install_server.py`` into ``root/server`` (images or PACS ``studies``, login on at ``idp``, TLS with
+    a self-signed certificate, an annotator's API key, ``app_conf`` as ``--conf`` settings, nginx's request limit
+    ``max_upload``), the service's command line started and nginx with the installed site in front; stopped on exit
+    (the service must exit cleanly)."""
+    require([nginx_binary(), shutil.which("openssl") or "/usr/bin/openssl"], "nginx and openssl (Debian packages)")
     cert, key = self_signed_certificate(root)
     keys_file = root / "api_keys.json"
     _, api_key = add_key(keys_file, "slicer-ws3", "annotator")
     https_port, http_port, replica_port = free_port(), free_port(), two_free_ports()
-    app_conf = {k: v for k, v in conf.items() if k not in ("checkpoint", "finetuned_checkpoint")}
-    app_conf |= {"cpu_encoder": "torch", "warm_up": "off", "api_keys_file": str(keys_file)}
+    app_conf = {**app_conf, "cpu_encoder": "torch", "warm_up": "off", "api_keys_file": str(keys_file)}
     conf_line = " ".join(f"--conf {k} {v}" for k, v in app_conf.items())
     cmd = ["/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable]  # the system's python
     cmd += [str(REPO / "scripts" / "install_server.py"), "--prefix", str(root / "server"), "--no-start"]
     cmd += ["--user", ME, "--venv", str(Path(sys.executable).parents[1]), "--server-name", "localhost"]
     cmd += ["--tls-cert", str(cert), "--tls-key", str(key), "--https-port", str(https_port)]
-    cmd += ["--http-port", str(http_port), "--replica-port", str(replica_port), "--max-upload", "1m"]
-    cmd += ["--studies", str(studies), "--checkpoint", conf["checkpoint"], "--login", "on"]
+    cmd += ["--http-port", str(http_port), "--replica-port", str(replica_port), "--max-upload", max_upload]
+    cmd += ["--studies", studies, "--checkpoint", checkpoint, "--login", "on"]
     cmd += ["--setting", f"MEDSAM2_CONF={conf_line}", "--setting", f"MONAI_LABEL_AUTH_REALM_URI={idp.realm_uri}"]
     cmd += ["--setting", f"MONAI_LABEL_AUTH_CLIENT_ID={CLIENT_ID}"]
     installing = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

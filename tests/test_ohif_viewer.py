@@ -7,11 +7,13 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -152,7 +154,7 @@ def test_paths_outside_the_viewer_or_missing_files_are_404(viewer, path):
 
 def test_app_config_loads_the_panel_and_uses_the_servers_dicomweb_proxy():
     config = ohif_viewer.PANEL_FILES["app-config.js"].read_text()
-    assert "routerBasename: '/ohif/'" in config
+    assert "routerBasename: '/ohif'," in config  # not '/ohif/': OHIF's login would miss its callback route
     assert "extensions: ['/ohif/medsam2-ohif.js']" in config and "modes: ['/ohif/medsam2-mode.js']" in config
     for root in ("qidoRoot", "wadoRoot", "wadoUriRoot"):
         assert f"{root}: '/proxy/dicom/" in config
@@ -184,3 +186,18 @@ def test_committed_panel_bundle_is_the_build_of_its_sources(tmp_path):
     assert (
         out.read_bytes() == ohif_viewer.PANEL_FILES["medsam2-ohif.js"].read_bytes()
     ), "the committed panel bundle is not the build of its sources: run scripts/build_ohif_panel.sh"
+
+
+def test_with_ohifs_own_login_the_served_config_names_the_provider_and_client(monkeypatch, caplog):
+    on = SimpleNamespace(MONAI_LABEL_AUTH_ENABLE=True, MONAI_LABEL_AUTH_REALM_URI="https://idp.example/realms/h/")
+    monkeypatch.setattr(ohif_viewer, "_login", ohif_viewer.ohif_login(on, "ohif-viewer"))
+    served = ohif_viewer.get_ohif("app-config.js").body.decode()
+    assert served.startswith(ohif_viewer.PANEL_FILES["app-config.js"].read_text())
+    oidc = json.loads(re.search(r"window\.config\.oidc = \[(.*)\];", served).group(1))
+    assert oidc["authority"] == "https://idp.example/realms/h" and oidc["client_id"] == "ohif-viewer"
+    assert oidc["response_type"] == "code" and oidc["redirect_uri"] == "/callback"
+    off = SimpleNamespace(MONAI_LABEL_AUTH_ENABLE=False, MONAI_LABEL_AUTH_REALM_URI="")
+    assert ohif_viewer.ohif_login(off, "ohif-viewer") is None and "ignored: login is off" in caplog.text
+    assert ohif_viewer.ohif_login(on, "") is None
+    monkeypatch.setattr(ohif_viewer, "_login", None)
+    assert "window.config.oidc" not in Path(ohif_viewer.get_ohif("app-config.js").path).read_text()

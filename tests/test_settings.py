@@ -49,6 +49,7 @@ CUSTOM_BAD: dict[str, list[str]] = {
     "allow_untested_monailabel": ["yes", "1", "", "True!"],
     "checkpoint_sha256": ["abc", "g" * 64, "0" * 65],
     "auth_audience": ["a b", "a\tb"],
+    "ohif_client_id": ["ohif viewer", "a\tb"],
     "auth_issuer": ["ftp://idp", "idp.example", "https://"],
     "api_keys_file": ["/", "/tmp"],
     "pacs_token_file": ["/", "/tmp"],

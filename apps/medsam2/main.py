@@ -61,6 +61,7 @@ class MedSAM2App(MONAILabelApp):
                 self.models.start_loading()
 
     def _patch_context(self) -> PatchContext:
+        s = self.settings
         return PatchContext(
             settings=settings,
             check_train=self.runs.check_request,
@@ -71,7 +72,7 @@ class MedSAM2App(MONAILabelApp):
             on_image_opened=self.image_opened,
             allow_untested_monailabel=self.settings.allow_untested_monailabel,
             datastore=self.datastore,
-            auth=AuthOptions(self.settings.auth_audience, self.settings.auth_issuer, self.settings.api_keys_file),
+            auth=AuthOptions(s.auth_audience, s.auth_issuer, s.api_keys_file, s.ohif_client_id),
             sessions=self.heartbeat,
             pacs_token_file=self.settings.pacs_token_file,
         )

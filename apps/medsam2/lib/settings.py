@@ -628,6 +628,16 @@ SETTINGS: tuple[Setting, ...] = (
         shown_default="the `issuer` of the provider's discovery document",
     ),
     Setting(
+        "ohif_client_id",
+        ACCESS,
+        Custom(_audience, "empty or up to 256 characters without spaces"),
+        "",
+        "with login on: the client id OHIF logs its users in with (a public client of the same OpenID Connect "
+        "provider: authorization code with PKCE, redirect URI `<origin>/ohif/callback`); OHIF then sends its own "
+        "token to the app and the DICOMweb proxy; empty: OHIF has no login and the viewer asks for an API key",
+        shown_default="none",
+    ),
+    Setting(
         "api_keys_file",
         ACCESS,
         Custom(_file_path, "a file path (not a folder)"),
@@ -715,6 +725,7 @@ class AppSettings:
     checkpoint_sha256: str  # '': the known checkpoint's pinned hash, if any
     auth_audience: str  # '': MONAI_LABEL_AUTH_CLIENT_ID
     auth_issuer: str  # '': the discovery document's
+    ohif_client_id: str  # '': OHIF without a login of its own
     api_keys_file: str  # '': no API keys
     max_live_sessions: int  # 0: no cap
     session_idle_timeout_s: float  # 0: never

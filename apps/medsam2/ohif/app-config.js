@@ -2,7 +2,8 @@
 // DICOMweb goes through the app's proxy (/proxy/dicom/...), so the viewer reaches whatever PACS the server
 // was started with (--studies http(s)://.../dicom-web), on the server's own origin.
 window.config = {
-  routerBasename: '/ohif/',
+  // no trailing slash: OHIF's login (oidc) finds its /callback route by cutting this from the redirect URI
+  routerBasename: '/ohif',
   showStudyList: true,
   extensions: ['/ohif/medsam2-ohif.js'],
   modes: ['/ohif/medsam2-mode.js'],

@@ -405,11 +405,13 @@ class AccessControlMiddleware:
 
 @dataclass(frozen=True)
 class AuthOptions:
-    """The app's own login settings (``--conf auth_audience``, ``auth_issuer``, ``api_keys_file``)."""
+    """The app's own login settings (``--conf auth_audience``, ``auth_issuer``, ``api_keys_file``,
+    ``ohif_client_id``)."""
 
     audience: str = ""  # '': MONAI_LABEL_AUTH_CLIENT_ID
     issuer: str = ""  # '': the discovery document's
     api_keys_file: str = ""  # '': no API keys
+    ohif_client_id: str = ""  # '': OHIF without a login of its own (lib.server.ohif_viewer)
 
 
 def install(settings: Any, options: AuthOptions | None = None) -> bool:

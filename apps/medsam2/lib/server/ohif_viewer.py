@@ -5,12 +5,17 @@ MONAI Label's ``GET /ohif/{path}`` route (and its access check) stays; only the 
 file is replaced. Files of the app's own OHIF folder (``app-config.js``, the panel bundle) come first, then the
 installed release; any other path is the single-page app's ``index.html``. A path that leaves those folders is
 answered 404. When the release is not installed, MONAI Label's bundled viewer keeps being served.
+
+With login on and ``--conf ohif_client_id``, ``app-config.js`` gains OHIF's own ``oidc`` setting: OHIF logs its
+user in at the server's identity provider (authorization code with PKCE) and sends that token with its requests.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import mimetypes
+from dataclasses import dataclass
 from pathlib import Path
 
 from lib.errors import NotFound
@@ -25,6 +30,42 @@ PANEL_FILES = {
     "medsam2-mode.js": OHIF_DIR / "medsam2-mode.js",
 }
 NO_CACHE = {"Cache-Control": "no-cache"}
+
+
+@dataclass(frozen=True)
+class OhifLogin:
+    """OHIF's own login: the provider (its discovery document is at ``<authority>/.well-known/...``) and the
+    public client OHIF is registered as there."""
+
+    authority: str
+    client_id: str
+
+    def config_lines(self) -> str:
+        """What ``app-config.js`` gains: OHIF's ``oidc`` setting (redirect URIs relative to ``/ohif``)."""
+        oidc = {
+            "authority": self.authority,
+            "client_id": self.client_id,
+            "redirect_uri": "/callback",
+            "post_logout_redirect_uri": "/",
+            "response_type": "code",
+            "scope": "openid",
+        }
+        comment = "// added by the server (--conf ohif_client_id): OHIF logs its users in"
+        return f"\n{comment}\nwindow.config.oidc = [{json.dumps(oidc)}];\n"
+
+
+_login: OhifLogin | None = None
+
+
+def ohif_login(settings, client_id: str) -> OhifLogin | None:
+    """OHIF's login from MONAI Label's settings and ``--conf ohif_client_id``; None without one (a client id
+    with login off is ignored, and said so)."""
+    if not client_id:
+        return None
+    if not settings.MONAI_LABEL_AUTH_ENABLE:
+        logger.warning("--conf ohif_client_id is ignored: login is off (MONAI_LABEL_AUTH_ENABLE)")
+        return None
+    return OhifLogin(str(settings.MONAI_LABEL_AUTH_REALM_URI).rstrip("/"), client_id)
 
 
 def viewer_installed(viewer: Path = VIEWER_DIR) -> bool:
@@ -57,9 +98,12 @@ def viewer_file(path: str, viewer: Path = VIEWER_DIR) -> Path:
 
 def get_ohif(path: str):
     """Replacement of ``monailabel.endpoints.ohif.get_ohif``."""
-    from fastapi.responses import FileResponse
+    from fastapi.responses import FileResponse, Response
 
     file = viewer_file(path)
+    if _login is not None and file == PANEL_FILES["app-config.js"]:
+        config = file.read_text(encoding="utf-8") + _login.config_lines()
+        return Response(config, media_type="text/javascript", headers=NO_CACHE)
     media_type = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
     if file.suffix in (".js", ".mjs"):
         media_type = "text/javascript"
@@ -67,10 +111,13 @@ def get_ohif(path: str):
     return FileResponse(file, media_type=media_type, headers=headers)
 
 
-def install() -> bool:
-    """Serve this app's OHIF; False (MONAI Label's bundled viewer stays) when it is not installed."""
+def install(login: OhifLogin | None = None) -> bool:
+    """Serve this app's OHIF (with its own ``login``, if any); False (MONAI Label's bundled viewer stays) when it
+    is not installed."""
     from monailabel.endpoints import ohif
 
+    global _login
+    _login = login
     if not viewer_installed():
         logger.warning(
             "The MedSAM2 OHIF viewer is not installed (run scripts/setup.sh or scripts/install_ohif.py); "

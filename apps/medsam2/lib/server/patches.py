@@ -236,7 +236,8 @@ def _apply_ohif_viewer(ctx: PatchContext) -> bool:
     from lib.server import ohif_viewer
 
     require(looks_up(ohif.api_get_ohif, "get_ohif", ohif), "monailabel.endpoints.ohif.api_get_ohif -> get_ohif")
-    return ohif_viewer.install()
+    client_id = ctx.auth.ohif_client_id if ctx.auth is not None else ""
+    return ohif_viewer.install(ohif_viewer.ohif_login(ctx.settings, client_id))
 
 
 def _apply_label_routes(ctx: PatchContext) -> bool:
