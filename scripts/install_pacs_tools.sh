@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# System packages for the PACS, viewer and scale-out tests (Debian/Ubuntu): Orthanc with its DICOMweb plugin,
+# System packages for the PACS, viewer and scale-out tests (Debian/Ubuntu): Orthanc with its DICOMweb plugin (and
+# its Python plugin, for the PACS that takes only a bearer token),
 # Chromium with ChromeDriver for the OHIF browser tests, nginx for the replicas test, nginx and openssl for the
 # production install's test (a self-signed certificate), and Node.js/npm (unless one
 # is installed) for the test that rebuilds the OHIF panel from its pinned packages. Idempotent; needs root
@@ -11,7 +12,7 @@ set -euo pipefail
 if [ "${1-}" = "--pacs-only" ]; then
   packages=(orthanc orthanc-dicomweb)
 else
-  packages=(orthanc orthanc-dicomweb chromium chromium-driver nginx openssl)
+  packages=(orthanc orthanc-dicomweb orthanc-python chromium chromium-driver nginx openssl)
   command -v npm >/dev/null || packages+=(nodejs npm)
 fi
 missing=()

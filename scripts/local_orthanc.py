@@ -28,11 +28,19 @@ def free_port() -> int:
 class LocalOrthanc:
     """One Orthanc process with its own storage folder, HTTP (REST + DICOMweb) on 127.0.0.1 only."""
 
-    def __init__(self, folder: Path, http_port: int | None = None, name: str = "MEDSAM2-PACS"):
+    def __init__(
+        self,
+        folder: Path,
+        http_port: int | None = None,
+        name: str = "MEDSAM2-PACS",
+        plugins: tuple[str, ...] = (),
+        **extra_config: object,
+    ):
         self.folder = folder
         self.http_port = http_port or free_port()
         self.dicom_port = free_port()
         self.proc: subprocess.Popen | None = None
+        self.http = requests.Session()  # this object's own requests to Orthanc (headers: its credentials, if any)
         folder.mkdir(parents=True, exist_ok=True)
         self.config = folder / "orthanc.json"
         self.config.write_text(
@@ -47,9 +55,10 @@ class LocalOrthanc:
                     "AuthenticationEnabled": False,
                     "DicomServerEnabled": False,
                     "HttpBindAddress": "127.0.0.1",
-                    "Plugins": [DICOMWEB_PLUGIN],
+                    "Plugins": [DICOMWEB_PLUGIN, *plugins],
                     "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
                     "StableAge": 1,
+                    **extra_config,
                 }
             )
         )
@@ -70,7 +79,7 @@ class LocalOrthanc:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"Orthanc exited {self.proc.returncode}: {self.log_tail()}")
             try:
-                if requests.get(self.url + "/system", timeout=1).ok:
+                if self.http.get(self.url + "/system", timeout=1).ok:
                     return self
             except requests.RequestException:
                 pass
@@ -105,24 +114,24 @@ class LocalOrthanc:
     def upload(self, files: list[Path]) -> None:
         """Store DICOM files through Orthanc's REST API."""
         for f in files:
-            r = requests.post(self.url + "/instances", data=f.read_bytes(), timeout=30)
+            r = self.http.post(self.url + "/instances", data=f.read_bytes(), timeout=30)
             r.raise_for_status()
 
     def series_of_modality(self, modality: str) -> list[dict]:
         """QIDO-RS series search (DICOM JSON)."""
-        r = requests.get(self.dicomweb + "/series", params={"Modality": modality}, timeout=30)
+        r = self.http.get(self.dicomweb + "/series", params={"Modality": modality}, timeout=30)
         r.raise_for_status()
         return r.json() if r.content else []
 
     def instances_of_series(self, series_uid: str) -> list[pydicom.Dataset]:
         """Every instance of a series, read back as pydicom datasets (Orthanc REST)."""
-        found = requests.post(
+        found = self.http.post(
             self.url + "/tools/find", json={"Level": "Instance", "Query": {"SeriesInstanceUID": series_uid}}, timeout=30
         )
         found.raise_for_status()
         out = []
         for instance in found.json():
-            r = requests.get(f"{self.url}/instances/{instance}/file", timeout=30)
+            r = self.http.get(f"{self.url}/instances/{instance}/file", timeout=30)
             r.raise_for_status()
             with tempfile.NamedTemporaryFile(suffix=".dcm") as f:
                 f.write(r.content)

@@ -39,9 +39,42 @@ def require(paths: list[str], what: str) -> None:
 class Orthanc(LocalOrthanc):
     """The tests' Orthanc: skipped (failed under .ci/run) when the Debian packages are not installed."""
 
-    def __init__(self, folder: Path, http_port: int | None = None):
+    def __init__(self, folder: Path, http_port: int | None = None, **config):
         require([ORTHANC, DICOMWEB_PLUGIN], "Orthanc with its DICOMweb plugin (Debian orthanc, orthanc-dicomweb)")
-        super().__init__(folder, http_port, name="MEDSAM2-TEST-PACS")
+        super().__init__(folder, http_port, name="MEDSAM2-TEST-PACS", **config)
+
+
+PYTHON_PLUGIN = "/usr/share/orthanc/plugins/libOrthancPython.so"
+BEARER_FILTER = """import orthanc
+
+
+def bearer_only(uri, **request):
+    with open({token_file!r}) as f:
+        token = f.read().strip()
+    return request.get("headers", {{}}).get("authorization") == "Bearer " + token
+
+
+orthanc.RegisterIncomingHttpRequestFilter(bearer_only)
+"""
+
+
+class TokenOrthanc(Orthanc):
+    """An Orthanc that answers only requests with ``Authorization: Bearer <the token in token_file>`` (others:
+    403), through its own HTTP request filter (Orthanc's Python plugin, ``RegisterIncomingHttpRequestFilter``, the
+    hook its authorization plugin uses); the file is read at every request, so writing it rotates the token."""
+
+    def __init__(self, folder: Path, token_file: Path):
+        require([PYTHON_PLUGIN], "Orthanc's Python plugin (Debian orthanc-python)")
+        folder.mkdir(parents=True, exist_ok=True)
+        script = folder / "bearer_only.py"
+        script.write_text(BEARER_FILTER.format(token_file=str(token_file)))
+        super().__init__(folder, plugins=(PYTHON_PLUGIN,), PythonScript=str(script))
+        self.token_file = token_file
+        self.use_token()
+
+    def use_token(self) -> None:
+        """This object's own requests (uploads, searches) with the token in the file now."""
+        self.http.headers["Authorization"] = f"Bearer {self.token_file.read_text().strip()}"
 
 
 def lung_ct(first_slice: int = 18, num_slices: int = 20, size: int = 256) -> sitk.Image:

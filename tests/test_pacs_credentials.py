@@ -2,8 +2,9 @@
 changes) or the MEDSAM2_PACS_TOKEN variable, sent by the DICOMweb client the datastore uses; and the Google Healthcare
 API path, which goes to MONAI Label's own datastore (dicomweb-client[gcp] credentials).
 
-The PACS here is a small DICOMweb stand-in on 127.0.0.1 that accepts one bearer token (Orthanc's token
-authorization needs its separate authorization plugin and web service, not packaged here)."""
+The client-level tests use a small DICOMweb stand-in on 127.0.0.1 that accepts one bearer token; the server test
+runs a real Orthanc that answers only requests with the token (its own HTTP request filter, through Debian's
+orthanc-python plugin)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from types import SimpleNamespace
 import pytest
 import requests
 from monailabel.datastore.dicom import DICOMwebClientX
+from pacs_testing import TokenOrthanc, lung_ct, write_ct_series
 
+from conftest import start_server, stop_server
 from lib.errors import PacsUnavailable
 from lib.storage.datastores import make_datastore
 from lib.storage.pacs_datastore import PACS_TOKEN_ENV, BearerToken, TimeoutSession, pacs_credentials
+from sam2_testing import small_config_file
 
 NO_BASIC = SimpleNamespace(
     MONAI_LABEL_DATASTORE_USERNAME="", MONAI_LABEL_DATASTORE_PASSWORD="",
@@ -93,3 +97,54 @@ def test_the_google_healthcare_api_goes_to_monailabels_own_datastore():
     own = object()
     url = "https://healthcare.googleapis.com/v1/projects/p/locations/l/datasets/d/dicomStores/s/dicomWeb"
     assert make_datastore(url, {"lesion": 1}, 5.0, 0, lambda: own) is own
+
+
+def test_a_real_orthanc_that_takes_only_a_bearer_token(tmp_path, random_checkpoint):
+    """Orthanc refusing every request without the token (its own request filter): the server lists the series,
+    answers on it, serves it to OHIF through the proxy and saves a SEG there with the token from the file; the PACS
+    and the file rotate to a new token and the next requests use it, without a restart."""
+    orthanc_token, server_token = tmp_path / "orthanc.token", tmp_path / "pacs.token"
+    orthanc_token.write_text("token-1")
+    server_token.write_text("token-1\n")
+    orthanc = TokenOrthanc(tmp_path / "orthanc", orthanc_token).start()
+    try:
+        ct = write_ct_series(lung_ct(num_slices=8), tmp_path / "ct")
+        orthanc.upload(ct.files)
+        assert requests.get(orthanc.dicomweb + "/series", timeout=30).status_code == 403  # no token, no answer
+        conf = {
+            "checkpoint": str(random_checkpoint),
+            "model_config": str(small_config_file(tmp_path)),
+            "window": "lung",
+            "pacs_token_file": str(server_token),
+        }
+        server = start_server(orthanc.dicomweb, conf, tmp_path / "server.log")
+        try:
+            with_token_in_use(server, orthanc, ct, tmp_path, saved_before=0)
+            orthanc_token.write_text("token-2")  # the PACS rotates its token, a job writes it for the server
+            orthanc.use_token()
+            stale = server.get(f"/proxy/dicom/qido/studies/{ct.study_uid}/series")  # the server's token is old
+            assert stale.status_code == 502 and "pacs_token_file" in stale.json()["detail"], stale.text[:300]
+            server_token.write_text("token-2\n")
+            with_token_in_use(server, orthanc, ct, tmp_path, saved_before=1)
+        finally:
+            stop_server(server)
+    finally:
+        orthanc.stop()
+
+
+def with_token_in_use(server, orthanc, ct, tmp_path, saved_before: int) -> None:
+    from test_pacs import LABEL_INFO, save_final
+    from test_server_2d import split_multipart
+
+    assert ct.series_uid in server.get("/datastore/?output=all").json()["objects"]
+    answer = server.post(
+        f"/infer/medsam2_3d?image={ct.series_uid}",
+        data={"params": json.dumps({"label": "lesion", "foreground": [[120, 128, 4]], "client_id": "token"})},
+    )
+    assert answer.status_code == 200, answer.text[:300]
+    label, _ = split_multipart(answer)
+    proxied = server.get(f"/proxy/dicom/qido/studies/{ct.study_uid}/series")
+    assert proxied.status_code == 200 and ct.series_uid in proxied.text, proxied.text[:300]
+    saved = save_final(server, ct.series_uid, label, tmp_path, LABEL_INFO[:1])
+    assert saved.status_code == 200, saved.text[:300]
+    assert len(orthanc.series_of_modality("SEG")) == saved_before + 1

@@ -97,6 +97,12 @@ class PacsUnavailable(ServiceUnavailable):
     """The PACS did not answer (down, unreachable, too slow) or answered with a server error."""
 
 
+class PacsRefusedCredentials(AppError):
+    """The PACS refused this server's own credentials (401/403): an administrator's setting, not the user's rights."""
+
+    status = 502
+
+
 class PacsUploadFailed(AppError):
     """The label is kept on this server, but the PACS did not take its DICOM SEG."""
 

@@ -3,7 +3,8 @@
 MONAI Label 0.8.5 forwards each request with ``requests`` inside an ``async`` handler and no timeout: one
 request to a PACS that hangs blocks the server's event loop for good (every endpoint, ``/info/`` included),
 and a PACS that is down answers 500 with a stack trace. Here the forwarding runs in a thread with a
-(connect, read) timeout, and a PACS that fails answers 503 with a message naming it.
+(connect, read) timeout, and a PACS that fails answers 503 with a message naming it; one that refuses this
+server's own credentials (401/403) answers 502 saying which setting to check.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import requests
 from fastapi import Request
 from fastapi.responses import Response
 
-from lib.errors import PacsUnavailable
+from lib.errors import PacsRefusedCredentials, PacsUnavailable
 from lib.server.server_process import in_server
-from lib.storage.pacs_datastore import describe_failure, pacs_credentials
+from lib.storage.pacs_datastore import credentials_refused, describe_failure, pacs_credentials
 
 logger = logging.getLogger(__name__)
 # its own threads: requests waiting for a slow PACS must not take the pool that serves file up/downloads
@@ -64,6 +65,7 @@ def install_pacs_proxy(timeout_s: float, token_file: str = "") -> bool:
         headers = dict(request.headers) if request.method == "POST" else {}
         headers = {k: v for k, v in headers.items() if k.lower() not in NOT_FORWARDED}
         limit, auth = proxy_dicom._medsam2_timeout, proxy_dicom._medsam2_auth
+        what = f"serving {request.method} {op or 'dicom'}/{path}"
 
         def forward() -> requests.Response:
             return requests.request(
@@ -79,9 +81,13 @@ def install_pacs_proxy(timeout_s: float, token_file: str = "") -> bool:
         try:
             answer = await asyncio.get_running_loop().run_in_executor(_POOL, contextvars.copy_context().run, forward)
         except requests.RequestException as e:
-            message = describe_failure(server, f"serving {request.method} {op or 'dicom'}/{path}", e, limit)
+            message = describe_failure(server, what, e, limit)
             logger.error(message)
             raise PacsUnavailable(message) from None  # answered by the one error handler (lib.server.error_handlers)
+        if answer.status_code in (401, 403):  # this server's credentials, not the viewer's rights (never forwarded)
+            message = credentials_refused(server, what, answer.status_code)
+            logger.error(message)
+            raise PacsRefusedCredentials(message)
         passed = {
             k: v
             for k, v in answer.headers.items()

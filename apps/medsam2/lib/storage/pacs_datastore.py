@@ -137,6 +137,14 @@ def pacs_credentials(settings, token_file: str = "") -> requests.auth.AuthBase |
     return (user, password) if user and password else None
 
 
+def credentials_refused(base_url: str, what: str, status: int) -> str:
+    """One sentence for a PACS that refused this server's own credentials."""
+    return (
+        f"The PACS at {base_url} refused this server's credentials (HTTP {status}) while {what}: check the PACS "
+        "token (--conf pacs_token_file, MEDSAM2_PACS_TOKEN) or MONAI_LABEL_DATASTORE_USERNAME/PASSWORD."
+    )
+
+
 def describe_failure(base_url: str, what: str, error: Exception, timeout_s: float) -> str:
     """One sentence an administrator can act on."""
     if isinstance(error, requests.Timeout):
@@ -144,6 +152,8 @@ def describe_failure(base_url: str, what: str, error: Exception, timeout_s: floa
     elif isinstance(error, requests.ConnectionError):
         cause = "it could not be reached (is it running, and is the address right?)"
     elif isinstance(error, requests.HTTPError) and error.response is not None:
+        if error.response.status_code in (401, 403):
+            return credentials_refused(base_url, what, error.response.status_code)
         cause = f"it answered HTTP {error.response.status_code}"
     else:
         cause = f"{type(error).__name__}: {str(error)[:200]}"
