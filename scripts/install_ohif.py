@@ -26,6 +26,8 @@ import urllib.request
 import zlib
 from pathlib import Path
 
+from safe_tar import safe_extract
+
 OHIF_DIR = Path(__file__).resolve().parents[1] / "apps" / "medsam2" / "ohif"
 RELEASE_FILE = OHIF_DIR / "ohif_release.json"
 VIEWER_DIR = OHIF_DIR / "viewer"
@@ -58,7 +60,7 @@ def unpack_dist(data: bytes, skip: list[str], into: Path) -> None:
                 continue
             member.name = name.removeprefix("dist/")
             members.append(member)
-        tar.extractall(into, members=members, filter="data")
+        safe_extract(tar, into, members)
 
 
 def replace_exactly(path: Path, old: str, new: str, at_least: int = 1) -> None:

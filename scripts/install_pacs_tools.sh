@@ -2,7 +2,8 @@
 # System packages for the PACS, viewer and scale-out tests (Debian/Ubuntu): Orthanc with its DICOMweb plugin (and
 # its Python plugin, for the PACS that takes only a bearer token),
 # Chromium with ChromeDriver for the OHIF browser tests, nginx for the replicas test, nginx and openssl for the
-# production install's test (a self-signed certificate), and Node.js/npm (unless one
+# production install's test (a self-signed certificate), podman, runc and debootstrap for the container image
+# (scripts/build_container.sh), and Node.js/npm (unless one
 # is installed) for the test that rebuilds the OHIF panel from its pinned packages. Idempotent; needs root
 # (or sudo). The tests start their own Orthanc and nginx on 127.0.0.1 with temporary storage: the Debian
 # services are not used (and not started here).
@@ -12,7 +13,7 @@ set -euo pipefail
 if [ "${1-}" = "--pacs-only" ]; then
   packages=(orthanc orthanc-dicomweb)
 else
-  packages=(orthanc orthanc-dicomweb orthanc-python chromium chromium-driver nginx openssl)
+  packages=(orthanc orthanc-dicomweb orthanc-python chromium chromium-driver nginx openssl podman runc debootstrap)
   command -v npm >/dev/null || packages+=(nodejs npm)
 fi
 missing=()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from safe_tar import safe_extract
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE, VERSION = "pyradiomics-bhklab", "3.1.4"
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             for suffix in ("image", "label"):
                 member = members[f"{case}_{suffix}.nrrd"]
                 member.name = Path(member.name).name  # extract flat into tmp, never outside it
-                tar.extract(member, tmp, filter="data")
+                safe_extract(tar, tmp, [member])
                 paths.append(Path(tmp) / member.name)
             print(convert_case(paths[0], paths[1], out, case), flush=True)
     print(f"demo studies in {out}")

@@ -19,6 +19,7 @@ REPO = APP_DIR.parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from dicom_series import CtSeries, write_ct_series  # noqa: E402, F401  (the tests import them from here)
 from local_orthanc import DICOMWEB_PLUGIN, ORTHANC, LocalOrthanc, free_port  # noqa: E402, F401
+from safe_tar import safe_extract  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -86,7 +87,7 @@ def lung_ct(first_slice: int = 18, num_slices: int = 20, size: int = 256) -> sit
     with tarfile.open(archive) as tar, tempfile.TemporaryDirectory() as tmp:
         member = next(m for m in tar.getmembers() if m.name.endswith("data/lung2_image.nrrd"))
         member.name = "lung2_image.nrrd"
-        tar.extract(member, tmp, filter="data")
+        safe_extract(tar, tmp, [member])
         image = sitk.ReadImage(str(Path(tmp) / member.name))
     image = image[:, :, first_slice : first_slice + num_slices]
     if size and image.GetSize()[0] != size:

@@ -15,10 +15,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from pacs_testing import CHROMEDRIVER, CHROMIUM, Orthanc, lung_ct, require, write_ct_series
-from test_auth import LocalIdentityProvider
 from test_install_server import Installed, running_install
-from test_ohif_login import KEY_SLICE, OHIF_CLIENT, Pacs, box_answered_and_saved, open_study_after_ohif_login
+from test_ohif_login import OHIF_CLIENT, Pacs, box_answered_and_saved, open_study_after_ohif_login, pacs_with_login
 
 from conftest import ARTIFACTS
 from sam2_testing import small_config_file
@@ -36,14 +34,8 @@ def trusting(cert: Path) -> str:
 
 @pytest.fixture(scope="module")
 def installed_on_pacs(tmp_path_factory, random_checkpoint) -> Iterator[tuple[Installed, Pacs]]:
-    require([CHROMIUM, CHROMEDRIVER], "Chromium and chromedriver (Debian chromium, chromium-driver)")
     root = tmp_path_factory.mktemp("install_ohif")
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    idp = LocalIdentityProvider()
-    orthanc = Orthanc(root / "orthanc").start()
-    try:
-        ct = write_ct_series(lung_ct(first_slice=KEY_SLICE), root / "ct")
-        orthanc.upload(ct.files)
+    with pacs_with_login(root, SHOTS) as pacs:
         app_conf = {
             "model_config": str(small_config_file(root)),
             "window": "lung",
@@ -51,11 +43,8 @@ def installed_on_pacs(tmp_path_factory, random_checkpoint) -> Iterator[tuple[Ins
         }
         checkpoint = str(random_checkpoint)
         # the panel saves a whole labelmap (an uncompressed NRRD of the series: 5 MB here)
-        with running_install(root, idp, orthanc.dicomweb, checkpoint, app_conf, max_upload="64m") as installed:
-            yield installed, Pacs(idp, orthanc, ct)
-    finally:
-        orthanc.stop()
-        idp.stop()
+        with running_install(root, pacs.idp, pacs.orthanc.dicomweb, checkpoint, app_conf, max_upload="64m") as ok:
+            yield ok, pacs
 
 
 def test_ohif_over_https_logs_in_at_the_provider_answers_a_box_and_saves_a_seg_in_orthanc(installed_on_pacs):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,21 +44,27 @@ class LoginSetup:
     api_key: str
 
 
-@pytest.fixture(scope="module")
-def pacs(tmp_path_factory) -> Iterator[Pacs]:
-    """The identity provider and the lung CT slab in a real Orthanc, for both servers of this file."""
+@contextmanager
+def pacs_with_login(folder: Path, shots: Path) -> Iterator[Pacs]:
+    """An identity provider and the lung CT slab in a real Orthanc (Chromium must be there: the tests use it)."""
     require([CHROMIUM, CHROMEDRIVER], "Chromium and chromedriver (Debian chromium, chromium-driver)")
-    tmp = tmp_path_factory.mktemp("ohif_login_pacs")
-    SHOTS.mkdir(parents=True, exist_ok=True)
+    shots.mkdir(parents=True, exist_ok=True)
     idp = LocalIdentityProvider()
-    orthanc = Orthanc(tmp / "orthanc").start()
+    orthanc = Orthanc(folder / "orthanc").start()
     try:
-        ct = write_ct_series(lung_ct(first_slice=KEY_SLICE), tmp / "ct")
+        ct = write_ct_series(lung_ct(first_slice=KEY_SLICE), folder / "ct")
         orthanc.upload(ct.files)
         yield Pacs(idp, orthanc, ct)
     finally:
         orthanc.stop()
         idp.stop()
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory) -> Iterator[Pacs]:
+    """For both servers of this file."""
+    with pacs_with_login(tmp_path_factory.mktemp("ohif_login_pacs"), SHOTS) as pacs:
+        yield pacs
 
 
 def login_server(pacs: Pacs, tmp: Path, checkpoint: Path, **conf: str) -> tuple[Server, str]:

@@ -201,3 +201,29 @@ def test_with_ohifs_own_login_the_served_config_names_the_provider_and_client(mo
     assert ohif_viewer.ohif_login(on, "") is None
     monkeypatch.setattr(ohif_viewer, "_login", None)
     assert "window.config.oidc" not in Path(ohif_viewer.get_ohif("app-config.js").path).read_text()
+
+
+@pytest.mark.parametrize("data_filter", [True, False], ids=["python's data filter", "python 3.11.2, without it"])
+def test_downloaded_archives_cannot_write_outside_their_folder(tmp_path, monkeypatch, data_filter):
+    import safe_tar
+
+    if not data_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ("dist/ok.js", "../evil.js"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+        link = tarfile.TarInfo("dist/link")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    buf.seek(0)
+    with tarfile.open(fileobj=buf) as tar:
+        ok, evil, link = tar.getmembers()
+        safe_tar.safe_extract(tar, tmp_path / "into", [ok])
+        assert (tmp_path / "into" / "dist" / "ok.js").read_bytes() == b"x"
+        for bad in (evil, link):
+            with pytest.raises((safe_tar.UnsafeMember, tarfile.FilterError)):
+                safe_tar.safe_extract(tar, tmp_path / "into", [bad])
+    assert not (tmp_path / "evil.js").exists() and not (tmp_path / "into" / "dist" / "link").exists()
