@@ -1,7 +1,7 @@
 """Extract members of a downloaded tar archive without letting one leave the target folder.
 
-Python's ``filter="data"`` does that, but only from 3.11.4 (3.12.x backports it): Debian 12's python3.11 is 3.11.2,
-where the same checks are made here instead (regular files and folders only, relative names without ``..``)."""
+Python's ``filter="data"`` does that from 3.12 (backported to 3.11.4): Debian 12's python3.11 is 3.11.2, where the
+same checks are made here instead (regular files and folders only, relative names without ``..``)."""
 
 from __future__ import annotations
 

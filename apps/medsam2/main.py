@@ -67,14 +67,14 @@ class MedSAM2App(MONAILabelApp):
             check_train=self.runs.check_request,
             # threads beyond the gate's limits only refuse (503): a few spare ones keep refusals immediate
             infer_workers=self.admission.settings.max_concurrent + self.admission.settings.max_queued + 4,
-            dicomweb_timeout_s=self.settings.dicomweb_timeout_s,
+            dicomweb_timeout_s=s.dicomweb_timeout_s,
             operations=OperationsSource(self.replica, self.status.operations, self.status.not_ready_reasons),
             on_image_opened=self.image_opened,
-            allow_untested_monailabel=self.settings.allow_untested_monailabel,
+            allow_untested_monailabel=s.allow_untested_monailabel,
             datastore=self.datastore,
             auth=AuthOptions(s.auth_audience, s.auth_issuer, s.api_keys_file, s.ohif_client_id),
             sessions=self.heartbeat,
-            pacs_token_file=self.settings.pacs_token_file,
+            pacs_token_file=s.pacs_token_file,
         )
 
     def init_datastore(self) -> Datastore:

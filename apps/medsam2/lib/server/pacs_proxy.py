@@ -20,7 +20,7 @@ from fastapi.responses import Response
 
 from lib.errors import PacsRefusedCredentials, PacsUnavailable
 from lib.server.server_process import in_server
-from lib.storage.pacs_datastore import credentials_refused, describe_failure, pacs_credentials
+from lib.storage.pacs_datastore import REFUSED_CREDENTIALS, credentials_refused, describe_failure, pacs_credentials
 
 logger = logging.getLogger(__name__)
 # its own threads: requests waiting for a slow PACS must not take the pool that serves file up/downloads
@@ -84,7 +84,7 @@ def install_pacs_proxy(timeout_s: float, token_file: str = "") -> bool:
             message = describe_failure(server, what, e, limit)
             logger.error(message)
             raise PacsUnavailable(message) from None  # answered by the one error handler (lib.server.error_handlers)
-        if answer.status_code in (401, 403):  # this server's credentials, not the viewer's rights (never forwarded)
+        if answer.status_code in REFUSED_CREDENTIALS:  # the viewer's credentials are never forwarded
             message = credentials_refused(server, what, answer.status_code)
             logger.error(message)
             raise PacsRefusedCredentials(message)

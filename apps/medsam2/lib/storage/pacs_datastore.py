@@ -137,6 +137,9 @@ def pacs_credentials(settings, token_file: str = "") -> requests.auth.AuthBase |
     return (user, password) if user and password else None
 
 
+REFUSED_CREDENTIALS = (401, 403)  # a PACS's answers to this server's own credentials (not a viewer's rights)
+
+
 def credentials_refused(base_url: str, what: str, status: int) -> str:
     """One sentence for a PACS that refused this server's own credentials."""
     return (
@@ -152,7 +155,7 @@ def describe_failure(base_url: str, what: str, error: Exception, timeout_s: floa
     elif isinstance(error, requests.ConnectionError):
         cause = "it could not be reached (is it running, and is the address right?)"
     elif isinstance(error, requests.HTTPError) and error.response is not None:
-        if error.response.status_code in (401, 403):
+        if error.response.status_code in REFUSED_CREDENTIALS:
             return credentials_refused(base_url, what, error.response.status_code)
         cause = f"it answered HTTP {error.response.status_code}"
     else:
