@@ -32,14 +32,37 @@ if [ -z "${MEDSAM2_PODMAN_RUN_FLAGS+set}" ] && ! podman run --rm --network host 
   run_flags=("${fallback[@]}")
   echo "build_container: this host refuses podman's default container limits; using: ${run_flags[*]}"
 fi
-build=(podman build -f deploy/container/Containerfile -t "$image" --network host --layers=false)  # no intermediate images: ~10 GB each
+# Disk: measured, the build took up to 17 GB at once (torch's layer committed: the build container's files and
+# the new layer in podman's storage, 6 GB of compressed archives in $TMPDIR); 11 GB once torch's stage is built.
+# Not enough fails within minutes with a bare "no space left on device": say so first.
+store="$(podman info --format '{{.Store.GraphRoot}}')"
+tmp="${TMPDIR:-/var/tmp}"
+# GB at once on one disk; in podman's storage; in $TMPDIR
+if podman image exists "$image-torch"; then gb=(11 9 3); else gb=(18 14 7); fi
+if [ "$(stat -c %d "$store")" = "$(stat -c %d "$tmp")" ]; then checks=("$store ${gb[0]}"); else
+  checks=("$store ${gb[1]}" "$tmp ${gb[2]}"); fi
+for check in "${checks[@]}"; do
+  read -r dir need <<< "$check"
+  have="$(df -BG --output=avail "$dir" | tail -1 | tr -dc 0-9)"
+  echo "build_container: $have GB free on $dir; the build needs about $need GB there"
+  [ "$have" -ge "$need" ] || {
+    echo "build_container: not enough disk on $dir: free some (podman system prune -a removes unused images)" \
+      "or set TMPDIR to a larger disk" >&2
+    exit 1
+  }
+done
+# compressed layer archives: the temporary copies take ~0.6 of a layer, not all of it
+build=(podman build -f deploy/container/Containerfile --network host --disable-compression=false)
 if [ -n "${MEDSAM2_BUILD_CA_BUNDLE:-}" ]; then  # a TLS-inspecting proxy's CA: the downloads trust it too
   build+=(--volume "$MEDSAM2_BUILD_CA_BUNDLE:/etc/ssl/build-ca.crt:ro" --build-arg SSL_CERT_FILE=/etc/ssl/build-ca.crt)
 fi
 if [ -n "${PIP_FIND_LINKS:-}" ] && [ -d "$PIP_FIND_LINKS" ]; then
   build+=(--volume "$PIP_FIND_LINKS:$PIP_FIND_LINKS:ro" --build-arg "PIP_FIND_LINKS=$PIP_FIND_LINKS")
 fi
-"${build[@]}" "${run_flags[@]}" .
+# torch's stage first, committed on its own: it bounds the disk the build takes (see the Containerfile); the
+# second run takes that stage from the layer cache
+"${build[@]}" "${run_flags[@]}" --target torch -t "$image-torch" .
+"${build[@]}" "${run_flags[@]}" -t "$image" .
 echo "build_container: built $image ($(podman image inspect "$image" --format '{{.Size}}') bytes)"
 [ "${1:-}" = "--smoke-test" ] || exit 0
 
